@@ -1,0 +1,3 @@
+from .parallel_state import Group, ParallelState, rank_groups
+
+__all__ = ["Group", "ParallelState", "rank_groups"]

@@ -1,0 +1,91 @@
+"""Collectives over one `Group`, row-wise (dim 0). A group of size 1 costs nothing.
+
+The same calls run on NCCL and gloo. Uneven row counts are handled by padding to the largest
+count, so every rank issues the same collective with the same shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .parallel_state import Group
+
+# torch 2.13 renamed all_gather_into_tensor (same arguments); older releases only have the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if group.size > 1:
+        dist.all_reduce(x, group=group.group)
+    return x
+
+
+def gather_counts(n: int, group: Group, device: torch.device) -> list[int]:
+    """Every rank's row count. One tiny all-gather and a host sync; call once per forward."""
+    if group.size == 1:
+        return [n]
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = torch.empty(group.size, dtype=torch.int64, device=device)
+    _all_gather_single(out, mine, group=group.group)
+    return out.tolist()
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x.contiguous()
+    pad = x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))
+    return torch.cat([x, pad])
+
+
+def all_gather_rows(x: torch.Tensor, group: Group, counts: list[int]) -> torch.Tensor:
+    """Concatenation of every rank's rows, in group order. counts[i] = rows of rank i."""
+    if group.size == 1:
+        return x
+    most = max(counts)
+    out = x.new_empty((group.size * most,) + tuple(x.shape[1:]))
+    _all_gather_single(out, _pad_rows(x, most), group=group.group)
+    if all(c == most for c in counts):
+        return out
+    return torch.cat([out[i * most: i * most + c] for i, c in enumerate(counts)])
+
+
+def reduce_scatter_rows(y: torch.Tensor, group: Group, counts: list[int]) -> torch.Tensor:
+    """Inverse of all_gather_rows: sums y over the group and returns this rank's rows."""
+    if group.size == 1:
+        return y
+    most = max(counts)
+    if any(c != most for c in counts):
+        y = torch.cat([_pad_rows(part, most) for part in torch.split(y, counts)])
+    out = y.new_empty((most,) + tuple(y.shape[1:]))
+    dist.reduce_scatter_tensor(out, y.contiguous(), group=group.group)
+    return out[: counts[group.rank]]
+
+
+def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                    group: Group) -> torch.Tensor:
+    """Rows send_counts[i] of x (in order) go to rank i; returns the rows received, by source."""
+    if group.size == 1:
+        return x
+    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts, group=group.group)
+    return out
+
+
+def exchange_counts(send_counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """send_counts[i] = rows this rank sends to rank i; returns rows it receives from each."""
+    if group.size == 1:
+        return send_counts
+    out = torch.empty_like(send_counts)
+    dist.all_to_all_single(out, send_counts.contiguous(), group=group.group)
+    return out
+
+
+def all_gather_tensor(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[group.size, *x.shape]: the same-shaped tensor from every rank."""
+    if group.size == 1:
+        return x.unsqueeze(0)
+    out = x.new_empty((group.size,) + tuple(x.shape))
+    _all_gather_single(out, x.contiguous(), group=group.group)
+    return out

@@ -1,0 +1,113 @@
+"""Token dispatch and combine for expert parallelism (DESIGN §3, "Dispatch backends").
+
+A dispatcher takes this rank's tokens and their routing and returns this rank's partial sum of
+the routed experts. The MoE layer's one TP all-reduce completes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import collectives as C
+from ..distributed.parallel_state import ParallelState
+from .experts import GroupedExperts
+
+
+class Placement:
+    """Where each expert lives, seen from one rank (identical tables on every rank)."""
+
+    def __init__(self, owner: torch.Tensor, shard: int):
+        self.owner = owner  # [E] EP rank holding expert e
+        self.local_index = torch.zeros_like(owner)  # [E] index of e on its owner
+        for s in owner.unique().tolist():
+            ids = torch.nonzero(owner == s).flatten()
+            self.local_index[ids] = torch.arange(len(ids))
+        self.global_ids = torch.nonzero(owner == shard).flatten()  # this rank's experts, local order
+        self.expert_map = torch.where(owner == shard, self.local_index, -1)  # [E] local index or -1
+
+    def to(self, device):
+        for name in ("owner", "local_index", "global_ids", "expert_map"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+class LocalDispatch:
+    """No token movement: every rank applies its experts to its own tokens. Used when EP is off
+    (experts TP-sharded) and when EP spans only the TP group (tokens already on every rank)."""
+
+    def __call__(self, x, ids, weights, experts: GroupedExperts, placement: Placement, token_counts):
+        return experts(x, placement.expert_map[ids], weights)
+
+
+def _pack(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    # Expert ids are small integers, exact in fp32: one collective moves ids and weights together.
+    return torch.cat([ids.float(), weights.float()], dim=1)
+
+
+def _unpack(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = meta.shape[1] // 2
+    return meta[:, :k].long(), meta[:, k:]
+
+
+class AllGatherReduceScatter:
+    """All-gather tokens and routing over the token group; each rank applies its experts to every
+    gathered token; reduce-scatter the partial sums back."""
+
+    def __init__(self, parallel: ParallelState):
+        self.group = parallel.token
+
+    def __call__(self, x, ids, weights, experts, placement, token_counts):
+        counts = token_counts if token_counts is not None else C.gather_counts(x.shape[0], self.group, x.device)
+        x_all = C.all_gather_rows(x, self.group, counts)
+        ids_all, w_all = _unpack(C.all_gather_rows(_pack(ids, weights), self.group, counts))
+        y_all, load = experts(x_all, placement.expert_map[ids_all], w_all)
+        return C.reduce_scatter_rows(y_all, self.group, counts), load
+
+
+class AllToAll:
+    """Each token goes once to every EP rank that holds one of its experts; results come back
+    and are added at the owner. TP ranks hold the same tokens, so TP rank t sends only its
+    t-th chunk of them, and the MoE's TP all-reduce assembles the chunks."""
+
+    def __init__(self, parallel: ParallelState):
+        self.group, self.tp = parallel.ep, parallel.tp
+
+    def __call__(self, x, ids, weights, experts, placement, token_counts):
+        T, k = ids.shape
+        lo, hi = even_chunk(T, self.tp.rank, self.tp.size)
+        x_own, ids_own, w_own = x[lo:hi], ids[lo:hi], weights[lo:hi]
+        dest = placement.owner[ids_own]  # [To, k] EP rank of each choice
+        ranks = torch.arange(self.group.size, device=x.device)
+        goes = (dest.unsqueeze(1) == ranks[None, :, None])  # [To, EP, k]
+        send = goes.any(-1)  # [To, EP]: each token once per destination rank
+        dst, tok = torch.nonzero(send.t(), as_tuple=True)  # rows ordered by destination
+        send_counts = send.sum(0)
+        recv_counts = C.exchange_counts(send_counts, self.group)
+        both = torch.cat([send_counts, recv_counts]).tolist()  # host sync: split sizes
+        send_list, recv_list = both[:self.group.size], both[self.group.size:]
+        on_dst = goes[tok, dst]  # [S, k]: which of the token's choices live on that rank
+        meta = _pack(torch.where(on_dst, placement.local_index[ids_own[tok]], -1),
+                     torch.where(on_dst, w_own[tok], 0.0))
+        x_recv = C.all_to_all_rows(x_own[tok], send_list, recv_list, self.group)
+        local_ids, w_recv = _unpack(C.all_to_all_rows(meta, send_list, recv_list, self.group))
+        y_recv, load = experts(x_recv, local_ids, w_recv)
+        y_back = C.all_to_all_rows(y_recv, recv_list, send_list, self.group)
+        out = torch.zeros_like(x)
+        out.index_add_(0, tok + lo, y_back)
+        return out, load
+
+
+def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:
+    """Chunk `rank` of n rows split as evenly as possible (torch.tensor_split's rule)."""
+    base, extra = divmod(n, shards)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def make_dispatcher(parallel: ParallelState):
+    config = parallel.config
+    if not config.enable_expert_parallel or parallel.token.size == 1:
+        return LocalDispatch()
+    if config.all2all_backend == "alltoall":
+        return AllToAll(parallel)
+    return AllGatherReduceScatter(parallel)

@@ -1,0 +1,99 @@
+"""The expert-parallel MoE block (DESIGN §3):
+
+    out(x) = shared_mlp(x) + Σ_{e ∈ topk(x)} w_e(x) · expert_e(x)
+
+Router replicated; experts split over the EP group (EP on) or each expert's width split over TP
+(EP off); shared MLP TP-sharded; one TP all-reduce sums the shared and routed partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..distributed.collectives import all_reduce
+from ..distributed.parallel_state import ParallelState
+from ..layers.linear import copy_checked, read_col_shard, read_row_shard
+from ..layers.mlp import SwiGLUMLP
+from .dispatch import Placement, make_dispatcher
+from .expert_map import expert_owners
+from .experts import GroupedExperts
+from .router import Router
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 parallel: ParallelState, shared_intermediate_size: int = 0, scoring: str = "softmax",
+                 renormalize: bool = True, dtype=torch.float32, device=None, expert_kernel: str = "auto"):
+        super().__init__()
+        config = parallel.config
+        config.validate(num_experts=num_experts)
+        self.parallel = parallel
+        self.num_experts = num_experts
+        ep = config.enable_expert_parallel
+        # EP on: whole experts over the EP group. EP off: every expert's width over TP.
+        self.expert_tp = 1 if ep else parallel.tp.size
+        shards, shard = (parallel.ep.size, parallel.ep.rank) if ep else (1, 0)
+        if intermediate_size % self.expert_tp:
+            raise ValueError(f"expert width {intermediate_size} cannot be split over TP {self.expert_tp}")
+        self.placement = Placement(expert_owners(num_experts, shards, config.expert_placement), shard)
+        self.placement.to(device or "cpu")
+        self.gate = Router(hidden_size, num_experts, top_k, scoring, renormalize)
+        self.gate.to(device)
+        self.shared_mlp = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
+                                     dtype=dtype, device=device) if shared_intermediate_size else None)
+        self.experts = GroupedExperts(len(self.placement.global_ids), hidden_size,
+                                      intermediate_size // self.expert_tp, dtype, device, expert_kernel)
+        self.dispatch = make_dispatcher(parallel)
+        # (token, expert) pairs this rank computed, per global expert, since the last reset.
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+
+    @property
+    def local_expert_ids(self) -> list[int]:
+        return self.placement.global_ids.tolist()
+
+    def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
+        """x [..., D] -> [..., D]. token_counts: rows of every token-group rank, if the caller
+        knows them (saves a host sync per layer)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(x)
+        out, load = self.dispatch(x, ids, weights, self.experts, self.placement, token_counts)
+        self.expert_load.index_add_(0, self.placement.global_ids, load)
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(x)
+        return all_reduce(out, self.parallel.tp).reshape(shape)
+
+    # -- weight loading (names relative to the block; release layout) ------------------------
+
+    def owns_expert(self, expert: int) -> bool:
+        return bool(self.placement.expert_map[expert] >= 0)
+
+    def load_expert_weight(self, expert: int, kind: str, source):
+        """kind: 'gate_and_up_proj' or 'down_proj'. Call only for experts this rank owns."""
+        local = int(self.placement.expert_map[expert])
+        if local < 0:
+            raise ValueError(f"expert {expert} is not held by this rank (holds {self.local_expert_ids})")
+        t = self.parallel.tp
+        shards, rank = (t.size, t.rank) if self.expert_tp > 1 else (1, 0)
+        if kind == "gate_and_up_proj":
+            copy_checked(self.experts.w13[local], read_row_shard(source, rank, shards, parts=2),
+                         f"experts.{expert}.{kind}")
+        elif kind == "down_proj":
+            copy_checked(self.experts.w2[local], read_col_shard(source, rank, shards), f"experts.{expert}.{kind}")
+        else:
+            raise ValueError(f"unknown expert weight {kind!r}")
+
+    def load_full_state(self, state: dict[str, torch.Tensor]):
+        """From unsharded tensors named like the release (relative to `mlp.`). For tests and tools."""
+        copy_checked(self.gate.weight, state["gate.wg.weight"].float(), "gate.wg.weight")
+        for e in self.local_expert_ids:
+            for kind in ("gate_and_up_proj", "down_proj"):
+                self.load_expert_weight(e, kind, state[f"experts.{e}.{kind}.weight"])
+        if self.shared_mlp is not None:
+            self.shared_mlp.gate_and_up_proj.load_weight(state["shared_mlp.gate_and_up_proj.weight"])
+            self.shared_mlp.down_proj.load_weight(state["shared_mlp.down_proj.weight"])
+
+    def reset_routing_stats(self):
+        self.expert_load.zero_()

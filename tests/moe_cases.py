@@ -1,0 +1,132 @@
+"""MoE-layer cases that run inside the world's workers (see world.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from epdiff.config import ParallelConfig
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.moe import MoELayer, collect_routing_stats
+
+HIDDEN, INTER, SHARED_INTER, EXPERTS, TOP_K = 32, 16, 16, 16, 4
+
+
+def factorizations(world: int, parts: int = 4):
+    """Every ordered (tp, sp, cfg, dp) with product == world and cfg in (1, 2)."""
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for combo in itertools.product(divisors, repeat=parts):
+        if combo[2] in (1, 2) and combo[0] * combo[1] * combo[2] * combo[3] == world:
+            yield combo
+
+
+def make_weights(seed: int, routing: str, shared: bool, ep_size: int):
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "gate.wg.weight": torch.randn(EXPERTS, HIDDEN, generator=g) * 0.5,
+        **{f"experts.{e}.gate_and_up_proj.weight": torch.randn(2 * INTER, HIDDEN, generator=g) * 0.2
+           for e in range(EXPERTS)},
+        **{f"experts.{e}.down_proj.weight": torch.randn(HIDDEN, INTER, generator=g) * 0.2 for e in range(EXPERTS)},
+    }
+    if shared:
+        w["shared_mlp.gate_and_up_proj.weight"] = torch.randn(2 * SHARED_INTER, HIDDEN, generator=g) * 0.2
+        w["shared_mlp.down_proj.weight"] = torch.randn(HIDDEN, SHARED_INTER, generator=g) * 0.2
+    common = F.normalize(torch.randn(HIDDEN, generator=g), dim=0)
+    if routing == "skewed":
+        # Tokens share a direction; experts 0 and 1 point along it (nearly every token picks them)
+        # and the experts of the last EP rank point against it (no token picks them).
+        gate = w["gate.wg.weight"]
+        gate[:2] += 6.0 * common
+        gate[EXPERTS - EXPERTS // max(ep_size, 2):] -= 12.0 * common
+    return w, common
+
+
+def make_tokens(seed: int, counts: list[int], routing: str, common: torch.Tensor):
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(sum(counts), HIDDEN, generator=g)
+    if routing == "skewed":
+        x = x + 3.0 * common
+    return x
+
+
+def reference_moe(x: torch.Tensor, w: dict, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense float64 MoE, token by token: out and the routing histogram [E]."""
+    x = x.double()
+    probs = (x @ w["gate.wg.weight"].double().t()).softmax(-1)
+    top_w, top_i = probs.topk(TOP_K, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(EXPERTS):
+        up, gate = (x @ w[f"experts.{e}.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
+        y = (up * F.silu(gate)) @ w[f"experts.{e}.down_proj.weight"].double().t()
+        out += (top_w * (top_i == e)).sum(-1, keepdim=True) * y
+    if shared:
+        up, gate = (x @ w["shared_mlp.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
+        out += (up * F.silu(gate)) @ w["shared_mlp.down_proj.weight"].double().t()
+    return out, torch.bincount(top_i.flatten(), minlength=EXPERTS)
+
+
+def token_counts(group_size: int, tokens: int, empty_rank: bool) -> list[int]:
+    counts = [tokens + (3 * i) % 5 for i in range(group_size)]  # uneven on purpose
+    if empty_rank and group_size > 1:
+        counts[1] = 0
+    return counts
+
+
+def build_layer(state, w, shared, kernel="loop"):
+    layer = MoELayer(HIDDEN, EXPERTS, TOP_K, INTER, state, shared_intermediate_size=SHARED_INTER if shared else 0,
+                     expert_kernel=kernel)
+    layer.load_full_state(w)
+    return layer
+
+
+def equivalence(rank: int, layouts, variants, tokens: int = 12):
+    """For each layout (tp, sp, cfg, dp) of the current world and each variant, run the MoE layer
+    and compare this rank's tokens with (a) the same layer on one process and (b) the float64
+    reference. Returns one record per (layout, variant) from every participating rank."""
+    records = []
+    for tp, sp, cfg, dp in layouts:
+        for backend, placement in itertools.product(("allgather_reducescatter", "alltoall"), ("linear", "round_robin")):
+            config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                                    data_parallel_size=dp, enable_expert_parallel=True,
+                                    all2all_backend=backend, expert_placement=placement)
+            records += _run_layout(rank, config, variants, tokens)
+        records += _run_layout(rank, ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp,
+                                                    cfg_parallel_size=cfg, data_parallel_size=dp),
+                               variants, tokens)
+    return records
+
+
+def _run_layout(rank, config, variants, tokens):
+    state = ParallelState.build(config, "cpu")
+    if state is None:
+        return []
+    records = []
+    single = ParallelState.single()
+    for shared, routing, empty in variants:
+        seed = 1000 * shared + 10 * (routing == "skewed") + empty
+        w, common = make_weights(seed, routing, shared, config.ep_size)
+        counts = token_counts(state.token.size, tokens, empty)
+        x_all = make_tokens(seed, counts, routing, common)
+        start = sum(counts[: state.token.rank])
+        x = x_all[start: start + counts[state.token.rank]]
+
+        layer = build_layer(state, w, shared)
+        out = layer(x)
+        stats = collect_routing_stats([layer], state)
+        ref_single = build_layer(single, w, shared)(x)
+        ref64, hist = reference_moe(x_all, w, shared)
+        ref64 = ref64[start: start + counts[state.token.rank]]
+        records.append(dict(
+            layout=config.describe(), shared=shared, routing=routing, empty=empty, rank=rank,
+            tokens=x.shape[0],
+            close_single=bool(torch.allclose(out, ref_single, rtol=1e-5, atol=1e-6)),
+            err_single=float((out - ref_single).abs().max()) if x.numel() else 0.0,
+            err_ref=float((out.double() - ref64).abs().max()) if x.numel() else 0.0,
+            load_ok=bool(torch.equal(stats.tokens_per_expert[0], hist)),
+            load=stats.tokens_per_expert[0].tolist(), hist=hist.tolist(),
+            idle_rank=bool((stats.tokens_per_rank[0] == 0).any()),
+        ))
+    return records

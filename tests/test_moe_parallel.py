@@ -1,0 +1,34 @@
+"""Multi-rank equivalence of the MoE layer: every layout of 1, 2, 4 and 8 ranks equals one rank."""
+
+import itertools
+
+import pytest
+
+from moe_cases import equivalence, factorizations
+
+VARIANTS = [(shared, routing, empty) for shared, routing, empty in
+            itertools.product((False, True), ("random", "skewed"), (False, True))
+            if not (routing == "random" and empty)]
+
+
+def check(records):
+    assert records, "no rank ran a case"
+    bad = [r for r in records if not (r["close_single"] and r["err_ref"] < 1e-4 and r["load_ok"])]
+    assert not bad, "\n".join(
+        f"{r['layout']} shared={r['shared']} {r['routing']} empty={r['empty']} rank {r['rank']}: "
+        f"err vs 1 rank {r['err_single']:.2e}, vs fp64 {r['err_ref']:.2e}, load {r['load']} != {r['hist']}"
+        for r in bad[:20])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_layout_matches_single_rank(world8, world):
+    layouts = list(factorizations(world))
+    records = []
+    for layout in layouts:  # a fresh process group per layout frees the previous one's groups
+        records += [r for per_rank in world8.run(world, equivalence, [layout], VARIANTS) for r in per_rank]
+    check(records)
+    # Skewed routing leaves the last EP rank's experts idle: the "rank receives nothing" case ran.
+    if world > 1:
+        assert any(r["idle_rank"] for r in records if r["routing"] == "skewed")
+    # Every layout and EP mode ran on every participating rank.
+    assert {r["layout"] for r in records} >= {f"TP={tp} SP={sp} CFG={c} DP={dp} PP=1" for tp, sp, c, dp in layouts}
