@@ -130,3 +130,20 @@ def _run_layout(rank, config, variants, tokens):
             idle_rank=bool((stats.tokens_per_rank[0] == 0).any()),
         ))
     return records
+
+
+def holdings(rank: int, layout, placement: str):
+    """Invariant 3: the experts this rank's module holds, and whether each equals its global expert."""
+    tp, sp, cfg, dp = layout
+    config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                            data_parallel_size=dp, enable_expert_parallel=True, expert_placement=placement)
+    state = ParallelState.build(config, "cpu")
+    w, _ = make_weights(7, "random", True, config.ep_size)
+    layer = build_layer(state, w, shared=True)
+    ids = layer.local_expert_ids
+    exact = all(torch.equal(layer.experts.w13[i], w[f"experts.{e}.gate_and_up_proj.weight"])
+                and torch.equal(layer.experts.w2[i], w[f"experts.{e}.down_proj.weight"])
+                for i, e in enumerate(ids))
+    expert_params = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("experts."))
+    return dict(ep_rank=state.ep.rank, ids=ids, exact=exact, expert_params=expert_params,
+                w13=tuple(layer.experts.w13.shape))

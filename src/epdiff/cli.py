@@ -14,7 +14,7 @@ def add_parallel_args(p: argparse.ArgumentParser):
                    help="shard attention heads and MLP widths over this many ranks")
     g.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
                    help="split the image tokens over this many ranks (Ulysses)")
-    g.add_argument("--cfg-parallel-size", type=int, default=1, choices=(1, 2),
+    g.add_argument("--cfg-parallel-size", type=int, default=1,
                    help="2: conditional and unconditional branches on different ranks")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="different prompts on different ranks")
