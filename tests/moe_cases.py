@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,18 @@ from epdiff.moe import MoELayer, collect_routing_stats
 HIDDEN, INTER, SHARED_INTER, EXPERTS, TOP_K = 32, 16, 16, 16, 4
 
 
+@dataclass(frozen=True)
+class Dims:
+    hidden: int = HIDDEN
+    inter: int = INTER
+    shared_inter: int = SHARED_INTER
+    experts: int = EXPERTS
+    top_k: int = TOP_K
+
+
+SMALL = Dims()
+
+
 def factorizations(world: int, parts: int = 4):
     """Every ordered (tp, sp, cfg, dp) with product == world and cfg in (1, 2)."""
     divisors = [d for d in range(1, world + 1) if world % d == 0]
@@ -22,50 +35,52 @@ def factorizations(world: int, parts: int = 4):
             yield combo
 
 
-def make_weights(seed: int, routing: str, shared: bool, ep_size: int):
+def make_weights(seed: int, routing: str, shared: bool, ep_size: int, d: Dims = SMALL):
     g = torch.Generator().manual_seed(seed)
+    scale_in, scale_out = 1.1 / d.hidden ** 0.5, 1.1 / d.inter ** 0.5
     w = {
-        "gate.wg.weight": torch.randn(EXPERTS, HIDDEN, generator=g) * 0.5,
-        **{f"experts.{e}.gate_and_up_proj.weight": torch.randn(2 * INTER, HIDDEN, generator=g) * 0.2
-           for e in range(EXPERTS)},
-        **{f"experts.{e}.down_proj.weight": torch.randn(HIDDEN, INTER, generator=g) * 0.2 for e in range(EXPERTS)},
+        "gate.wg.weight": torch.randn(d.experts, d.hidden, generator=g) * 2.8 / d.hidden ** 0.5,
+        **{f"experts.{e}.gate_and_up_proj.weight": torch.randn(2 * d.inter, d.hidden, generator=g) * scale_in
+           for e in range(d.experts)},
+        **{f"experts.{e}.down_proj.weight": torch.randn(d.hidden, d.inter, generator=g) * scale_out
+           for e in range(d.experts)},
     }
     if shared:
-        w["shared_mlp.gate_and_up_proj.weight"] = torch.randn(2 * SHARED_INTER, HIDDEN, generator=g) * 0.2
-        w["shared_mlp.down_proj.weight"] = torch.randn(HIDDEN, SHARED_INTER, generator=g) * 0.2
-    common = F.normalize(torch.randn(HIDDEN, generator=g), dim=0)
+        w["shared_mlp.gate_and_up_proj.weight"] = torch.randn(2 * d.shared_inter, d.hidden, generator=g) * scale_in
+        w["shared_mlp.down_proj.weight"] = torch.randn(d.hidden, d.shared_inter, generator=g) * 1.1 / d.shared_inter ** 0.5
+    common = F.normalize(torch.randn(d.hidden, generator=g), dim=0)
     if routing == "skewed":
         # Tokens share a direction; experts 0 and 1 point along it (nearly every token picks them)
         # and the experts of the last EP rank point against it (no token picks them).
         gate = w["gate.wg.weight"]
         gate[:2] += 6.0 * common
-        gate[EXPERTS - EXPERTS // max(ep_size, 2):] -= 12.0 * common
+        gate[d.experts - d.experts // max(ep_size, 2):] -= 12.0 * common
     return w, common
 
 
 def make_tokens(seed: int, counts: list[int], routing: str, common: torch.Tensor):
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(sum(counts), HIDDEN, generator=g)
+    x = torch.randn(sum(counts), common.shape[0], generator=g)
     if routing == "skewed":
         x = x + 3.0 * common
     return x
 
 
-def reference_moe(x: torch.Tensor, w: dict, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_moe(x: torch.Tensor, w: dict, shared: bool, d: Dims = SMALL) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense float64 MoE, token by token: out and the routing histogram [E]."""
     x = x.double()
     probs = (x @ w["gate.wg.weight"].double().t()).softmax(-1)
-    top_w, top_i = probs.topk(TOP_K, dim=-1)
+    top_w, top_i = probs.topk(d.top_k, dim=-1)
     top_w = top_w / top_w.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
-    for e in range(EXPERTS):
+    for e in range(d.experts):
         up, gate = (x @ w[f"experts.{e}.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
         y = (up * F.silu(gate)) @ w[f"experts.{e}.down_proj.weight"].double().t()
         out += (top_w * (top_i == e)).sum(-1, keepdim=True) * y
     if shared:
         up, gate = (x @ w["shared_mlp.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
         out += (up * F.silu(gate)) @ w["shared_mlp.down_proj.weight"].double().t()
-    return out, torch.bincount(top_i.flatten(), minlength=EXPERTS)
+    return out, torch.bincount(top_i.flatten(), minlength=d.experts)
 
 
 def token_counts(group_size: int, tokens: int, empty_rank: bool) -> list[int]:
@@ -75,10 +90,11 @@ def token_counts(group_size: int, tokens: int, empty_rank: bool) -> list[int]:
     return counts
 
 
-def build_layer(state, w, shared, kernel="loop"):
-    layer = MoELayer(HIDDEN, EXPERTS, TOP_K, INTER, state, shared_intermediate_size=SHARED_INTER if shared else 0,
-                     expert_kernel=kernel)
-    layer.load_full_state(w)
+def build_layer(state, w, shared, kernel="loop", d: Dims = SMALL, dtype=torch.float32):
+    layer = MoELayer(d.hidden, d.experts, d.top_k, d.inter, state,
+                     shared_intermediate_size=d.shared_inter if shared else 0, expert_kernel=kernel,
+                     dtype=dtype, device=state.device)
+    layer.load_full_state({k: v.to(state.device) for k, v in w.items()})
     return layer
 
 

@@ -1,7 +1,13 @@
 """Token dispatch and combine for expert parallelism (DESIGN §3, "Dispatch backends").
 
-A dispatcher takes this rank's tokens and their routing and returns this rank's partial sum of
-the routed experts. The MoE layer's one TP all-reduce completes it.
+Every backend has two halves around the expert compute:
+
+    rows, local_ids, weights, handle = dispatcher.dispatch(x, ids, weights, placement, token_counts)
+    y_rows, load = experts(rows, local_ids, weights)
+    partial = dispatcher.combine(y_rows, handle)
+
+`partial` is this rank's share of the routed output for its own tokens; the MoE layer's one TP
+all-reduce completes it.
 """
 
 from __future__ import annotations
@@ -10,11 +16,10 @@ import torch
 
 from ..distributed import collectives as C
 from ..distributed.parallel_state import ParallelState
-from .experts import GroupedExperts
 
 
 class Placement:
-    """Where each expert lives, seen from one rank (identical tables on every rank)."""
+    """Where each expert lives, seen from one rank (the tables are identical on every rank)."""
 
     def __init__(self, owner: torch.Tensor, shard: int):
         self.owner = owner  # [E] EP rank holding expert e
@@ -35,8 +40,11 @@ class LocalDispatch:
     """No token movement: every rank applies its experts to its own tokens. Used when EP is off
     (experts TP-sharded) and when EP spans only the TP group (tokens already on every rank)."""
 
-    def __call__(self, x, ids, weights, experts: GroupedExperts, placement: Placement, token_counts):
-        return experts(x, placement.expert_map[ids], weights)
+    def dispatch(self, x, ids, weights, placement: Placement, token_counts=None):
+        return x, placement.expert_map[ids], weights, None
+
+    def combine(self, y, handle):
+        return y
 
 
 def _pack(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -56,12 +64,14 @@ class AllGatherReduceScatter:
     def __init__(self, parallel: ParallelState):
         self.group = parallel.token
 
-    def __call__(self, x, ids, weights, experts, placement, token_counts):
+    def dispatch(self, x, ids, weights, placement, token_counts=None):
         counts = token_counts if token_counts is not None else C.gather_counts(x.shape[0], self.group, x.device)
         x_all = C.all_gather_rows(x, self.group, counts)
         ids_all, w_all = _unpack(C.all_gather_rows(_pack(ids, weights), self.group, counts))
-        y_all, load = experts(x_all, placement.expert_map[ids_all], w_all)
-        return C.reduce_scatter_rows(y_all, self.group, counts), load
+        return x_all, placement.expert_map[ids_all], w_all, counts
+
+    def combine(self, y_all, counts):
+        return C.reduce_scatter_rows(y_all, self.group, counts)
 
 
 class AllToAll:
@@ -72,13 +82,12 @@ class AllToAll:
     def __init__(self, parallel: ParallelState):
         self.group, self.tp = parallel.ep, parallel.tp
 
-    def __call__(self, x, ids, weights, experts, placement, token_counts):
-        T, k = ids.shape
-        lo, hi = even_chunk(T, self.tp.rank, self.tp.size)
+    def dispatch(self, x, ids, weights, placement, token_counts=None):
+        lo, hi = even_chunk(x.shape[0], self.tp.rank, self.tp.size)
         x_own, ids_own, w_own = x[lo:hi], ids[lo:hi], weights[lo:hi]
         dest = placement.owner[ids_own]  # [To, k] EP rank of each choice
         ranks = torch.arange(self.group.size, device=x.device)
-        goes = (dest.unsqueeze(1) == ranks[None, :, None])  # [To, EP, k]
+        goes = dest.unsqueeze(1) == ranks[None, :, None]  # [To, EP, k]
         send = goes.any(-1)  # [To, EP]: each token once per destination rank
         dst, tok = torch.nonzero(send.t(), as_tuple=True)  # rows ordered by destination
         send_counts = send.sum(0)
@@ -90,11 +99,13 @@ class AllToAll:
                      torch.where(on_dst, w_own[tok], 0.0))
         x_recv = C.all_to_all_rows(x_own[tok], send_list, recv_list, self.group)
         local_ids, w_recv = _unpack(C.all_to_all_rows(meta, send_list, recv_list, self.group))
-        y_recv, load = experts(x_recv, local_ids, w_recv)
+        return x_recv, local_ids, w_recv, (x.shape, lo, tok, send_list, recv_list)
+
+    def combine(self, y_recv, handle):
+        shape, lo, tok, send_list, recv_list = handle
         y_back = C.all_to_all_rows(y_recv, recv_list, send_list, self.group)
-        out = torch.zeros_like(x)
-        out.index_add_(0, tok + lo, y_back)
-        return out, load
+        out = y_recv.new_zeros(shape)
+        return out.index_add_(0, tok + lo, y_back)
 
 
 def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:

@@ -59,7 +59,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, weights = self.gate(x)
-        out, load = self.dispatch(x, ids, weights, self.experts, self.placement, token_counts)
+        rows, local_ids, row_weights, handle = self.dispatch.dispatch(x, ids, weights, self.placement, token_counts)
+        y, load = self.experts(rows, local_ids, row_weights)
+        out = self.dispatch.combine(y, handle)
         self.expert_load.index_add_(0, self.placement.global_ids, load)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x)

@@ -1,0 +1,325 @@
+"""HunyuanImage-3.0 tokenizer access and the text-to-image token sequence.
+
+The release ships a ``tokenizer.json`` (``tokenizers`` format). We only need it to encode the prompt
+and to look up the special tokens the image template uses, so a plain ``tokenizers.Tokenizer`` is
+enough; ``build_tiny_tokenizer`` writes a small word-level one for the tiny test models.
+
+Sequence for base text-to-image (template "pretrain", no system prompt, no ``<eos>``)::
+
+    <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img> x (h*w) <eoi>
+
+The unconditional (CFG) branch is the same sequence with each prompt token replaced by ``<cfg>``,
+so both branches have equal length and identical positions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+NUM_RATIO_TOKENS = 33  # <img_ratio_0> ... <img_ratio_32>: one per aspect bucket
+UNK_TOKEN = "<unk>"
+
+# Every special token the reference looks up by name (besides <img_size_B> and <img_ratio_k>).
+NAMED_SPECIAL_TOKENS = (
+    "<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<img>", "<cfg>", "<timestep>", "<guidance>",
+    "<joint_img_sep>", "<think>", "</think>", "<recaption>", "</recaption>", "<answer>", "</answer>",
+)
+
+# Tokens between the prompt and the first <img>: <boi> <img_size_B> <img_ratio_k> <timestep>.
+_TOKENS_BEFORE_IMAGE = 4
+
+
+def img_size_token(image_base_size: int) -> str:
+    return f"<img_size_{image_base_size}>"
+
+
+def img_ratio_token(ratio_index: int) -> str:
+    return f"<img_ratio_{ratio_index}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny tokenizer for test models
+# ---------------------------------------------------------------------------------------------
+
+# Words a tiny demo model ("a small red circle on the left of a blue square") is likely to see.
+_DEFAULT_WORDS = """
+a an the this that these those some any each every all both no not and or but with without of
+to in on at by for from into onto over under above below behind beside between near next
+inside outside around across along against through up down off out here there is are was were
+be been being has have had it its they them their which who what where while very
+more most less least much many few several only also just quite rather too so as than like
+left right top bottom middle center centre centered upper lower side sides corner corners edge
+edges front back far close half quarter
+horizontal vertical diagonal diagonally horizontally vertically row rows column columns
+small large big tiny huge medium little giant tall short wide narrow thin thick long round
+flat sharp smooth rough soft hard heavy light dark bright pale deep vivid faded glossy matte
+red green blue yellow orange purple pink brown black white gray grey cyan magenta teal navy
+gold golden silver beige maroon violet indigo turquoise lime olive cream tan crimson scarlet
+emerald amber ivory coral lavender colour color colours colors colored coloured colorful
+circle circles square squares triangle triangles rectangle rectangles star stars heart hearts
+diamond diamonds oval ovals ellipse line lines dot dots cross crosses ring rings hexagon
+pentagon octagon cube cubes sphere spheres cone cylinder pyramid arrow arrows stripe stripes
+striped grid checkerboard checkered spiral wave waves curve curved shape shapes disk disc box
+boxes ball balls block blocks bar bars border outline outlined filled solid hollow empty
+pattern patterns gradient dotted dashed
+one two three four five six seven eight nine ten first second third single pair double
+image picture photo photograph painting drawing sketch illustration render cartoon poster
+icon logo diagram scene view portrait landscape background foreground sky ground floor wall
+water sea ocean lake river beach sand grass field forest tree trees flower flowers leaf
+leaves plant garden mountain mountains hill hills rock stone cloud clouds sun moon night day
+morning evening sunset sunrise rain snow fire light shadow reflection city street road
+house building window door roof bridge tower car bus train boat ship plane bicycle
+cat cats dog dogs bird birds fish horse cow sheep rabbit bear lion tiger elephant monkey
+person people man woman boy girl child face hand eye eyes hair smile
+table chair bed lamp cup mug bottle glass plate bowl book books clock phone computer screen
+apple apples banana orange fruit bread cake food
+made simple minimal minimalist abstract realistic detailed plain clean neat style
+high low quality resolution sharp blurry colourful pastel neon monochrome
+sitting standing lying flying floating walking running holding looking shining glowing
+falling hanging placed drawn painted covered surrounded arranged stacked scattered
+facing touching overlapping centered inside
+, . ! ? ; : ' " - ( ) /
+0 1 2 3 4 5 6 7 8 9
+"""
+
+
+def default_vocabulary() -> list[str]:
+    """The default word list (lower case, de-duplicated, in a stable order)."""
+    return list(dict.fromkeys(_DEFAULT_WORDS.split()))
+
+
+def special_tokens(image_base_size: int) -> list[str]:
+    """All special tokens of a model with this base size, <img_ratio_k> last and in order."""
+    return [
+        UNK_TOKEN,
+        *NAMED_SPECIAL_TOKENS,
+        img_size_token(image_base_size),
+        *(img_ratio_token(k) for k in range(NUM_RATIO_TOKENS)),
+    ]
+
+
+def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[str] | None = None) -> None:
+    """Write a small word-level ``tokenizer.json`` holding every special token the reference uses.
+
+    ``path_or_dir`` is a folder (``tokenizer.json`` is written inside) or a ``.json`` file path.
+    Words are lower-cased (the tokenizer lower-cases its input too); unknown words map to <unk>.
+    """
+    specials = special_tokens(image_base_size)
+    words = default_vocabulary() if vocab_words is None else [w.lower() for w in vocab_words]
+    for word in words:
+        if not word or any(ch.isspace() for ch in word):
+            raise ValueError(f"vocabulary word {word!r} is empty or contains whitespace")
+    words = [w for w in dict.fromkeys(words) if w not in specials]
+
+    # Specials first, at fixed ids, so the 33 ratio tokens get consecutive ids by construction.
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    # Whitespace split, then punctuation and digits as separate tokens, so "left," -> "left" ",".
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    # Registered as added special tokens so they match whole before normalisation and
+    # pre-tokenisation (otherwise "<img_ratio_3>" would be split at its punctuation).
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+
+    path = os.fspath(path_or_dir)
+    if not path.endswith(".json"):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, "tokenizer.json")
+    tokenizer.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and sequences
+# ---------------------------------------------------------------------------------------------
+
+
+def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(y, x) RoPE position pairs, LongTensor [seq_len, 2], for one image of grid_h x grid_w tokens.
+
+    Text token n gets (n, n). The image grid is centred in its span [L, L + h*w): row i / column j
+    get y = L + (w*h - h)/2 + i and x = L + (w*h - w)/2 + j, computed like the reference (a float32
+    linspace truncated with .long(), so half-integers round down). Tokens after the image
+    continue at L + h*w.
+    """
+    image_end = image_start + grid_h * grid_w
+    if image_start < 0 or image_end > seq_len:
+        raise ValueError(
+            f"image of {grid_h}x{grid_w} tokens at {image_start} does not fit in {seq_len} tokens"
+        )
+    start_y = image_start + (grid_w * grid_h - grid_h) / 2
+    start_x = image_start + (grid_w * grid_h - grid_w) / 2
+    # linspace(a, a + n, n + 1)[:n] rather than arange so that the float32 rounding matches.
+    rows = torch.linspace(start_y, start_y + grid_h, grid_h + 1, dtype=torch.float32)[:grid_h]
+    cols = torch.linspace(start_x, start_x + grid_w, grid_w + 1, dtype=torch.float32)[:grid_w]
+    grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
+
+    before = torch.arange(0, image_start)
+    after = torch.arange(image_end, seq_len)
+    # The reference concatenates text and grid in float32 and truncates once; same here.
+    y = torch.cat([before, grid_y.reshape(-1), after]).long()
+    x = torch.cat([before, grid_x.reshape(-1), after]).long()
+    return torch.stack([y, x], dim=1)
+
+
+@dataclass
+class ImageSequence:
+    """One branch (cond or uncond) of a text-to-image sequence."""
+
+    input_ids: torch.Tensor  # LongTensor [L]
+    positions: torch.Tensor  # LongTensor [L, 2], (y, x) for 2D RoPE
+    timestep_index: int  # where timestep_emb(t) is written
+    image_start: int  # first <img> token
+    image_len: int  # grid h * w
+    grid: tuple[int, int]  # (h, w) in tokens
+    prompt_len: int  # prompt tokens at [1, 1 + prompt_len)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def image_slice(self) -> slice:
+        return slice(self.image_start, self.image_start + self.image_len)
+
+    @property
+    def prompt_slice(self) -> slice:
+        return slice(1, 1 + self.prompt_len)
+
+
+def sequence_length(prompt_len: int, grid_h: int, grid_w: int) -> int:
+    """<bos> + prompt + 4 tokens before the image + h*w <img> + <eoi>."""
+    return 1 + prompt_len + _TOKENS_BEFORE_IMAGE + grid_h * grid_w + 1
+
+
+class HunyuanTokenizer:
+    """Prompt encoding and special-token ids of a HunyuanImage-3.0 ``tokenizer.json``."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.bos = self.token_id("<bos>")
+        self.eos = self.token_id("<eos>")
+        self.pad = self.token_id("<pad>")
+        self.boi = self.token_id("<boi>")
+        self.eoi = self.token_id("<eoi>")
+        self.img = self.token_id("<img>")
+        self.cfg = self.token_id("<cfg>")
+        self.timestep = self.token_id("<timestep>")
+        # The ratio index is "id - id of <img_ratio_0>" in the reference, so the ids must be
+        # consecutive; check once here rather than trusting an arbitrary tokenizer.json.
+        first = self.token_id(img_ratio_token(0))
+        ratio_ids = [self.token_id(img_ratio_token(k)) for k in range(NUM_RATIO_TOKENS)]
+        if ratio_ids != list(range(first, first + NUM_RATIO_TOKENS)):
+            raise ValueError(f"<img_ratio_0..{NUM_RATIO_TOKENS - 1}> ids are not consecutive: {ratio_ids}")
+        self.img_ratio_ids = ratio_ids
+
+    @classmethod
+    def from_file(cls, path) -> "HunyuanTokenizer":
+        return cls(Tokenizer.from_file(os.fspath(path)))
+
+    @classmethod
+    def from_pretrained(cls, model_dir) -> "HunyuanTokenizer":
+        path = os.path.join(os.fspath(model_dir), "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json in model folder {os.fspath(model_dir)!r}")
+        return cls.from_file(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise KeyError(f"token {token!r} is not in the tokenizer")
+        return token_id
+
+    def img_size(self, image_base_size: int) -> int:
+        """Id of <img_size_{image_base_size}>."""
+        return self.token_id(img_size_token(image_base_size))
+
+    def img_ratio(self, ratio_index: int) -> int:
+        """Id of <img_ratio_{ratio_index}>."""
+        if not 0 <= ratio_index < NUM_RATIO_TOKENS:
+            raise ValueError(f"ratio index must be in [0, {NUM_RATIO_TOKENS - 1}], got {ratio_index}")
+        return self.img_ratio_ids[ratio_index]
+
+    def ratio_index(self, token_id: int) -> int:
+        """Inverse of img_ratio: the bucket index a <img_ratio_k> id stands for."""
+        index = token_id - self.img_ratio_ids[0]
+        if not 0 <= index < NUM_RATIO_TOKENS:
+            raise ValueError(f"token id {token_id} is not an <img_ratio_k> token")
+        return index
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids without any special tokens added (like the reference's add_special_tokens=False)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def build_sequence(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor | str,
+        ratio_index: int,
+        grid_h: int,
+        grid_w: int,
+        image_base_size: int,
+        max_length: int | None = None,
+    ) -> ImageSequence:
+        """The conditional branch: <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img>*hw <eoi>."""
+        prompt = self._checked_prompt(prompt_ids)
+        return self._build(prompt, ratio_index, grid_h, grid_w, image_base_size, max_length)
+
+    def build_uncond_sequence(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor | str,
+        ratio_index: int,
+        grid_h: int,
+        grid_w: int,
+        image_base_size: int,
+        max_length: int | None = None,
+    ) -> ImageSequence:
+        """The CFG branch: the conditional sequence with every prompt token replaced by <cfg>."""
+        prompt = self._checked_prompt(prompt_ids)
+        return self._build([self.cfg] * len(prompt), ratio_index, grid_h, grid_w, image_base_size, max_length)
+
+    def _checked_prompt(self, prompt_ids) -> list[int]:
+        if isinstance(prompt_ids, str):  # convenience: a prompt given as text
+            prompt_ids = self.encode(prompt_ids)
+        prompt = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty (0 tokens); text-to-image needs a non-empty prompt")
+        return [int(t) for t in prompt]
+
+    def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length) -> ImageSequence:
+        if grid_h < 1 or grid_w < 1:
+            raise ValueError(f"image grid must be at least 1x1 tokens, got {grid_h}x{grid_w}")
+        length = sequence_length(len(prompt), grid_h, grid_w)
+        if max_length is not None and length > max_length:
+            raise ValueError(
+                f"sequence length {length} (prompt {len(prompt)} tokens + image {grid_h}x{grid_w} = "
+                f"{grid_h * grid_w} tokens + 6 special tokens) exceeds max_length {max_length}"
+            )
+        ids = [self.bos, *prompt, self.boi]
+        ids += [self.img_size(image_base_size), self.img_ratio(ratio_index), self.timestep]
+        timestep_index = len(ids) - 1
+        image_start = len(ids)
+        ids += [self.img] * (grid_h * grid_w) + [self.eoi]
+        assert len(ids) == length
+        return ImageSequence(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=build_2d_positions(length, image_start, grid_h, grid_w),
+            timestep_index=timestep_index,
+            image_start=image_start,
+            image_len=grid_h * grid_w,
+            grid=(grid_h, grid_w),
+            prompt_len=len(prompt),
+        )

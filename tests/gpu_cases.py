@@ -1,0 +1,42 @@
+"""bf16 / NCCL MoE equivalence, run on every GPU rank by launch()."""
+
+import torch
+import torch.distributed as dist
+
+from epdiff.config import ParallelConfig
+from epdiff.distributed.parallel_state import ParallelState
+from moe_cases import Dims, build_layer, make_tokens, make_weights, reference_moe, token_counts
+
+GPU_DIMS = Dims(hidden=512, inter=256, shared_inter=256, experts=16, top_k=4)
+
+
+def bf16_equivalence(device, layouts, tokens=256):
+    """Per (layout, backend, routing): max |parallel − single GPU| and both errors vs fp64,
+    relative to the largest reference value."""
+    rows = []
+    d = GPU_DIMS
+    single = ParallelState.single(device)
+    for tp, sp, cfg, dp in layouts:
+        for backend in ("allgather_reducescatter", "alltoall"):
+            config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                                    data_parallel_size=dp, enable_expert_parallel=True, all2all_backend=backend)
+            state = ParallelState.build(config, device)
+            for routing in ("random", "skewed"):
+                w, common = make_weights(5, routing, True, config.ep_size, d)
+                counts = token_counts(state.token.size, tokens, empty=False)
+                x_all = make_tokens(5, counts, routing, common)
+                start = sum(counts[: state.token.rank])
+                x = x_all[start: start + counts[state.token.rank]]
+                with torch.inference_mode():
+                    out = build_layer(state, w, True, "auto", d, torch.bfloat16)(x.to(device, torch.bfloat16))
+                    one = build_layer(single, w, True, "auto", d, torch.bfloat16)(x.to(device, torch.bfloat16))
+                ref, _ = reference_moe(x_all, w, True, d)
+                ref = ref[start: start + x.shape[0]].to(device)
+                scale = ref.abs().max()
+                stat = torch.tensor([(out.float() - one.float()).abs().max() / scale,
+                                     (out.double() - ref).abs().max() / scale,
+                                     (one.double() - ref).abs().max() / scale], device=device)
+                dist.all_reduce(stat, op=dist.ReduceOp.MAX)
+                rows.append(dict(layout=config.describe(), routing=routing, vs_single=stat[0].item(),
+                                 parallel_vs_fp64=stat[1].item(), single_vs_fp64=stat[2].item()))
+    return rows
