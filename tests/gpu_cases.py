@@ -23,7 +23,7 @@ def bf16_equivalence(device, layouts, tokens=256):
             state = ParallelState.build(config, device)
             for routing in ("random", "skewed"):
                 w, common = make_weights(5, routing, True, config.ep_size, d)
-                counts = token_counts(state.token.size, tokens, empty=False)
+                counts = token_counts(state.token.size, tokens, empty_rank=False)
                 x_all = make_tokens(5, counts, routing, common)
                 start = sum(counts[: state.token.rank])
                 x = x_all[start: start + counts[state.token.rank]]

@@ -1,6 +1,7 @@
 """HunyuanImage-3.0 VAE: release names and shapes, padding, DC-AE reshapes, encode/decode, 8-bit output."""
 
-import numpy as np
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,9 +137,28 @@ def test_dcae_resamplers_pack_channels_in_release_order(temporal):
                     torch.testing.assert_close(y[:, c, dt::r, dy::2, dx::2], repeated[:, ((dt * 2 + dy) * 2 + dx) * 4 + c])
 
 
+def test_latent_end_shortcuts_average_and_repeat_consecutive_channels():
+    """Encoder output = conv_out(...) + mean over consecutive channel groups of the mid output;
+    decoder input = conv_in(z) + each latent channel repeated. Zero the convs to see the shortcuts."""
+    model = _model(latent_channels=8)
+    for conv in (model.encoder.conv_out, model.decoder.conv_in):
+        torch.nn.init.zeros_(conv.weight), torch.nn.init.zeros_(conv.bias)
+    seen = {}
+    model.encoder.mid.register_forward_hook(lambda m, args, out: seen.update(encoder_mid=out))
+    model.decoder.mid.register_forward_pre_hook(lambda m, args: seen.update(decoder_mid=args[0]))
+    torch.manual_seed(8)
+    with torch.no_grad():
+        moments = model.encoder(torch.randn(1, 3, 4, 32, 32))
+        z = torch.randn(1, 8, 1, 2, 2)
+        model.decoder(z)
+    h = seen["encoder_mid"]                               # 64 channels -> 16 moments: groups of 4
+    torch.testing.assert_close(moments, h.reshape(1, 16, 4, 1, 2, 2).mean(dim=2))
+    torch.testing.assert_close(seen["decoder_mid"], z.repeat_interleave(8, dim=1))  # 8 -> 64
+
+
 @pytest.mark.parametrize("overrides, size", [
     (RELEASE_LIKE, (32, 48)),
-    (dict(latent_channels=4, block_out_channels=[32, 32, 64, 64]), (32, 16)),
+    (dict(latent_channels=4, ffactor_spatial=8, block_out_channels=[32, 32, 64, 64]), (32, 16)),
     (dict(latent_channels=16, ffactor_spatial=8, ffactor_temporal=2, block_out_channels=[32, 64, 64, 64]), (16, 24)),
 ])
 def test_encode_decode_shapes(overrides, size):
@@ -196,6 +216,7 @@ def test_to_uint8_matches_diffusers_rounding():
     # 0 -> 127.5 rounds half to even (128), like numpy; out-of-range values clamp.
     assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 128, 127]
 
+    np = pytest.importorskip("numpy")  # not a project dependency; only the cross-check needs it
     torch.manual_seed(6)
     images = torch.randn(2, 3, 5, 7)
     unit = np.clip(images.numpy() / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
@@ -219,7 +240,7 @@ def test_to_uint8_matches_diffusers_rounding():
     (dict(upsample_match_channel="yes"), "upsample_match_channel"),
 ])
 def test_invalid_config_raises(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         vae_config_tiny(**overrides)
 
 

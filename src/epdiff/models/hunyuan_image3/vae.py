@@ -337,13 +337,13 @@ class EncoderLevel(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else channels, channels) for i in range(num_blocks))
-        if factor is not None:  # absent at the deepest level(s), as in the checkpoint
-            self.downsample = DownsampleDCAE(channels, out_channels, temporal=factor == 8)
+        # None (so no keys) at the deepest level(s), as in the checkpoint.
+        self.downsample = DownsampleDCAE(channels, out_channels, temporal=factor == 8) if factor else None
 
     def forward(self, x):
         for block in self.block:
             x = block(x)
-        if hasattr(self, "downsample"):
+        if self.downsample is not None:
             x = self.downsample(x)
         return x
 
@@ -353,13 +353,12 @@ class DecoderLevel(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else channels, channels) for i in range(num_blocks))
-        if factor is not None:
-            self.upsample = UpsampleDCAE(channels, out_channels, temporal=factor == 8)
+        self.upsample = UpsampleDCAE(channels, out_channels, temporal=factor == 8) if factor else None
 
     def forward(self, x):
         for block in self.block:
             x = block(x)
-        if hasattr(self, "upsample"):
+        if self.upsample is not None:
             x = self.upsample(x)
         return x
 
@@ -438,10 +437,8 @@ class AutoencoderKLConv3D(nn.Module):
         # The reference skips scaling / shifting when the value is null (or zero).
         self.scaling_factor = float(self.config["scaling_factor"] or 1.0)
         self.shift_factor = float(self.config["shift_factor"] or 0.0)
-        if with_encoder:
-            self.encoder = Encoder(self.config)
-        if with_decoder:
-            self.decoder = Decoder(self.config)
+        self.encoder = Encoder(self.config) if with_encoder else None
+        self.decoder = Decoder(self.config) if with_decoder else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -451,7 +448,7 @@ class AutoencoderKLConv3D(nn.Module):
         """images [B, C, H, W] in [-1, 1] -> posterior (mean, logvar), each [B, latent, h, w],
         unscaled. A still image is repeated over `ffactor_temporal` frames, as in the reference,
         so the encoder's temporal downsampling leaves exactly one latent frame."""
-        if not hasattr(self, "encoder"):
+        if self.encoder is None:
             raise RuntimeError("this AutoencoderKLConv3D was built with with_encoder=False")
         if images.ndim != 4:
             raise ValueError(f"encode expects images [B, C, H, W], got shape {tuple(images.shape)}")
@@ -479,7 +476,7 @@ class AutoencoderKLConv3D(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw decoder on unscaled latents [B, latent, T, h, w] -> [B, C, T*ft, H, W]."""
-        if not hasattr(self, "decoder"):
+        if self.decoder is None:
             raise RuntimeError("this AutoencoderKLConv3D was built with with_decoder=False")
         return self.decoder(z.to(self.dtype))
 
