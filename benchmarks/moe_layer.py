@@ -28,20 +28,21 @@ from epdiff.moe import MoELayer
 from epdiff.moe.dispatch import AllGatherReduceScatter
 
 
-def cuda_time(fn, iters: int, warmup: int = 3) -> tuple[float, float]:
-    """Mean and standard deviation of fn() in ms, by CUDA events, after warm-up."""
+def cuda_time(fn, iters: int, group=None, warmup: int = 3) -> tuple[float, float]:
+    """Mean and standard deviation of fn() in ms, by CUDA events, after warm-up. With a group,
+    its ranks line up before each iteration, so a collective's time excludes waiting for peers."""
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():  # CPU dry run of the script itself: wall clock
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / iters, 0.0
     times = []
     for _ in range(iters):
+        if group is not None and group.size > 1:
+            dist.barrier(group=group.group)
+        if not torch.cuda.is_available():  # CPU dry run of the script itself: wall clock
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if dist.is_initialized():
-            dist.barrier()
         start.record()
         fn()
         end.record()
@@ -88,16 +89,17 @@ def case(device, args, config: ParallelConfig | None):
     else:
         ids, w = layer.gate(x)
     counts = [args.tokens] * state.token.size
+    sync = None if alone else state.ep
     d = layer.dispatch
     with torch.inference_mode():
-        total = cuda_time(lambda: layer(x, token_counts=counts), args.iters)
-        router = cuda_time(lambda: layer.gate(x), args.iters)
-        disp = cuda_time(lambda: d.dispatch(x, ids, w, layer.placement, counts), args.iters)
+        total = cuda_time(lambda: layer(x, token_counts=counts), args.iters, sync)
+        router = cuda_time(lambda: layer.gate(x), args.iters, sync)
+        disp = cuda_time(lambda: d.dispatch(x, ids, w, layer.placement, counts), args.iters, sync)
         rows, local_ids, row_w, handle = d.dispatch(x, ids, w, layer.placement, counts)
-        experts = cuda_time(lambda: layer.experts(rows, local_ids, row_w), args.iters)
+        experts = cuda_time(lambda: layer.experts(rows, local_ids, row_w), args.iters, sync)
         y, _ = layer.experts(rows, local_ids, row_w)
-        comb = cuda_time(lambda: d.combine(y, handle), args.iters)
-        shared = cuda_time(lambda: layer.shared_mlp(x), args.iters)
+        comb = cuda_time(lambda: d.combine(y, handle), args.iters, sync)
+        shared = cuda_time(lambda: layer.shared_mlp(x), args.iters, sync)
         layer.reset_routing_stats()
         layer(x, token_counts=counts)
     pairs = int((local_ids >= 0).sum())
@@ -120,7 +122,7 @@ def case(device, args, config: ParallelConfig | None):
             moved = n * x_bytes  # all-gather output = reduce-scatter input
             out = torch.empty(n * args.tokens, args.hidden, device=device, dtype=x.dtype)
             x = x.contiguous()
-            raw_d = cuda_time(lambda: C._all_gather_single(out, x, group=group.group), args.iters)
+            raw_d = cuda_time(lambda: C._all_gather_single(out, x, group=group.group), args.iters, sync)
             raw_c = cuda_time(lambda: dist.reduce_scatter_tensor(torch.empty_like(x), out, group=group.group),
                               args.iters)
             names = ("all_gather", "reduce_scatter")
@@ -131,8 +133,8 @@ def case(device, args, config: ParallelConfig | None):
             moved_c = sum(handle[4]) * args.hidden * x.element_size()
             send = torch.empty(sum(handle[3]), args.hidden, device=device, dtype=x.dtype)
             back = torch.empty(sum(handle[4]), args.hidden, device=device, dtype=x.dtype)
-            raw_d = cuda_time(lambda: C.all_to_all_rows(send, handle[3], handle[4], group), args.iters)
-            raw_c = cuda_time(lambda: C.all_to_all_rows(back, handle[4], handle[3], group), args.iters)
+            raw_d = cuda_time(lambda: C.all_to_all_rows(send, handle[3], handle[4], group), args.iters, sync)
+            raw_c = cuda_time(lambda: C.all_to_all_rows(back, handle[4], handle[3], group), args.iters, sync)
             names = ("all_to_all_dispatch", "all_to_all_combine")
         row.update(dispatch_bytes=moved_d, combine_bytes=moved_c,
                    dispatch_busbw_GBps=collective_bus_GBps(moved_d, disp[0], n),

@@ -86,6 +86,6 @@ def all_gather_tensor(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[group.size, *x.shape]: the same-shaped tensor from every rank."""
     if group.size == 1:
         return x.unsqueeze(0)
-    out = x.new_empty((group.size,) + tuple(x.shape))
-    _all_gather_single(out, x.contiguous(), group=group.group)
-    return out
+    out = x.new_empty(group.size * x.numel())
+    _all_gather_single(out, x.reshape(-1).contiguous(), group=group.group)
+    return out.view((group.size,) + tuple(x.shape))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.parallel_state import Group
-from ..moe.experts import swiglu_up_gate
 from .linear import ColumnParallelLinear, RowParallelLinear
+
+
+def swiglu_up_gate(fused: torch.Tensor) -> torch.Tensor:
+    """[.., 2I] laid out [up; gate] -> up * silu(gate) (the activation is on the second half)."""
+    up, gate = fused.chunk(2, dim=-1)
+    return up * F.silu(gate)
 
 
 class SwiGLUMLP(nn.Module):

@@ -122,3 +122,12 @@ def make_dispatcher(parallel: ParallelState):
     if config.all2all_backend == "alltoall":
         return AllToAll(parallel)
     return AllGatherReduceScatter(parallel)
+
+
+def token_counts_for(parallel: ParallelState, num_tokens: int, device) -> list[int] | None:
+    """Rows of every token-group rank, once per model forward, for the MoE layers that need
+    them (the all-gather backend); None where no MoE layer does."""
+    config = parallel.config
+    if not config.enable_expert_parallel or parallel.token.size == 1 or config.all2all_backend != "allgather_reducescatter":
+        return None
+    return C.gather_counts(num_tokens, parallel.token, device)

@@ -10,13 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.mlp import swiglu_up_gate
+
 EXPERT_KERNELS = ("auto", "grouped_mm", "loop")
-
-
-def swiglu_up_gate(fused: torch.Tensor) -> torch.Tensor:
-    """[.., 2I] laid out [up; gate] -> up * silu(gate) (the activation is on the second half)."""
-    up, gate = fused.chunk(2, dim=-1)
-    return up * F.silu(gate)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:

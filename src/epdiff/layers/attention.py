@@ -1,0 +1,88 @@
+"""HunyuanImage-3.0 attention: fused per-KV-head QKV, 2D RoPE, q/k RMSNorm after RoPE, GQA.
+
+TP shards whole KV-head groups (the fused QKV rows of a group are contiguous, so a TP rank's
+rows are one contiguous block). The generalized causal mask is never materialised:
+
+  prefix  (text before <timestep>): plain causal attention, K/V kept for every denoising step;
+  <timestep>: attends to the prefix and itself (it is the last key it may see: no mask);
+  image tokens: attend to the prefix, <timestep> and every image token (no mask), split over SP
+               ranks with Ulysses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed.parallel_state import Group
+from ..distributed.sequence_parallel import gather_heads, scatter_heads
+from .linear import ColumnParallelLinear, RowParallelLinear
+from .norm import RMSNorm
+from .rotary import apply_rope
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [B, L, KV_local, D]
+    v: torch.Tensor
+
+
+def sdpa(q, k, v, causal: bool = False) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, L, Hkv, D] -> [B, S, Hq, D]; Hq a multiple of Hkv (GQA)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: Group,
+                 sp: Group, eps: float = 1e-5, dtype=None, device=None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        if num_kv_heads % (tp.size * sp.size):
+            raise ValueError(f"num_key_value_heads {num_kv_heads} cannot be split over TP {tp.size} × SP {sp.size}")
+        self.tp, self.sp = tp, sp
+        self.group_size = num_heads // num_kv_heads  # query heads per KV head
+        self.kv_heads = num_kv_heads // tp.size  # on this TP rank
+        self.head_dim = head_dim
+        self.qkv_proj = ColumnParallelLinear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, tp,
+                                             dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp, dtype=dtype, device=device)
+        self.query_layernorm = RMSNorm(head_dim, eps, dtype=dtype, device=device)
+        self.key_layernorm = RMSNorm(head_dim, eps, dtype=dtype, device=device)
+
+    def _qkv(self, x, cos, sin):
+        B, S, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, S, self.kv_heads, self.group_size + 2, self.head_dim)
+        q = qkv[:, :, :, : self.group_size].reshape(B, S, self.kv_heads * self.group_size, self.head_dim)
+        k, v = qkv[:, :, :, self.group_size], qkv[:, :, :, self.group_size + 1]
+        q = self.query_layernorm(apply_rope(q, cos, sin))
+        k = self.key_layernorm(apply_rope(k, cos, sin))
+        return q, k, v
+
+    def _out(self, o):
+        return self.o_proj(o.flatten(2))
+
+    def prefill(self, x, cos, sin) -> tuple[torch.Tensor, KVCache]:
+        """Causal attention over the text prefix; returns its output and K/V for later steps."""
+        q, k, v = self._qkv(x, cos, sin)
+        return self._out(sdpa(q, k, v, causal=True)), KVCache(k, v)
+
+    def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
+        """x [B, 1 + N/SP, hidden]: <timestep>, then this SP rank's chunk of the image tokens."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_prefix = torch.cat([cache.k, k[:, :1]], dim=1)  # prefix + <timestep>
+        v_prefix = torch.cat([cache.v, v[:, :1]], dim=1)
+        timestep_out = sdpa(q[:, :1], k_prefix, v_prefix)
+
+        # Image tokens: the whole image for 1/SP of the heads.
+        q_img, k_img, v_img = (scatter_heads(t[:, 1:], self.sp) for t in (q, k, v))
+        heads = slice(self.sp.rank * k_img.shape[2], (self.sp.rank + 1) * k_img.shape[2])
+        image_out = sdpa(q_img, torch.cat([k_prefix[:, :, heads], k_img], dim=1),
+                         torch.cat([v_prefix[:, :, heads], v_img], dim=1))
+        image_out = gather_heads(image_out, self.sp)
+        return self._out(torch.cat([timestep_out, image_out], dim=1))

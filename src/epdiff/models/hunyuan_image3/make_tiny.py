@@ -1,0 +1,99 @@
+"""`epdiff make-tiny`: a small HunyuanImage-3.0 in exactly the release format.
+
+config.json with the release's keys, generation_config.json, model.safetensors.index.json over
+several shards (transformer in bf16 like the release, router and VAE in fp32), tokenizer.json
+with every special token, and the VAE weights under `vae.`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from ...distributed.parallel_state import ParallelState
+from .config import HunyuanImage3Config
+from .model import HunyuanImage3Transformer
+from .tokenizer import build_tiny_tokenizer
+from .vae import AutoencoderKLConv3D, vae_config_tiny
+from .weights import export_state_dict, init_dummy_weights
+
+TINY_DEFAULTS = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                     num_experts=8, moe_topk=2, moe_intermediate_size=64, image_base_size=256,
+                     patch_embed_hidden_dim=64, seed=0)
+
+
+def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,
+                moe_intermediate_size, image_base_size=256, patch_embed_hidden_dim=64, vocab_size=None,
+                vae=None) -> dict:
+    head_dim = hidden_size // num_attention_heads
+    L = num_hidden_layers
+    return {
+        "architectures": ["HunyuanImage3ForCausalMM"], "model_type": "hunyuan_image_3_moe",
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": L,
+        "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+        "attention_head_dim": head_dim, "intermediate_size": moe_intermediate_size,
+        "moe_intermediate_size": [moe_intermediate_size] * L, "num_experts": num_experts,
+        "moe_topk": [moe_topk] * L, "num_shared_expert": [1] * L, "use_mixed_mlp_moe": True,
+        "moe_layer_num_skipped": 0, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        "group_limited_greedy": False, "capacity_factor": 1.0, "moe_drop_tokens": False,
+        "hidden_act": "silu", "norm_type": "hf_rms", "rms_norm_eps": 1e-5, "use_qk_norm": True,
+        "attention_bias": False, "mlp_bias": False, "use_rotary_pos_emb": True,
+        "rope_scaling": {"type": "custom", "factor": 1.0}, "rope_theta": 10000.0,
+        "max_position_embeddings": 22800, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "img_proj_type": "unet", "patch_size": 1, "patch_embed_hidden_dim": patch_embed_hidden_dim,
+        "image_base_size": image_base_size, "vae_downsample_factor": [16, 16],
+        "vae": vae or vae_config_tiny(),
+    }
+
+
+GENERATION_CONFIG = {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0,
+                     "sequence_template": "pretrain", "use_system_prompt": "None", "bot_task": "image",
+                     "max_length": 12800, "drop_think": False}
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: int):
+    names = sorted(tensors)
+    per = -(-len(names) // num_shards)
+    weight_map, total = {}, 0
+    for s in range(num_shards):
+        part = names[s * per:(s + 1) * per]
+        if not part:
+            continue
+        file = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, os.path.join(out_dir, file), metadata={"format": "pt"})
+        for n in part:
+            weight_map[n] = file
+            total += tensors[n].numel() * tensors[n].element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+              num_experts=8, moe_topk=2, moe_intermediate_size=64, image_base_size=256, patch_embed_hidden_dim=64,
+              seed=0, num_shards=3, std=0.02) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    build_tiny_tokenizer(out_dir, image_base_size)
+    from tokenizers import Tokenizer
+    vocab_size = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).get_vocab_size()
+    cfg = tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,
+                      moe_intermediate_size, image_base_size, patch_embed_hidden_dim, vocab_size)
+    config = HunyuanImage3Config.from_dict(cfg)
+    torch.manual_seed(seed)
+    model = HunyuanImage3Transformer(config, ParallelState.single())
+    init_dummy_weights(model, seed=seed, std=std)
+    tensors = {n: (t.float() if ".mlp.gate.wg." in n else t.to(torch.bfloat16))
+               for n, t in export_state_dict(model).items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors["model.ln_f.weight"] = torch.ones(hidden_size, dtype=torch.bfloat16)
+    tensors["lm_head.weight"] = (torch.randn(vocab_size, hidden_size, generator=g) * std).to(torch.bfloat16)
+    vae = AutoencoderKLConv3D(cfg["vae"])
+    tensors.update({f"vae.{n}": t.float().contiguous() for n, t in vae.state_dict().items()})
+    write_sharded(tensors, out_dir, num_shards)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
+    return out_dir

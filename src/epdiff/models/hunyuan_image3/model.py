@@ -1,0 +1,221 @@
+"""HunyuanImage-3.0's diffusion transformer, text-to-image path, on the parallel runtime.
+
+Checkpoint names are the module paths: `model.wte`, `model.layers.{i}.self_attn.qkv_proj`,
+`model.layers.{i}.mlp.experts...`, `patch_embed.model.0`, `final_layer.model.1.2`, ...
+
+A denoising step runs [<timestep>, <img> x h·w] against the text prefix's cached K/V (exact:
+text never attends to image tokens). Image hidden states are taken before `ln_f`, which
+text-to-image never uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...distributed.parallel_state import ParallelState
+from ...distributed.pipeline_parallel import StageLink, stage_layers
+from ...distributed.sequence_parallel import gather_sequence, local_chunk
+from ...layers.attention import Attention, KVCache
+from ...layers.mlp import SwiGLUMLP
+from ...layers.norm import RMSNorm
+from ...layers.rotary import rope_2d
+from ...moe import MoELayer
+from ...moe.dispatch import token_counts_for
+from .config import HunyuanImage3Config
+
+
+class TimestepEmbedder(nn.Module):
+    """t on a 0..1000 scale -> sinusoid [cos, sin] of width 256 -> Linear, GELU, Linear."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0,
+                 dtype=None, device=None):
+        super().__init__()
+        self.frequency_size, self.max_period = frequency_size, max_period
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size, dtype=dtype, device=device), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size, dtype=dtype, device=device))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in fp32 (as the UNet blocks of the reference do)."""
+
+    def __init__(self, channels: int, dtype=None, device=None):
+        super().__init__(32, channels, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype) if x.dtype != torch.float32 else super().forward(x)
+
+
+def conv3x3(cin: int, cout: int, dtype=None, device=None) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, dtype=dtype, device=device)
+
+
+class ResBlock(nn.Module):
+    """UNet residual block with scale-shift conditioning: GN(h)·(1 + scale) + shift."""
+
+    def __init__(self, cin: int, cout: int, emb: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.in_layers = nn.Sequential(GroupNorm32(cin, **kw), nn.SiLU(), conv3x3(cin, cout, **kw))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * cout, **kw))
+        self.out_layers = nn.Sequential(GroupNorm32(cout, **kw), nn.SiLU(), nn.Dropout(0.0), conv3x3(cout, cout, **kw))
+        self.skip_connection = nn.Conv2d(cin, cout, 1, **kw) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        norm, rest = self.out_layers[0], self.out_layers[1:]
+        h = rest(norm(h) * (1 + scale) + shift)
+        return self.skip_connection(x) + h
+
+
+class UNetDown(nn.Module):
+    """patch_embed: latents [B, C, h, w] -> tokens [B, h·w, hidden] (patch size 1)."""
+
+    def __init__(self, latent_channels: int, mid: int, hidden: int, dtype=None, device=None):
+        super().__init__()
+        self.model = nn.ModuleList([conv3x3(latent_channels, mid, dtype, device),
+                                    ResBlock(mid, hidden, hidden, dtype, device)])
+
+    def forward(self, latents, emb):
+        h = self.model[1](self.model[0](latents), emb)
+        return h.flatten(2).transpose(1, 2)
+
+
+class UNetUp(nn.Module):
+    """final_layer: tokens [B, h·w, hidden] -> velocity [B, C, h, w]."""
+
+    def __init__(self, hidden: int, mid: int, latent_channels: int, dtype=None, device=None):
+        super().__init__()
+        self.model = nn.ModuleList([ResBlock(hidden, mid, hidden, dtype, device),
+                                    nn.Sequential(GroupNorm32(mid, dtype, device), nn.SiLU(),
+                                                  conv3x3(mid, latent_channels, dtype, device))])
+
+    def forward(self, tokens, emb, grid):
+        h = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid).contiguous()
+        return self.model[1](self.model[0](h, emb))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: HunyuanImage3Config, index: int, parallel: ParallelState, dtype, device):
+        super().__init__()
+        c, kw = config, dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   parallel.tp, parallel.sp, c.rms_norm_eps, **kw)
+        if c.num_experts:
+            self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.moe_intermediate_size[index],
+                                parallel, shared_intermediate_size=c.shared_intermediate_size(index),
+                                renormalize=c.norm_topk_prob, **kw)
+        else:
+            self.mlp = SwiGLUMLP(c.hidden_size, c.moe_intermediate_size[index], parallel.tp, **kw)
+
+    def _mlp(self, x, token_counts):
+        h = self.post_attention_layernorm(x)
+        return self.mlp(h, token_counts) if isinstance(self.mlp, MoELayer) else self.mlp(h)
+
+    def prefill(self, x, cos, sin, token_counts):
+        attn, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin)
+        x = x + attn
+        return x + self._mlp(x, token_counts), cache
+
+    def forward(self, x, cos, sin, cache, token_counts):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self._mlp(x, token_counts)
+
+
+class Backbone(nn.Module):
+    """The `model.` part of the checkpoint: embeddings and this stage's decoder layers."""
+
+    def __init__(self, config, parallel, layer_ids, dtype, device):
+        super().__init__()
+        if parallel.is_first_stage:
+            self.wte = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, parallel, dtype, device) for i in layer_ids})
+
+
+class HunyuanImage3Transformer(nn.Module):
+    def __init__(self, config: HunyuanImage3Config, parallel: ParallelState, dtype=torch.float32, device=None):
+        super().__init__()
+        c, kw = config, dict(dtype=dtype, device=device)
+        parallel.config.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
+        self.config, self.parallel, self.dtype = c, parallel, dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.link = StageLink(parallel.pp)
+        self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
+        self.model = Backbone(c, parallel, self.layer_ids, dtype, device)
+        if self.link.is_first:
+            self.timestep_emb = TimestepEmbedder(c.hidden_size, **kw)
+            self.time_embed = TimestepEmbedder(c.hidden_size, **kw)
+            self.patch_embed = UNetDown(c.latent_channels, c.patch_embed_hidden_dim, c.hidden_size, **kw)
+        if self.link.is_last:
+            self.time_embed_2 = TimestepEmbedder(c.hidden_size, **kw)
+            self.final_layer = UNetUp(c.hidden_size, c.patch_embed_hidden_dim, c.latent_channels, **kw)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoELayer)]
+
+    def _rope(self, positions):
+        return rope_2d(positions.to(self.device), self.config.head_dim, self.config.rope_theta)
+
+    def _receive_or(self, make, shape):
+        return make() if self.link.is_first else self.link.recv(shape, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor) -> list[KVCache]:
+        """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2].
+        Returns this stage's per-layer K/V, reused on every denoising step."""
+        B, L = input_ids.shape
+        x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
+        cos, sin = self._rope(positions)
+        counts = token_counts_for(self.parallel, B * L, self.device)
+        caches = []
+        for layer in self.model.layers.values():
+            x, cache = layer.prefill(x, cos[None], sin[None], counts)
+            caches.append(cache)
+        if not self.link.is_last:
+            self.link.send(x)
+        return caches
+
+    @torch.inference_mode()
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
+                caches: list[KVCache]) -> torch.Tensor:
+        """One denoising step. latents [B, C, h, w] (whole image on every rank), timesteps [B] on
+        the 0..1000 scale, positions [1 + h·w, 2] of <timestep> and the image tokens.
+        Returns the velocity [B, C, h, w] on every rank of every stage."""
+        B, C, h, w = latents.shape
+        sp = self.parallel.sp
+        if (h * w) % sp.size:
+            raise ValueError(f"{h}×{w} = {h * w} image tokens cannot be split over sequence parallel size {sp.size}")
+        local = 1 + h * w // sp.size
+        latents, timesteps = latents.to(self.device, self.dtype), timesteps.to(self.device)
+
+        def embed():
+            image = self.patch_embed(latents, self.time_embed(timesteps))
+            return torch.cat([self.timestep_emb(timesteps)[:, None], local_chunk(image, sp, dim=1)], dim=1)
+
+        x = self._receive_or(embed, (B, local, self.config.hidden_size))
+        rope_positions = torch.cat([positions[:1], local_chunk(positions[1:], sp, dim=0)])
+        cos, sin = self._rope(rope_positions)
+        counts = token_counts_for(self.parallel, B * local, self.device)
+        for layer, cache in zip(self.model.layers.values(), caches):
+            x = layer(x, cos[None], sin[None], cache, counts)
+        velocity = None
+        if self.link.is_last:
+            image = gather_sequence(x[:, 1:], sp, dim=1)
+            velocity = self.final_layer(image, self.time_embed_2(timesteps), (h, w))
+        else:
+            self.link.send(x)
+        return self.link.broadcast_from_last(velocity, (B, C, h, w), self.dtype, self.device)

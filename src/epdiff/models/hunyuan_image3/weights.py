@@ -1,0 +1,181 @@
+"""Checkpoint name -> parameter mapping for HunyuanImage-3.0, in the release's names and layouts.
+
+Each rank asks, per tensor, whether it needs it and which slice (TP rows or columns, or nothing
+for another rank's expert, another stage's layer, or the text-only and vision tensors), and
+reads only that.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...layers.norm import RMSNorm
+from ...layers.linear import ColumnParallelLinear, RowParallelLinear, copy_checked
+from ...loader.safetensors_loader import CheckpointError, SafetensorsCheckpoint
+from ...moe import MoELayer, Router
+
+# Not used by text-to-image: never read.
+SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.", "guidance_emb.",
+                    "timestep_r_emb.")
+EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+@dataclass
+class WeightSpec:
+    shape: tuple[int, ...]  # the full (unsharded) shape the checkpoint must have
+    load: Callable  # load(source) copies this rank's part
+
+
+def weight_specs(model) -> dict[str, WeightSpec]:
+    """Every checkpoint tensor this rank loads, except routed experts (see expert_spec)."""
+    specs, covered = {}, set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, ColumnParallelLinear):
+            w = module.weight
+            specs[f"{dot}weight"] = WeightSpec((w.shape[0] * module.tp.size, w.shape[1]), module.load_weight)
+            covered.add(id(w))
+        elif isinstance(module, RowParallelLinear):
+            w = module.weight
+            specs[f"{dot}weight"] = WeightSpec((w.shape[0], w.shape[1] * module.tp.size), module.load_weight)
+            covered.add(id(w))
+        elif isinstance(module, Router):
+            w = module.weight
+            specs[f"{dot}wg.weight"] = WeightSpec(tuple(w.shape), lambda src, w=w: copy_checked(w, src[:].float()))
+            covered.add(id(w))
+        elif isinstance(module, MoELayer):
+            covered.update({id(module.experts.w13), id(module.experts.w2)})
+    for name, p in model.named_parameters():
+        if id(p) not in covered:
+            specs[name] = WeightSpec(tuple(p.shape), lambda src, p=p, name=name: copy_checked(p, src.full(), name))
+    return specs
+
+
+def expert_spec(model, layer: int, expert: int, kind: str) -> WeightSpec | None:
+    """None when this rank does not hold the layer or the expert: it is then never read."""
+    if str(layer) not in model.model.layers:
+        return None
+    moe = model.model.layers[str(layer)].mlp
+    if not isinstance(moe, MoELayer) or not moe.owns_expert(expert):
+        return None
+    two_i, d = moe.experts.w13.shape[1] * moe.expert_tp, moe.experts.w13.shape[2]
+    shape = (two_i, d) if kind == "gate_and_up_proj" else (d, two_i // 2)
+    return WeightSpec(shape, lambda src: moe.load_expert_weight(expert, kind, src))
+
+
+def _num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
+    """Loads this rank's share; raises CheckpointError naming the file and tensor on any problem."""
+    specs = weight_specs(model)
+    pending = set(specs)
+    pending_experts = {(int(i), e, kind) for i in model.model.layers for moe in [model.model.layers[i].mlp]
+                       if isinstance(moe, MoELayer) for e in moe.local_expert_ids
+                       for kind in ("gate_and_up_proj", "down_proj")}
+    for name in checkpoint.names():
+        if name.startswith(SKIPPED_PREFIXES):
+            continue
+        m = EXPERT.match(name)
+        if m:
+            layer, expert, kind = int(m[1]), int(m[2]), m[3]
+            spec = expert_spec(model, layer, expert, kind)
+            key = (layer, expert, kind)
+            if expert >= model.config.num_experts:
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} names expert {expert}, but "
+                                      f"config.json has num_experts={model.config.num_experts}")
+        else:
+            spec, key = specs.get(name), name
+            layer_m = LAYER.match(name)
+            if layer_m and int(layer_m[1]) >= _num_layers(model):
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} is for layer {layer_m[1]}, but "
+                                      f"config.json has num_hidden_layers={_num_layers(model)}")
+            if spec is None and not _belongs_elsewhere(model, name):
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: unexpected tensor {name} "
+                                      "(not part of the HunyuanImage-3.0 text-to-image model)")
+        if spec is None:
+            continue
+        source = checkpoint.get(name)
+        if source.get_shape() != spec.shape:
+            raise CheckpointError(f"{source.file}: tensor {name} has shape {source.get_shape()}, but config.json "
+                                  f"implies {spec.shape}")
+        try:
+            spec.load(source)
+        except ValueError as e:
+            raise CheckpointError(f"{source.file}: tensor {name}: {e}") from None
+        pending.discard(key)
+        pending_experts.discard(key)
+    missing = sorted(pending) + [f"model.layers.{i}.mlp.experts.{e}.{k}.weight" for i, e, k in sorted(pending_experts)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{checkpoint.model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
+
+
+def _belongs_elsewhere(model, name: str) -> bool:
+    """A tensor of this model that another pipeline stage holds."""
+    if LAYER.match(name):
+        return True
+    first_stage = ("model.wte.", "timestep_emb.", "time_embed.", "patch_embed.")
+    last_stage = ("time_embed_2.", "final_layer.")
+    return name.startswith(first_stage + last_stage)
+
+
+def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
+    """--load-format dummy: random weights of the real shapes, made on the device, local experts only."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, (RMSNorm, nn.GroupNorm))
+            for name, p in module.named_parameters(recurse=False):
+                if is_norm:
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.dim() == 1:
+                    p.zero_()  # biases
+                else:
+                    p.normal_(0.0, std, generator=g)
+
+
+def export_state_dict(model) -> dict[str, torch.Tensor]:
+    """Release-named full tensors of a single-process model (for writing tiny checkpoints)."""
+    if model.parallel.config.world_size != 1:
+        raise ValueError("export_state_dict needs the whole model in one process")
+    out = {}
+    for name, p in model.state_dict().items():
+        if name.endswith(".experts.w13") or name.endswith(".experts.w2"):
+            prefix, kind = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+            ckpt_kind = "gate_and_up_proj" if kind == "w13" else "down_proj"
+            for e in range(p.shape[0]):
+                out[f"{prefix}.experts.{e}.{ckpt_kind}.weight"] = p[e].clone()
+        elif name.endswith(".mlp.gate.weight"):
+            out[name.replace(".mlp.gate.weight", ".mlp.gate.wg.weight")] = p.clone()
+        elif not name.endswith("expert_load"):
+            out[name] = p.clone()
+    return out
+
+
+def load_model(model_dir: str, parallel, dtype=torch.float32, device="cpu", load_format: str = "safetensors",
+               config=None):
+    """Builds this rank's part of the model and fills it: from the checkpoint (reading only this
+    rank's share) or, with load_format='dummy', with random weights made on the device."""
+    from .config import HunyuanImage3Config
+    from .model import HunyuanImage3Transformer
+
+    if load_format not in ("safetensors", "dummy"):
+        raise ValueError(f"unknown load format {load_format!r}; choose 'safetensors' or 'dummy'")
+    config = config or HunyuanImage3Config.from_pretrained(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir) if load_format == "safetensors" else None
+    with torch.device(device):
+        model = HunyuanImage3Transformer(config, parallel, dtype=dtype, device=device)
+    if checkpoint is None:
+        init_dummy_weights(model)
+    else:
+        load_checkpoint(model, checkpoint)
+    model.eval()
+    return model, checkpoint

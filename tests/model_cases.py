@@ -1,0 +1,74 @@
+"""Whole-transformer cases run inside the world's workers (see world.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from epdiff.config import ParallelConfig
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
+from epdiff.models.hunyuan_image3.weights import load_model
+from epdiff.pipeline.resolution import snap
+
+PROMPTS = ["a small red circle on the left", "two large blue squares at the top of a very wide green field"]
+_reference = {}
+
+
+def sequences(model_dir: str, prompt: str):
+    tok = HunyuanTokenizer.from_pretrained(model_dir)
+    base = _config(model_dir).image_base_size
+    idx, h, w = snap(base, base, base)
+    ids = tok.encode(prompt)
+    return [tok.build_sequence(ids, idx, h // 16, w // 16, base), tok.build_uncond_sequence(ids, idx, h // 16, w // 16, base)]
+
+
+def _config(model_dir):
+    from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
+    return HunyuanImage3Config.from_pretrained(model_dir)
+
+
+def step_inputs(seq, prompt_index: int, latent_channels: int):
+    g = torch.Generator().manual_seed(100 + prompt_index)
+    h, w = seq.grid
+    latents = torch.randn(1, latent_channels, h, w, generator=g)
+    return latents, torch.tensor([750.0])
+
+
+def run_step(model, seqs, prompt_index):
+    """Prefill + one denoising step of the given branches (all with the same positions)."""
+    seq = seqs[0]
+    ts = seq.timestep_index
+    ids = torch.stack([s.input_ids[:ts] for s in seqs])
+    caches = model.prefill(ids, seq.positions[:ts])
+    latents, t = step_inputs(seq, prompt_index, model.config.latent_channels)
+    gen_positions = seq.positions[ts: seq.image_start + seq.image_len]
+    return model(latents.expand(len(seqs), -1, -1, -1), t.expand(len(seqs)), gen_positions, caches)
+
+
+def reference(model_dir, prompt_index):
+    key = (model_dir, prompt_index)
+    if key not in _reference:
+        model, _ = load_model(model_dir, ParallelState.single())
+        _reference[key] = run_step(model, sequences(model_dir, PROMPTS[prompt_index]), prompt_index)
+    return _reference[key]
+
+
+def equivalence(rank, model_dir, layout, ep_modes):
+    """layout (tp, sp, cfg, dp, pp); ep_modes: list of (enable_ep, backend). Returns max errors."""
+    tp, sp, cfg, dp, pp = layout
+    rows = []
+    for ep, backend in ep_modes:
+        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                                data_parallel_size=dp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
+                                all2all_backend=backend)
+        state = ParallelState.build(config, "cpu")
+        model, _ = load_model(model_dir, state)
+        prompt_index = state.dp.rank % len(PROMPTS)
+        seqs = sequences(model_dir, PROMPTS[prompt_index])
+        branches = [state.cfg.rank] if cfg == 2 else [0, 1]
+        out = run_step(model, [seqs[b] for b in branches], prompt_index)
+        ref = reference(model_dir, prompt_index)[branches]
+        rows.append(dict(layout=config.describe(), rank=rank, prompt=prompt_index, branches=branches,
+                         close=bool((out - ref).abs().max() <= 1e-5 * ref.abs().max()),
+                         err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
+    return rows
