@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,24 @@ FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def _check_complete(path: str):
+    """The header promises data up to some offset: a shorter file was cut off (a reader would
+    crash with SIGBUS on the mapped bytes instead of raising)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > size:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated: its header describes {8 + header_len + end} bytes, "
+                              f"the file has {size}")
 
 
 class TrackedSlice:
@@ -72,6 +91,8 @@ class SafetensorsCheckpoint:
                 example = next(n for n, f in self.weight_map.items() if f == file)
                 raise CheckpointError(f"missing shard {file} (listed in the index for {example} and others) "
                                       f"in {model_dir}")
+        for file in sorted(set(self.weight_map.values())):  # headers only: cheap, and before any compute
+            _check_complete(os.path.join(model_dir, file))
 
     def _open(self, file: str):
         if file not in self._handles:

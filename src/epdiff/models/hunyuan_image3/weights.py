@@ -86,11 +86,13 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
         m = EXPERT.match(name)
         if m:
             layer, expert, kind = int(m[1]), int(m[2]), m[3]
-            spec = expert_spec(model, layer, expert, kind)
-            key = (layer, expert, kind)
             if expert >= model.config.num_experts:
                 raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} names expert {expert}, but "
                                       f"config.json has num_experts={model.config.num_experts}")
+            if layer >= _num_layers(model):
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} is for layer {layer}, but "
+                                      f"config.json has num_hidden_layers={_num_layers(model)}")
+            spec, key = expert_spec(model, layer, expert, kind), (layer, expert, kind)
         else:
             spec, key = specs.get(name), name
             layer_m = LAYER.match(name)
