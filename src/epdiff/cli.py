@@ -56,6 +56,56 @@ def cmd_layout(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .engine import ImageGenerator
+    from .pipeline.request import GenerationRequest
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
+    if not prompts:
+        raise ValueError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    request = GenerationRequest(
+        prompts=prompts, model=args.model, height=args.height, width=args.width,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        num_images_per_prompt=args.num_images_per_prompt, dtype=args.dtype, load_format=args.load_format,
+        output=args.output, save_latents=args.save_latents, metrics_json=args.metrics_json,
+        show_progress=not args.no_progress, parallel=parallel_config_from_args(args)).resolve()
+    out = ImageGenerator().run(request, routing_stats=args.routing_stats)
+    if out is None:  # not rank 0 under torchrun
+        return 0
+    total = len(out["images"])
+    print(f"epdiff: {total} image(s), {request.height}x{request.width}, {request.num_inference_steps} steps, "
+          f"{request.parallel.describe()}")
+    if args.output:
+        from .engine import image_path
+        for p, k, _, _, _ in out["images"]:
+            print(f"  wrote {image_path(args.output, p, k, total)}")
+    steps = [s for m in out["metrics"] for s in m["step_seconds"][1:]] or [s for m in out["metrics"] for s in m["step_seconds"]]
+    if steps:
+        print(f"  {sum(steps) / len(steps):.3f} s per step (mean over ranks, first step excluded)")
+    for stage in out["routing"]:
+        print(f"routing statistics, pipeline stage {stage['stage']} (layers {stage['layers'][0]}-{stage['layers'][-1]}):")
+        print(stage["summary"])
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .models.hunyuan_image3.make_tiny import make_tiny
+
+    out = make_tiny(args.out_dir, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                    num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
+                    num_experts=args.num_experts, moe_topk=args.moe_topk,
+                    moe_intermediate_size=args.moe_intermediate_size, image_base_size=args.image_base_size,
+                    patch_embed_hidden_dim=args.patch_embed_hidden_dim, seed=args.seed)
+    print(f"wrote a tiny HunyuanImage-3.0 checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,17 +116,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, default=None,
                    help="check divisibility and print the expert placement for this many experts")
     p.set_defaults(func=cmd_layout)
+
+    p = sub.add_parser("generate", help="text to image",
+                       description="Generate images from text prompts on one or many ranks.")
+    p.add_argument("--model", default=None, help="model folder (default: the small model shipped with epdiff)")
+    p.add_argument("--prompt", action="append", help="the prompt (repeat for several)")
+    p.add_argument("--prompt-file", help="a file with one prompt a line, spread over the data-parallel ranks")
+    p.add_argument("--output", "-o", default="out.png",
+                   help="PNG path; with several images, -<prompt>-<image> is added before the extension")
+    p.add_argument("--height", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
+    p.add_argument("--width", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="default: generation_config.json")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i; the image is the same on every layout")
+    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
+                   help="dummy: random weights of the real shapes, made on the device (for benchmarks)")
+    p.add_argument("--save-latents", help="write the final latents as safetensors (for comparisons)")
+    p.add_argument("--metrics-json", help="write per-rank metrics: experts, bytes, memory, times")
+    p.add_argument("--routing-stats", action="store_true", help="print per-layer routing statistics")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_parallel_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("make-tiny", help="write a small model in the release format")
+    p.add_argument("out_dir")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-hidden-layers", type=int, default=2)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--num-key-value-heads", type=int, default=4)
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--moe-topk", type=int, default=2)
+    p.add_argument("--moe-intermediate-size", type=int, default=64)
+    p.add_argument("--image-base-size", type=int, default=256)
+    p.add_argument("--patch-embed-hidden-dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed.launch import WorkerError
+    from .loader.safetensors_loader import CheckpointError
+
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, WorkerError) as e:
         print(f"epdiff: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("epdiff: interrupted; all workers stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -85,7 +86,9 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, resul
                       LOCAL_WORLD_SIZE=str(world_size))
     result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args)
     if local_rank == 0:
-        result_queue.put(result)
+        # Plain pickle: torch's queue pickler would pass tensors as shared memory that vanishes
+        # with this process.
+        result_queue.put(pickle.dumps(result))
 
 
 def _stop(processes, grace_s: float = 5.0):
@@ -114,9 +117,14 @@ def launch(world_size: int, fn, *args):
     result_queue = ctx.SimpleQueue()
     context = mp.start_processes(_spawned, args=(world_size, free_port(), os.getpid(), result_queue, fn, args),
                                  nprocs=world_size, join=False, start_method="spawn")
+    result = None
     try:
-        while not context.join(timeout=0.5):
-            pass
+        while True:
+            done = context.join(timeout=0.2)
+            if result is None and not result_queue.empty():  # drain while rank 0 may still be writing
+                result = pickle.loads(result_queue.get())
+            if done:
+                break
     except mp.ProcessRaisedException as e:
         _stop(context.processes)
         raise WorkerError(f"worker rank {e.error_index} failed:\n{_last_error(e.msg)}") from None
@@ -127,7 +135,7 @@ def launch(world_size: int, fn, *args):
     except KeyboardInterrupt:
         _stop(context.processes)
         raise
-    return result_queue.get() if not result_queue.empty() else None
+    return result
 
 
 def _last_error(msg: str) -> str:
