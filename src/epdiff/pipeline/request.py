@@ -91,10 +91,24 @@ class GenerationRequest:
         if config.num_key_value_heads % (self.parallel.tensor_parallel_size * self.parallel.sequence_parallel_size):
             raise ConfigError(f"num_key_value_heads {config.num_key_value_heads} cannot be split over "
                               f"TP {self.parallel.tensor_parallel_size} × SP {self.parallel.sequence_parallel_size}")
+        self.check_prompt_lengths(config, gen)
         for path in (self.output, self.save_latents, self.metrics_json):
             if path:
                 check_writable(path)
         return self
+
+
+    def check_prompt_lengths(self, config, gen):
+        from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, sequence_length
+
+        tokenizer = HunyuanTokenizer.from_pretrained(self.model)
+        context = min(int(gen.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
+        grid_h, grid_w = self.height // config.vae_factor, self.width // config.vae_factor
+        for i, prompt in enumerate(self.prompts):
+            n = len(tokenizer.encode(prompt))
+            if sequence_length(n, grid_h, grid_w) > context:
+                raise ValueError(f"prompt {i} is {n} tokens: with {grid_h * grid_w} image tokens the sequence is "
+                                 f"{sequence_length(n, grid_h, grid_w)} tokens, over the model's context of {context}")
 
 
 def check_writable(path: str):

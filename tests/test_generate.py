@@ -1,0 +1,70 @@
+"""End to end on CPU: `epdiff generate` on every layout gives the single-rank image and latents."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from epdiff.cli import main
+
+STEPS = ["--num-inference-steps", "3", "--no-progress", "--seed", "7"]
+PROMPTS = ["--prompt", "a small red circle on the left"]
+TWO_PROMPTS = PROMPTS + ["--prompt", "a large blue square at the top"]
+EP = ["--enable-expert-parallel"]
+
+LAYOUTS = {
+    "TP2": ["-tp", "2"], "SP2": ["-sp", "2"], "CFG2": ["--cfg-parallel-size", "2"], "DP2": ["-dp", "2"],
+    "PP2": ["-pp", "2"], "TP2xCFG2": ["-tp", "2", "--cfg-parallel-size", "2"], "TP2xSP2": ["-tp", "2", "-sp", "2"],
+    "SP2xCFG2": ["-sp", "2", "--cfg-parallel-size", "2"],
+}
+
+
+def generate(tmp_path, name, extra, prompts):
+    out, lat = tmp_path / f"{name}.png", tmp_path / f"{name}.safetensors"
+    assert main(["generate", *prompts, *STEPS, "--output", str(out), "--save-latents", str(lat), *extra]) == 0
+    return out, load_file(str(lat))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    d = tmp_path_factory.mktemp("single")
+    return {n: generate(d, f"single{n}", [], TWO_PROMPTS if n == 2 else PROMPTS) for n in (1, 2)}
+
+
+def pixels(path):
+    return np.asarray(Image.open(path)).astype(int)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_gives_the_single_rank_image(tmp_path, single, layout):
+    extra = LAYOUTS[layout] + EP
+    n = 2 if layout == "DP2" else 1
+    out, latents = generate(tmp_path, layout, extra, TWO_PROMPTS if n == 2 else PROMPTS)
+    ref_out, ref_latents = single[n]
+    assert latents.keys() == ref_latents.keys()
+    for key, ref in ref_latents.items():
+        err = (latents[key] - ref).abs().max()
+        assert err <= 1e-5 * ref.abs().max(), f"{key}: latents differ by {err}"
+    files = [(out, ref_out)] if n == 1 else [(out.with_name(f"{layout}-{i}-0.png"), ref_out.with_name(f"single2-{i}-0.png"))
+                                            for i in range(2)]
+    for got, ref in files:
+        assert np.abs(pixels(got) - pixels(ref)).max() <= 1, f"{got.name} differs from {ref.name} by more than 1 level"
+    meta = Image.open(files[0][0]).text
+    assert meta["prompt"] == "a small red circle on the left" and meta["seed"] == "7" and "EP=" in meta["parallel_layout"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "prompt 0 is empty"),
+    (["--prompt", "x", "--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a folder"),
+    (["--prompt", "x", "--height", "1024", "--width", "100"], "aspect ratio"),
+    (["--prompt", "x", "--num-inference-steps", "0"], "num_inference_steps must be at least 1, got 0"),
+    (["--prompt", "x", "--guidance-scale", "-1"], "guidance_scale must be >= 0, got -1.0"),
+    (["--prompt", "x", "--output", "/nonexistent/dir/out.png"], "cannot write '/nonexistent/dir/out.png'"),
+    (["--prompt", "x", "--cfg-parallel-size", "2", "--guidance-scale", "1"], "guidance scale 1.0 <= 1"),
+    (["--prompt", " ".join(["red"] * 13000)], "over the model's context of 12800"),
+])
+def test_bad_input_fails_before_any_compute(capsys, args, message, tmp_path):
+    args = args if "--output" in args else [*args, "--output", str(tmp_path / "x.png")]
+    assert main(["generate", *args, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
