@@ -73,15 +73,16 @@ def cmd_generate(args) -> int:
         prompts=prompts, model=args.model, height=args.height, width=args.width,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
         num_images_per_prompt=args.num_images_per_prompt, dtype=args.dtype, load_format=args.load_format,
-        output=args.output, save_latents=args.save_latents, metrics_json=args.metrics_json,
-        show_progress=not args.no_progress, parallel=parallel_config_from_args(args)).resolve()
+        output=None if args.latents_only else args.output, save_latents=args.save_latents, metrics_json=args.metrics_json,
+        show_progress=not args.no_progress, decode=not args.latents_only,
+        parallel=parallel_config_from_args(args)).resolve()
     out = ImageGenerator().run(request, routing_stats=args.routing_stats)
     if out is None:  # not rank 0 under torchrun
         return 0
     total = len(out["images"])
     print(f"epdiff: {total} image(s), {request.height}x{request.width}, {request.num_inference_steps} steps, "
           f"{request.parallel.describe()}")
-    if args.output:
+    if request.output:
         from .engine import image_path
         for p, k, _, _, _ in out["images"]:
             print(f"  wrote {image_path(args.output, p, k, total)}")
@@ -101,7 +102,8 @@ def cmd_make_tiny(args) -> int:
                     num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
                     num_experts=args.num_experts, moe_topk=args.moe_topk,
                     moe_intermediate_size=args.moe_intermediate_size, image_base_size=args.image_base_size,
-                    patch_embed_hidden_dim=args.patch_embed_hidden_dim, seed=args.seed)
+                    patch_embed_hidden_dim=args.patch_embed_hidden_dim, seed=args.seed, vocab_size=args.vocab_size,
+                    vae="release" if args.release_vae else None, config_only=args.config_only)
     print(f"wrote a tiny HunyuanImage-3.0 checkpoint to {out}")
     return 0
 
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-latents", help="write the final latents as safetensors (for comparisons)")
     p.add_argument("--metrics-json", help="write per-rank metrics: experts, bytes, memory, times")
     p.add_argument("--routing-stats", action="store_true", help="print per-layer routing statistics")
+    p.add_argument("--latents-only", action="store_true",
+                   help="skip the VAE decode and PNG output (use with --save-latents, or for timing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_parallel_args(p)
     p.set_defaults(func=cmd_generate)
@@ -154,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-base-size", type=int, default=256)
     p.add_argument("--patch-embed-hidden-dim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
+    p.add_argument("--release-vae", action="store_true", help="the release's VAE config instead of a tiny one")
+    p.add_argument("--config-only", action="store_true",
+                   help="write configs and tokenizer but no weights (for --load-format dummy at full size)")
     p.set_defaults(func=cmd_make_tiny)
     return parser
 

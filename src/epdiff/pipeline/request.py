@@ -42,6 +42,7 @@ class GenerationRequest:
     save_latents: str | None = None
     metrics_json: str | None = None
     show_progress: bool = True
+    decode: bool = True  # False: latents only (no VAE, no pixels)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:

@@ -74,7 +74,7 @@ class TextToImagePipeline:
         self.transformer, checkpoint = load_model(request.model, parallel, self.dtype, self.device,
                                                   request.load_format, self.config)
         self.decodes = parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
-        self.vae = self._load_vae() if self.decodes else None
+        self.vae = self._load_vae() if self.decodes and request.decode else None
         moe = self.transformer.moe_layers
         self.metrics = RankMetrics(
             rank=parallel.global_rank, layout=parallel.config.describe(),

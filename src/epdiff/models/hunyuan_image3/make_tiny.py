@@ -17,7 +17,7 @@ from ...distributed.parallel_state import ParallelState
 from .config import HunyuanImage3Config
 from .model import HunyuanImage3Transformer
 from .tokenizer import build_tiny_tokenizer
-from .vae import AutoencoderKLConv3D, vae_config_tiny
+from .vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, vae_config_tiny
 from .weights import export_state_dict, init_dummy_weights
 
 TINY_DEFAULTS = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
@@ -45,7 +45,7 @@ def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_val
         "max_position_embeddings": 22800, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "img_proj_type": "unet", "patch_size": 1, "patch_embed_hidden_dim": patch_embed_hidden_dim,
         "image_base_size": image_base_size, "vae_downsample_factor": [16, 16],
-        "vae": vae or vae_config_tiny(),
+        "vae": dict(RELEASE_VAE_CONFIG) if vae == "release" else (vae or vae_config_tiny()),
     }
 
 
@@ -73,14 +73,19 @@ def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: in
 
 def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
               num_experts=8, moe_topk=2, moe_intermediate_size=64, image_base_size=256, patch_embed_hidden_dim=64,
-              seed=0, num_shards=3, std=0.02) -> str:
+              seed=0, num_shards=3, std=0.02, vocab_size=None, vae=None, config_only=False) -> str:
+    """config_only: config, generation config and tokenizer, no weights (for --load-format dummy
+    at sizes too large to write)."""
     os.makedirs(out_dir, exist_ok=True)
     build_tiny_tokenizer(out_dir, image_base_size)
     from tokenizers import Tokenizer
-    vocab_size = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).get_vocab_size()
+    vocab_size = vocab_size or Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).get_vocab_size()
     cfg = tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,
-                      moe_intermediate_size, image_base_size, patch_embed_hidden_dim, vocab_size)
+                      moe_intermediate_size, image_base_size, patch_embed_hidden_dim, vocab_size, vae)
     config = HunyuanImage3Config.from_dict(cfg)
+    if config_only:
+        _write_configs(out_dir, cfg)
+        return out_dir
     torch.manual_seed(seed)
     model = HunyuanImage3Transformer(config, ParallelState.single())
     init_dummy_weights(model, seed=seed, std=std)
@@ -92,8 +97,12 @@ def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_
     vae = AutoencoderKLConv3D(cfg["vae"])
     tensors.update({f"vae.{n}": t.float().contiguous() for n, t in vae.state_dict().items()})
     write_sharded(tensors, out_dir, num_shards)
+    _write_configs(out_dir, cfg)
+    return out_dir
+
+
+def _write_configs(out_dir: str, cfg: dict):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(GENERATION_CONFIG, f, indent=2)
-    return out_dir
