@@ -63,24 +63,28 @@ class GroupedExperts(nn.Module):
         rows, expert = order // k, flat[order]
         counts = torch.zeros(self.num_local_experts, dtype=torch.int64, device=x.device)
         counts.index_add_(0, expert, torch.ones_like(expert))
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        # Combine without atomics: put each pair's weighted output back at its (token, slot)
+        # place, then sum the k slots of every token (pairs for other ranks stay zero).
+        per_slot = x.new_zeros(x.shape[0] * k, x.shape[1])
         if num_pairs:
-            h = x[rows]
-            if self._use_grouped_mm(h):
-                out = self._forward_grouped(h, counts)
-            else:
-                out = self._forward_loop(h, counts)
-            y.index_add_(0, rows, out.float() * weights.flatten()[order, None])
-        return y.to(x.dtype), counts
+            h, w = x[rows], weights.flatten()[order, None]
+            kernel = self._forward_grouped if self._use_grouped_mm(h) else self._forward_loop
+            per_slot[order] = kernel(h, w, counts)
+        return per_slot.view(x.shape[0], k, x.shape[1]).sum(1), counts
 
-    def _forward_grouped(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _weighted_activation(fused: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # down_proj is linear, so the routing weight can scale its (narrower) input instead of its output.
+        return (swiglu_up_gate(fused).float() * w).to(fused.dtype)
+
+    def _forward_grouped(self, h, w, counts):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        a = swiglu_up_gate(_grouped_mm(h, self.w13.transpose(-2, -1), offs))
+        a = self._weighted_activation(_grouped_mm(h, self.w13.transpose(-2, -1), offs), w)
         return _grouped_mm(a, self.w2.transpose(-2, -1), offs)
 
-    def _forward_loop(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _forward_loop(self, h, w, counts):
         outs = []
-        for e, part in enumerate(torch.split(h, counts.tolist())):
+        for e, (part, part_w) in enumerate(zip(torch.split(h, counts.tolist()), torch.split(w, counts.tolist()))):
             if part.shape[0]:
-                outs.append(swiglu_up_gate(part @ self.w13[e].t()) @ self.w2[e].t())
+                outs.append(self._weighted_activation(part @ self.w13[e].t(), part_w) @ self.w2[e].t())
         return torch.cat(outs)
