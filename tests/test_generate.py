@@ -39,7 +39,12 @@ def pixels(path):
 def test_layout_gives_the_single_rank_image(tmp_path, single, layout):
     extra = LAYOUTS[layout] + EP
     n = 2 if layout == "DP2" else 1
-    out, latents = generate(tmp_path, layout, extra, TWO_PROMPTS if n == 2 else PROMPTS)
+    prompts = PROMPTS
+    if n == 2:  # the DP case reads its prompts from a file, one a line
+        prompt_file = tmp_path / "prompts.txt"
+        prompt_file.write_text(f"{TWO_PROMPTS[1]}\n\n{TWO_PROMPTS[3]}\n")
+        prompts = ["--prompt-file", str(prompt_file)]
+    out, latents = generate(tmp_path, layout, extra, prompts)
     ref_out, ref_latents = single[n]
     assert latents.keys() == ref_latents.keys()
     for key, ref in ref_latents.items():
@@ -68,3 +73,16 @@ def test_bad_input_fails_before_any_compute(capsys, args, message, tmp_path):
     assert main(["generate", *args, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_torchrun_runs_the_same_command(tmp_path, single):
+    import subprocess
+    import sys
+
+    lat = tmp_path / "torchrun.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "epdiff.cli", "generate",
+           *PROMPTS, *STEPS, "-tp", "2", *EP, "--output", str(tmp_path / "torchrun.png"), "--save-latents", str(lat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = single[1][1]["prompt0_image0"]
+    assert (load_file(str(lat))["prompt0_image0"] - ref).abs().max() <= 1e-5 * ref.abs().max()
