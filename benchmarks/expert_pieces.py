@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from epdiff.layers.mlp import swiglu_up_gate
+from epdiff.moe import kernels
 from epdiff.moe.experts import GroupedExperts, _grouped_mm
 
 
@@ -31,6 +32,13 @@ def timed(fn, iters):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def inference(fn):
+    def run():
+        with torch.inference_mode():
+            return fn()
+    return run
 
 
 def main():
@@ -69,13 +77,17 @@ def main():
     out = _grouped_mm(act, experts.w2.transpose(-2, -1), offs)
     w13t, w2t = experts.w13.transpose(-2, -1).contiguous(), experts.w2.transpose(-2, -1).contiguous()
 
+    slot_to_row = torch.full((P,), -1, dtype=torch.int64, device=dev)
+    slot_to_row[order] = torch.arange(P, device=dev)
+
     def combine():
         per_slot = x.new_zeros(P, D)
         per_slot[order] = out
         return per_slot.view(T, k, D).sum(1)
 
     res = {
-        "module forward (total)": timed(lambda: experts(x, ids, w), a.iters),
+        "module forward (total, eager element-wise)": timed(lambda: experts(x, ids, w), a.iters),
+        "module forward (total, inference: Triton element-wise)": timed(inference(lambda: experts(x, ids, w)), a.iters),
         "sort + host sync + counts": timed(lambda: (torch.argsort(torch.where(flat >= 0, flat, E), stable=True),
                                                     int((flat >= 0).sum())), a.iters),
         "gather rows x[rows]": timed(lambda: x[rows], a.iters),
@@ -87,6 +99,8 @@ def main():
         "grouped GEMM 2 (w2 pre-transposed)": timed(lambda: _grouped_mm(act, w2t, offs), a.iters),
         "combine (per-slot scatter + sum over k)": timed(combine, a.iters),
         "combine (index_add fp32)": timed(lambda: torch.zeros(T, D, device=dev).index_add_(0, rows, out.float()), a.iters),
+        "SwiGLU + weight, Triton": timed(lambda: kernels.swiglu_weight(g1, ws.flatten()), a.iters),
+        "combine, Triton": timed(lambda: kernels.combine(out, slot_to_row, T, k), a.iters),
         "ceiling: GEMM1 + SwiGLU + GEMM2 on sorted rows": timed(
             lambda: _grouped_mm(swiglu_up_gate(_grouped_mm(h, w13t, offs)), w2t, offs), a.iters),
     }

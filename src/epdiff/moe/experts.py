@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.mlp import swiglu_up_gate
+from . import kernels
 
 EXPERT_KERNELS = ("auto", "grouped_mm", "loop")
 
@@ -65,16 +66,24 @@ class GroupedExperts(nn.Module):
         counts.index_add_(0, expert, torch.ones_like(expert))
         # Combine without atomics: put each pair's weighted output back at its (token, slot)
         # place, then sum the k slots of every token (pairs for other ranks stay zero).
-        per_slot = x.new_zeros(x.shape[0] * k, x.shape[1])
+        out = x.new_zeros(0, x.shape[1])
         if num_pairs:
             h, w = x[rows], weights.flatten()[order, None]
             kernel = self._forward_grouped if self._use_grouped_mm(h) else self._forward_loop
-            per_slot[order] = kernel(h, w, counts)
+            out = kernel(h, w, counts)
+        if kernels.available(x):
+            slot_to_row = torch.full((x.shape[0] * k,), -1, dtype=torch.int64, device=x.device)
+            slot_to_row[order] = torch.arange(num_pairs, device=x.device)
+            return kernels.combine(out, slot_to_row, x.shape[0], k), counts
+        per_slot = x.new_zeros(x.shape[0] * k, x.shape[1])
+        per_slot[order] = out
         return per_slot.view(x.shape[0], k, x.shape[1]).sum(1), counts
 
     @staticmethod
     def _weighted_activation(fused: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # down_proj is linear, so the routing weight can scale its (narrower) input instead of its output.
+        if kernels.available(fused):
+            return kernels.swiglu_weight(fused, w.flatten())
         return (swiglu_up_gate(fused).float() * w).to(fused.dtype)
 
     def _forward_grouped(self, h, w, counts):
