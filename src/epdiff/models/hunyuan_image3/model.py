@@ -173,9 +173,9 @@ class HunyuanImage3Transformer(nn.Module):
     def _receive_or(self, make, shape):
         return make() if self.link.is_first else self.link.recv(shape, self.dtype, self.device)
 
-    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor) -> list[KVCache]:
         """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2].
+        (No inference_mode here, so the model trains; the pipeline runs it under inference_mode.)
         Returns this stage's per-layer K/V, reused on every denoising step."""
         B, L = input_ids.shape
         x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
@@ -189,7 +189,6 @@ class HunyuanImage3Transformer(nn.Module):
             self.link.send(x)
         return caches
 
-    @torch.inference_mode()
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
                 caches: list[KVCache]) -> torch.Tensor:
         """One denoising step. latents [B, C, h, w] (whole image on every rank), timesteps [B] on
