@@ -108,6 +108,38 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_train_tiny(args) -> int:
+    from .train.train_tiny import train_tiny
+
+    train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
+               args.device, args.seed)
+    return 0
+
+
+def cmd_score(args) -> int:
+    """Generate the held-out prompts and check each image's shapes, colours and positions."""
+    from .engine import ImageGenerator
+    from .train import checker, shapes
+
+    _, heldout = shapes.split_scenes()
+    captions = [shapes.caption(s) for s in heldout][: args.num_prompts]
+    generator = ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args)))
+    request = generator.request(captions, num_inference_steps=args.num_inference_steps,
+                                guidance_scale=args.guidance_scale, seed=args.seed, show_progress=False)
+    out = generator.run(request, routing_stats=True)
+    if out is None:
+        return 0
+    from PIL import Image
+
+    images = [Image.fromarray(pixels.numpy()) for _, _, _, _, pixels in out["images"]]
+    summary = checker.score_images(list(zip(captions, images)))
+    print(summary["report"] if isinstance(summary, dict) and "report" in summary else summary)
+    for stage in out["routing"]:
+        idle = sum(1 for layer in stage["tokens_per_expert"] for n in layer if n == 0)
+        print(f"routing, stage {stage['stage']}: {idle} (layer, expert) pairs received no token")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-only", action="store_true",
                    help="write configs and tokenizer but no weights (for --load-format dummy at full size)")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("train-tiny", help="train the small shapes model (GPU if present, slowly on CPU)")
+    p.add_argument("out_dir")
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--transformer-steps", type=int, default=8000)
+    p.add_argument("--vae-batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_tiny)
+
+    p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")
+    p.add_argument("--model", default=None, help="default: the built-in model")
+    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--num-inference-steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_parallel_args(p)
+    p.set_defaults(func=cmd_score)
     return parser
 
 

@@ -15,7 +15,6 @@ import json
 import os
 from dataclasses import asdict
 
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
@@ -120,6 +119,3 @@ class ImageGenerator:
             return []
         return [Image.fromarray(pixels.numpy()) for _, _, _, _, pixels in out["images"]]
 
-
-def latents_of(out: dict) -> torch.Tensor:
-    return torch.stack([lat for _, _, _, lat, _ in out["images"]])

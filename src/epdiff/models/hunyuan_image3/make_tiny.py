@@ -89,20 +89,27 @@ def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_
     torch.manual_seed(seed)
     model = HunyuanImage3Transformer(config, ParallelState.single())
     init_dummy_weights(model, seed=seed, std=std)
-    tensors = {n: (t.float() if ".mlp.gate.wg." in n else t.to(torch.bfloat16))
-               for n, t in export_state_dict(model).items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    tensors["model.ln_f.weight"] = torch.ones(hidden_size, dtype=torch.bfloat16)
-    tensors["lm_head.weight"] = (torch.randn(vocab_size, hidden_size, generator=g) * std).to(torch.bfloat16)
-    vae = AutoencoderKLConv3D(cfg["vae"])
-    tensors.update({f"vae.{n}": t.float().contiguous() for n, t in vae.state_dict().items()})
-    write_sharded(tensors, out_dir, num_shards)
-    _write_configs(out_dir, cfg)
+    save_release_format(out_dir, cfg, model, AutoencoderKLConv3D(cfg["vae"]), num_shards, seed, std)
     return out_dir
 
 
-def _write_configs(out_dir: str, cfg: dict):
+def save_release_format(out_dir: str, cfg: dict, model, vae, num_shards: int = 3, seed: int = 0, std: float = 0.02,
+                        generation: dict | None = None):
+    """A single-process model and its VAE as the release lays them out: transformer bf16, router
+    and VAE fp32, the text-only ln_f/lm_head included (random: text-to-image never reads them)."""
+    tensors = {n: (t.float() if ".mlp.gate.wg." in n else t.to(torch.bfloat16))
+               for n, t in export_state_dict(model).items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    tensors["model.ln_f.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    tensors["lm_head.weight"] = (torch.randn(vocab, hidden, generator=g) * std).to(torch.bfloat16)
+    tensors.update({f"vae.{n}": t.detach().float().cpu().contiguous() for n, t in vae.state_dict().items()})
+    write_sharded({n: t.detach().cpu() for n, t in tensors.items()}, out_dir, num_shards)
+    _write_configs(out_dir, cfg, generation)
+
+
+def _write_configs(out_dir: str, cfg: dict, generation: dict | None = None):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(GENERATION_CONFIG, f, indent=2)
+        json.dump({**GENERATION_CONFIG, **(generation or {})}, f, indent=2)

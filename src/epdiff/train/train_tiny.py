@@ -1,0 +1,154 @@
+"""`epdiff train-tiny`: train a small HunyuanImage-3.0 that draws the shapes data set.
+
+Two stages, one process (GPU if present, slowly on CPU):
+1. the VAE (a small AutoencoderKLConv3D config): reconstruction + a light KL term; its latent
+   scale is then measured and stored as `scaling_factor`, as the release does;
+2. the MoE transformer (the release architecture at a small size), flow matching on those
+   latents: x_σ = (1 − σ)·x0 + σ·noise, target v = noise − x0, σ logit-normal, the prompt dropped
+   to <cfg> tokens for 10 % of samples (what guidance needs), plus a small load-balancing loss so
+   that every expert is used. Weights are averaged (EMA) and written in the release format.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed.parallel_state import ParallelState
+from ..models.hunyuan_image3.config import HunyuanImage3Config
+from ..models.hunyuan_image3.make_tiny import save_release_format, tiny_config
+from ..models.hunyuan_image3.model import HunyuanImage3Transformer
+from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, build_tiny_tokenizer
+from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, vae_config_tiny
+from ..models.hunyuan_image3.weights import init_dummy_weights
+from ..moe import Router
+from ..pipeline.resolution import snap
+from . import shapes
+
+IMAGE_SIZE = 128
+MODEL_SIZE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, num_experts=8,
+                  moe_topk=2, moe_intermediate_size=256, image_base_size=IMAGE_SIZE, patch_embed_hidden_dim=64)
+VAE_SIZE = dict(block_out_channels=(32, 32, 32, 32, 64), latent_channels=16, layers_per_block=1, ffactor_temporal=1)
+GENERATION = {"diff_infer_steps": 30, "diff_guidance_scale": 4.0, "flow_shift": 1.0}
+
+
+def image_batch(scenes, batch: int, rng: random.Random, device) -> tuple[torch.Tensor, list]:
+    chosen = [rng.choice(scenes) for _ in range(batch)]
+    pixels = [torch.frombuffer(bytearray(shapes.render(s, IMAGE_SIZE, rng=rng).tobytes()), dtype=torch.uint8)
+              for s in chosen]
+    images = torch.stack(pixels).view(batch, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2)
+    return (images.float() / 127.5 - 1.0).to(device), chosen
+
+
+def train_vae(config: dict, steps: int, batch: int, device, scenes, rng, log) -> AutoencoderKLConv3D:
+    vae = AutoencoderKLConv3D(config).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in range(steps):
+        images, _ = image_batch(scenes, batch, rng, device)
+        mean, logvar = vae.encode_moments(images)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        recon = vae.decode(z[:, :, None])[:, :, -1]
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(recon, images) + 0.1 * F.l1_loss(recon, images) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"vae step {step:5d}/{steps}  loss {loss.item():.4f}  kl {kl.item():.3f}")
+    with torch.no_grad():  # the release scales latents to about unit variance
+        images, _ = image_batch(scenes, max(batch, 16), rng, device)
+        std = vae.encode_moments(images)[0].std().item()
+    vae.config["scaling_factor"] = vae.scaling_factor = 1.0 / max(std, 1e-6)
+    return vae.eval()
+
+
+def load_balance_loss(model) -> tuple[list, callable]:
+    """Switch-style E·Σ_e f_e·P_e per MoE layer, from hooks on the routers."""
+    terms = []
+
+    def hook(router, args, output):
+        ids, _ = output
+        probs = (args[0].float() @ router.weight.float().t()).softmax(-1)
+        chosen = torch.zeros_like(probs).scatter_(1, ids, 1.0)
+        terms.append(router.num_experts * (chosen.mean(0) * probs.mean(0)).sum() / router.top_k)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
+    return terms, handles
+
+
+def train_transformer(config: HunyuanImage3Config, vae, tokenizer, steps: int, batch: int, device, scenes, rng,
+                      log, lr: float = 3e-4):
+    model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
+    init_dummy_weights(model, seed=rng.randrange(2**31))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ratio, height, width = snap(IMAGE_SIZE, IMAGE_SIZE, config.image_base_size, config.vae_factor)
+    grid = (height // config.vae_factor, width // config.vae_factor)
+    balance_terms, _ = load_balance_loss(model)
+    by_length = {}
+    for s in scenes:  # one batch = one prompt length (positions are shared by the batch)
+        by_length.setdefault(len(tokenizer.encode(shapes.caption(s))), []).append(s)
+    groups = list(by_length.values())
+    warmup = max(1, steps // 20)
+    for step in range(steps):
+        group = rng.choices(groups, weights=[len(g) for g in groups])[0]
+        images, chosen = image_batch(group, batch, rng, device)
+        with torch.no_grad():
+            x0 = vae.encode(images)
+        seqs = []
+        for s in chosen:
+            ids = tokenizer.encode(shapes.caption(s))
+            build = tokenizer.build_uncond_sequence if rng.random() < 0.1 else tokenizer.build_sequence
+            seqs.append(build(ids, ratio, *grid, config.image_base_size))
+        ts = seqs[0].timestep_index
+        prefix = torch.stack([q.input_ids[:ts] for q in seqs])
+        sigma = torch.sigmoid(torch.randn(batch, device=device))
+        noise = torch.randn_like(x0)
+        x_sigma = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        balance_terms.clear()
+        caches = model.prefill(prefix, seqs[0].positions[:ts])
+        v = model(x_sigma, sigma * 1000, seqs[0].positions[ts: seqs[0].image_start + seqs[0].image_len], caches)
+        flow = F.mse_loss(v.float(), noise - x0)
+        balance = torch.stack(balance_terms).mean()
+        loss = flow + 0.01 * balance
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            log(f"transformer step {step:6d}/{steps}  flow loss {flow.item():.4f}  balance {balance.item():.3f}")
+    return ema.eval()
+
+
+def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
+               batch: int = 64, device: str | None = None, seed: int = 0, log=print) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    train, _ = shapes.split_scenes()
+    start = time.time()
+    build_tiny_tokenizer(out_dir, IMAGE_SIZE)
+    tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
+    vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, train, rng, log)
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **MODEL_SIZE)
+    config = HunyuanImage3Config.from_dict(cfg)
+    model = train_transformer(config, vae, tokenizer, transformer_steps, batch, device, train, rng, log)
+    save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=2, seed=seed, generation=GENERATION)
+    log(f"trained in {time.time() - start:.0f} s on {device}; wrote {out_dir}")
+    return out_dir
