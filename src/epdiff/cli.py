@@ -133,7 +133,7 @@ def cmd_score(args) -> int:
 
     images = [Image.fromarray(pixels.numpy()) for _, _, _, _, pixels in out["images"]]
     summary = checker.score_images(list(zip(captions, images)))
-    print(summary["report"] if isinstance(summary, dict) and "report" in summary else summary)
+    print(summary["report"])
     for stage in out["routing"]:
         idle = sum(1 for layer in stage["tokens_per_expert"] for n in layer if n == 0)
         print(f"routing, stage {stage['stage']}: {idle} (layer, expert) pairs received no token")

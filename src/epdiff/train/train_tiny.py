@@ -32,7 +32,7 @@ from . import shapes
 
 IMAGE_SIZE = 128
 MODEL_SIZE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, num_experts=8,
-                  moe_topk=2, moe_intermediate_size=256, image_base_size=IMAGE_SIZE, patch_embed_hidden_dim=64)
+                  moe_topk=2, moe_intermediate_size=128, image_base_size=IMAGE_SIZE, patch_embed_hidden_dim=64)
 VAE_SIZE = dict(block_out_channels=(32, 32, 32, 32, 64), latent_channels=16, layers_per_block=1, ffactor_temporal=1)
 GENERATION = {"diff_infer_steps": 30, "diff_guidance_scale": 4.0, "flow_shift": 1.0}
 
@@ -63,7 +63,7 @@ def train_vae(config: dict, steps: int, batch: int, device, scenes, rng, log) ->
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log(f"vae step {step:5d}/{steps}  loss {loss.item():.4f}  kl {kl.item():.3f}")
     with torch.no_grad():  # the release scales latents to about unit variance
-        images, _ = image_batch(scenes, max(batch, 16), rng, device)
+        images, _ = image_batch(scenes, min(4 * batch, 64), rng, device)
         std = vae.encode_moments(images)[0].std().item()
     vae.config["scaling_factor"] = vae.scaling_factor = 1.0 / max(std, 1e-6)
     return vae.eval()

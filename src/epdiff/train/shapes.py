@@ -1,0 +1,188 @@
+"""A captioned synthetic data set: one or two coloured shapes on a white background.
+
+A scene holds one object at any of five positions, or two objects on an opposite pair of sides
+(left and right, or top and bottom), the left or top one first. Captions are lowercase English
+over a handful of common words, so a word-level tokenizer covers them:
+
+    "a small red circle on the left and a large blue square on the right"
+
+`split_scenes` holds out a fixed set of captions (never seen in training) for judging whether the
+model composes attributes it has only seen apart; `checker` reads images back into scenes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "purple")
+POSITIONS = ("left", "right", "top", "bottom", "centre")
+SIZES = ("small", "large")
+
+# Saturated and far apart in hue, so that the checker can tell them apart even when blurred into
+# the background (it compares hue directions, see checker.py).
+PALETTE = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 225),
+    "yellow": (240, 200, 20),
+    "purple": (150, 40, 190),
+}
+BACKGROUND = (255, 255, 255)
+
+# The position pairs a two-object scene may use; the first of each pair is drawn and said first.
+OPPOSITE_PAIRS = (("left", "right"), ("top", "bottom"))
+PREPOSITION = {"left": "on", "right": "on", "top": "at", "bottom": "at", "centre": "in"}
+
+# Shape centres as fractions of the side (x, y). The side positions sit a little inside the centre
+# of their third (1/6 = 0.167) so that a large shape fits wholly in the picture: a clipped shape
+# would change the fill ratio the checker reads the shape from.
+SIDE_ANCHOR = 0.22
+CENTRES = {
+    "left": (SIDE_ANCHOR, 0.5),
+    "right": (1 - SIDE_ANCHOR, 0.5),
+    "top": (0.5, SIDE_ANCHOR),
+    "bottom": (0.5, 1 - SIDE_ANCHOR),
+    "centre": (0.5, 0.5),
+}
+# Bounding-box side as a fraction of the image side.
+EXTENT = {"small": 0.2, "large": 0.4}
+# Jitter bounds: small enough that a jittered shape stays in its third and its size class, and two
+# large shapes on opposite sides never touch.
+POSITION_JITTER = 0.03  # of the side, each axis
+SIZE_JITTER = 0.08  # relative
+
+# The held-out split: the captions with the smallest salted SHA-256 are held out, a fixed number
+# per object count. Changing the salt or the counts changes the split (and invalidates models).
+SPLIT_SALT = "epdiff-shapes-split-v1"
+HELDOUT_ONE_OBJECT = 24  # of 150
+HELDOUT_TWO_OBJECT = 180  # of 1800
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    position: str
+    size: str
+
+    def __post_init__(self):
+        for value, allowed in ((self.shape, SHAPES), (self.colour, COLOURS), (self.position, POSITIONS),
+                               (self.size, SIZES)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+
+    def __post_init__(self):
+        if len(self.objects) == 2:
+            positions = tuple(o.position for o in self.objects)
+            if positions not in OPPOSITE_PAIRS:
+                raise ValueError(f"two objects must be placed {' or '.join('/'.join(p) for p in OPPOSITE_PAIRS)}"
+                                 f" (left or top first), not {'/'.join(positions)}")
+        elif len(self.objects) != 1:
+            raise ValueError(f"a scene holds 1 or 2 objects, not {len(self.objects)}")
+
+
+def object_phrase(obj: ShapeObject) -> str:
+    return f"a {obj.size} {obj.colour} {obj.shape} {PREPOSITION[obj.position]} the {obj.position}"
+
+
+def caption(scene: Scene) -> str:
+    return " and ".join(object_phrase(o) for o in scene.objects)
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene a caption describes; the two objects may be given in either order."""
+    words = text.split()
+    phrases = [list(group) for is_and, group in itertools.groupby(words, lambda w: w == "and") if not is_and]
+    objects = []
+    for phrase in phrases:
+        if len(phrase) != 7:
+            raise ValueError(f"cannot parse caption {text!r}: expected 'a SIZE COLOUR SHAPE on/at/in the POSITION'")
+        article, size, colour, shape, preposition, the, position = phrase
+        if (article, the) != ("a", "the") or PREPOSITION.get(position) != preposition:
+            raise ValueError(f"cannot parse caption {text!r}: expected 'a SIZE COLOUR SHAPE on/at/in the POSITION'")
+        try:
+            objects.append(ShapeObject(shape, colour, position, size))
+        except ValueError as e:
+            raise ValueError(f"cannot parse caption {text!r}: {e}") from None
+    if not phrases:
+        raise ValueError(f"cannot parse caption {text!r}: no object")
+    # "and" must join exactly two phrases: no leading, trailing or doubled "and"
+    if words.count("and") != len(phrases) - 1:
+        raise ValueError(f"cannot parse caption {text!r}: misplaced 'and'")
+    objects.sort(key=lambda o: POSITIONS.index(o.position))  # left before right, top before bottom
+    try:
+        return Scene(tuple(objects))
+    except ValueError as e:
+        raise ValueError(f"cannot parse caption {text!r}: {e}") from None
+
+
+def all_scenes() -> list[Scene]:
+    """Every valid scene, one-object scenes first (150), then two-object scenes (2 x 30 x 30 = 1800)."""
+    scenes = [Scene((ShapeObject(shape, colour, position, size),))
+              for position, size, colour, shape in itertools.product(POSITIONS, SIZES, COLOURS, SHAPES)]
+    for first_position, second_position in OPPOSITE_PAIRS:
+        firsts = [ShapeObject(sh, c, first_position, sz) for sz, c, sh in itertools.product(SIZES, COLOURS, SHAPES)]
+        seconds = [ShapeObject(sh, c, second_position, sz) for sz, c, sh in itertools.product(SIZES, COLOURS, SHAPES)]
+        scenes += [Scene((a, b)) for a, b in itertools.product(firsts, seconds)]
+    return scenes
+
+
+def _split_key(scene: Scene) -> str:
+    return hashlib.sha256((SPLIT_SALT + caption(scene)).encode()).hexdigest()
+
+
+def split_scenes() -> tuple[list[Scene], list[Scene]]:
+    """(train, heldout): a fixed split, 1746 / 204 scenes.
+
+    Held out are the HELDOUT_ONE_OBJECT one-object and HELDOUT_TWO_OBJECT two-object scenes whose
+    salted caption hashes are smallest. Train keeps all_scenes() order; heldout is in hash order,
+    so any prefix of it is an unbiased sample (one- and two-object scenes mixed).
+    """
+    scenes = all_scenes()
+    heldout = []
+    for count, keep in ((1, HELDOUT_ONE_OBJECT), (2, HELDOUT_TWO_OBJECT)):
+        heldout += sorted((s for s in scenes if len(s.objects) == count), key=_split_key)[:keep]
+    heldout.sort(key=_split_key)
+    held = set(heldout)
+    return [s for s in scenes if s not in held], heldout
+
+
+def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> Image.Image:
+    """The scene drawn on a size x size white RGB image; with `rng`, positions and sizes jitter a little."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy = CENTRES[obj.position]
+        extent = EXTENT[obj.size]
+        if rng is not None:
+            cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+            cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+            extent *= rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+        half = extent * size / 2
+        # keep a pixel of margin: a shape cut by the border would read as another shape
+        x = min(max(cx * size, half + 1), size - 1 - half)
+        y = min(max(cy * size, half + 1), size - 1 - half)
+        left, top, right, bottom = round(x - half), round(y - half), round(x + half) - 1, round(y + half) - 1
+        colour = PALETTE[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=colour)
+        else:
+            draw.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=colour)
+    return image
+
+
+def sample_scene(rng: random.Random, scenes: list[Scene]) -> Scene:
+    return scenes[rng.randrange(len(scenes))]
