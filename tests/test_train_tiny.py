@@ -12,7 +12,8 @@ from epdiff.train.train_tiny import train_tiny
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("trained"))
-    return train_tiny(out, vae_steps=1, transformer_steps=2, vae_batch=2, batch=2, device="cpu", log=lambda _: None)
+    return train_tiny(out, vae_steps=1, transformer_steps=2, vae_batch=2, batch=2, device="cpu", log=lambda _: None,
+                      pool_size=8)
 
 
 def test_checkpoint_is_in_the_release_format(trained):

@@ -112,7 +112,7 @@ def cmd_train_tiny(args) -> int:
     from .train.train_tiny import train_tiny
 
     train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
-               args.device, args.seed)
+               args.device, args.seed, pool_size=args.pool_size)
     return 0
 
 
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-size", type=int, default=8192, help="jittered training images rendered up front")
     p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")

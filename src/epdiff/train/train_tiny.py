@@ -37,19 +37,28 @@ VAE_SIZE = dict(block_out_channels=(32, 32, 32, 32, 64), latent_channels=16, lay
 GENERATION = {"diff_infer_steps": 30, "diff_guidance_scale": 4.0, "flow_shift": 1.0}
 
 
-def image_batch(scenes, batch: int, rng: random.Random, device) -> tuple[torch.Tensor, list]:
-    chosen = [rng.choice(scenes) for _ in range(batch)]
-    pixels = [torch.frombuffer(bytearray(shapes.render(s, IMAGE_SIZE, rng=rng).tobytes()), dtype=torch.uint8)
-              for s in chosen]
-    images = torch.stack(pixels).view(batch, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2)
-    return (images.float() / 127.5 - 1.0).to(device), chosen
+class ImagePool:
+    """Jittered renders made once (PIL drawing per step would dominate a GPU step), uint8 on the
+    training device, with their scenes; batches are drawn from it."""
+
+    def __init__(self, scenes, size: int, rng: random.Random, device):
+        self.scenes = [rng.choice(scenes) for _ in range(size)]
+        pixels = [torch.frombuffer(bytearray(shapes.render(s, IMAGE_SIZE, rng=rng).tobytes()), dtype=torch.uint8)
+                  for s in self.scenes]
+        self.images = torch.stack(pixels).view(size, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).to(device)
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def batch(self, indices) -> torch.Tensor:
+        return self.images[torch.as_tensor(indices, device=self.images.device)].float() / 127.5 - 1.0
 
 
-def train_vae(config: dict, steps: int, batch: int, device, scenes, rng, log) -> AutoencoderKLConv3D:
+def train_vae(config: dict, steps: int, batch: int, device, pool: ImagePool, rng, log) -> AutoencoderKLConv3D:
     vae = AutoencoderKLConv3D(config).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(steps):
-        images, _ = image_batch(scenes, batch, rng, device)
+        images = pool.batch([rng.randrange(len(pool)) for _ in range(batch)])
         mean, logvar = vae.encode_moments(images)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         recon = vae.decode(z[:, :, None])[:, :, -1]
@@ -63,10 +72,17 @@ def train_vae(config: dict, steps: int, batch: int, device, scenes, rng, log) ->
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log(f"vae step {step:5d}/{steps}  loss {loss.item():.4f}  kl {kl.item():.3f}")
     with torch.no_grad():  # the release scales latents to about unit variance
-        images, _ = image_batch(scenes, min(4 * batch, 64), rng, device)
+        images = pool.batch(range(min(4 * batch, 64, len(pool))))
         std = vae.encode_moments(images)[0].std().item()
     vae.config["scaling_factor"] = vae.scaling_factor = 1.0 / max(std, 1e-6)
     return vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(vae, pool: ImagePool, batch: int = 64) -> torch.Tensor:
+    """Posterior means of every pool image, in the diffusion model's latent space."""
+    return torch.cat([vae.encode(pool.batch(range(i, min(i + batch, len(pool)))), sample_posterior=False)
+                      for i in range(0, len(pool), batch)])
 
 
 def load_balance_loss(model) -> tuple[list, callable]:
@@ -83,8 +99,8 @@ def load_balance_loss(model) -> tuple[list, callable]:
     return terms, handles
 
 
-def train_transformer(config: HunyuanImage3Config, vae, tokenizer, steps: int, batch: int, device, scenes, rng,
-                      log, lr: float = 3e-4):
+def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: ImagePool, tokenizer, steps: int,
+                      batch: int, device, rng, log, lr: float = 3e-4):
     model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
     init_dummy_weights(model, seed=rng.randrange(2**31))
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -93,17 +109,16 @@ def train_transformer(config: HunyuanImage3Config, vae, tokenizer, steps: int, b
     grid = (height // config.vae_factor, width // config.vae_factor)
     balance_terms, _ = load_balance_loss(model)
     by_length = {}
-    for s in scenes:  # one batch = one prompt length (positions are shared by the batch)
-        by_length.setdefault(len(tokenizer.encode(shapes.caption(s))), []).append(s)
+    for i, s in enumerate(pool.scenes):  # one batch = one prompt length (positions are shared by the batch)
+        by_length.setdefault(len(tokenizer.encode(shapes.caption(s))), []).append(i)
     groups = list(by_length.values())
     warmup = max(1, steps // 20)
     for step in range(steps):
         group = rng.choices(groups, weights=[len(g) for g in groups])[0]
-        images, chosen = image_batch(group, batch, rng, device)
-        with torch.no_grad():
-            x0 = vae.encode(images)
+        chosen = [rng.choice(group) for _ in range(batch)]
+        x0 = latents[torch.as_tensor(chosen, device=latents.device)]
         seqs = []
-        for s in chosen:
+        for s in (pool.scenes[i] for i in chosen):
             ids = tokenizer.encode(shapes.caption(s))
             build = tokenizer.build_uncond_sequence if rng.random() < 0.1 else tokenizer.build_sequence
             seqs.append(build(ids, ratio, *grid, config.image_base_size))
@@ -134,7 +149,7 @@ def train_transformer(config: HunyuanImage3Config, vae, tokenizer, steps: int, b
 
 
 def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
-               batch: int = 64, device: str | None = None, seed: int = 0, log=print) -> str:
+               batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -145,10 +160,13 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     start = time.time()
     build_tiny_tokenizer(out_dir, IMAGE_SIZE)
     tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
-    vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, train, rng, log)
+    pool = ImagePool(train, pool_size, rng, device)
+    log(f"rendered {len(pool)} training images in {time.time() - start:.0f} s")
+    vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
     cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **MODEL_SIZE)
     config = HunyuanImage3Config.from_dict(cfg)
-    model = train_transformer(config, vae, tokenizer, transformer_steps, batch, device, train, rng, log)
+    latents = encode_pool(vae, pool)
+    model = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log)
     save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=2, seed=seed, generation=GENERATION)
     log(f"trained in {time.time() - start:.0f} s on {device}; wrote {out_dir}")
     return out_dir
