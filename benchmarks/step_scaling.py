@@ -24,6 +24,7 @@ from epdiff.config import ParallelConfig
 from epdiff.engine import ImageGenerator
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
 from epdiff.models.hunyuan_image3.make_tiny import make_tiny
+from moe_layer import dense_tflops  # same folder: one measurement of the dense ceiling
 
 LAYOUTS = [  # (name, ParallelConfig kwargs)
     ("1 GPU", {}),
@@ -52,20 +53,6 @@ def step_flops(config: HunyuanImage3Config, image_tokens: int, prefix_tokens: in
     return total * branches
 
 
-def dense_tflops(n: int = 8192, iters: int = 10) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n**3 * iters / start.elapsed_time(end) / 1e9
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
@@ -79,7 +66,7 @@ def main():
                       image_base_size=1024, patch_embed_hidden_dim=1024, vocab_size=133120, vae="release",
                       config_only=True)
     config = HunyuanImage3Config.from_pretrained(model)
-    rate = dense_tflops() * 1e12
+    rate = dense_tflops(torch.device("cuda")) * 1e12
     rows = []
     for name, kwargs in LAYOUTS:
         if ParallelConfig(**kwargs).world_size > torch.cuda.device_count():
