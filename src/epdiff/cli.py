@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i; the image is the same on every layout")
-    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--num-images-per-prompt", type=int, default=1,
+                   help="images per prompt, drawn from consecutive noise of the prompt's seed")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
@@ -180,16 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a small model in the release format")
     p.add_argument("out_dir")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-hidden-layers", type=int, default=2)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--num-key-value-heads", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--moe-topk", type=int, default=2)
-    p.add_argument("--moe-intermediate-size", type=int, default=64)
-    p.add_argument("--image-base-size", type=int, default=256)
-    p.add_argument("--patch-embed-hidden-dim", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=128, help="config.json hidden_size")
+    p.add_argument("--num-hidden-layers", type=int, default=2, help="config.json num_hidden_layers")
+    p.add_argument("--num-attention-heads", type=int, default=8, help="config.json num_attention_heads")
+    p.add_argument("--num-key-value-heads", type=int, default=4, help="config.json num_key_value_heads")
+    p.add_argument("--num-experts", type=int, default=8, help="config.json num_experts")
+    p.add_argument("--moe-topk", type=int, default=2, help="config.json moe_topk (every layer)")
+    p.add_argument("--moe-intermediate-size", type=int, default=64, help="config.json moe_intermediate_size (experts and the shared expert)")
+    p.add_argument("--image-base-size", type=int, default=256, help="config.json image_base_size (the square bucket's side)")
+    p.add_argument("--patch-embed-hidden-dim", type=int, default=64, help="config.json patch_embed_hidden_dim")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
     p.add_argument("--release-vae", action="store_true", help="the release's VAE config instead of a tiny one")
     p.add_argument("--config-only", action="store_true",
