@@ -167,6 +167,7 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     config = HunyuanImage3Config.from_dict(cfg)
     latents = encode_pool(vae, pool)
     model = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log)
-    save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=2, seed=seed, generation=GENERATION)
+    # 4 shards: each under the 16 MiB a device run can send back
+    save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=4, seed=seed, generation=GENERATION)
     log(f"trained in {time.time() - start:.0f} s on {device}; wrote {out_dir}")
     return out_dir
