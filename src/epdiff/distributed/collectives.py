@@ -15,6 +15,14 @@ from .parallel_state import Group
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:
+    """[lo, hi) of chunk `rank` when n rows are split as evenly as possible, earlier chunks
+    larger (torch.tensor_split's rule)."""
+    base, extra = divmod(n, shards)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size > 1:
         dist.all_reduce(x, group=group.group)

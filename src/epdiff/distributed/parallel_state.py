@@ -106,14 +106,6 @@ class ParallelState:
                                  sub.get_group() if len(ranks) > 1 else None)
         return cls(config, groups, me, device, mesh)
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp.rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp.rank == self.pp.size - 1
-
     def describe(self) -> str:
         coords = " ".join(f"{n}={self.groups[n].rank}/{self.groups[n].size}" for n in GROUP_NAMES)
         return f"rank {self.global_rank}: {coords}"

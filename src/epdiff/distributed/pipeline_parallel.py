@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .collectives import even_chunk
 from .parallel_state import Group
 
 
@@ -12,9 +13,7 @@ def stage_layers(num_layers: int, stages: int, stage: int) -> range:
     """Layers of `stage`: contiguous, sizes differing by at most one (earlier stages larger)."""
     if stages > num_layers:
         raise ValueError(f"pipeline_parallel_size {stages} > number of layers {num_layers}")
-    base, extra = divmod(num_layers, stages)
-    lo = stage * base + min(stage, extra)
-    return range(lo, lo + base + (1 if stage < extra else 0))
+    return range(*even_chunk(num_layers, stage, stages))
 
 
 class StageLink:

@@ -83,7 +83,7 @@ class AllToAll:
         self.group, self.tp = parallel.ep, parallel.tp
 
     def dispatch(self, x, ids, weights, placement, token_counts=None):
-        lo, hi = even_chunk(x.shape[0], self.tp.rank, self.tp.size)
+        lo, hi = C.even_chunk(x.shape[0], self.tp.rank, self.tp.size)
         x_own, ids_own, w_own = x[lo:hi], ids[lo:hi], weights[lo:hi]
         dest = placement.owner[ids_own]  # [To, k] EP rank of each choice
         ranks = torch.arange(self.group.size, device=x.device)
@@ -106,13 +106,6 @@ class AllToAll:
         y_back = C.all_to_all_rows(y_recv, recv_list, send_list, self.group)
         out = y_recv.new_zeros(shape)
         return out.index_add_(0, tok + lo, y_back)
-
-
-def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:
-    """Chunk `rank` of n rows split as evenly as possible (torch.tensor_split's rule)."""
-    base, extra = divmod(n, shards)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def make_dispatcher(parallel: ParallelState):

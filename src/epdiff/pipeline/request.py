@@ -17,6 +17,12 @@ def default_model_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-hunyuan-image3")
 
 
+def context_length(config, generation: dict) -> int:
+    """The longest sequence a request may build: generation_config's max_length, within the
+    model's position range."""
+    return min(int(generation.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
+
+
 def read_generation_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "generation_config.json")
     out = dict(DEFAULT_GENERATION)
@@ -103,7 +109,7 @@ class GenerationRequest:
         from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, sequence_length
 
         tokenizer = HunyuanTokenizer.from_pretrained(self.model)
-        context = min(int(gen.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
+        context = context_length(config, gen)
         grid_h, grid_w = self.height // config.vae_factor, self.width // config.vae_factor
         for i, prompt in enumerate(self.prompts):
             n = len(tokenizer.encode(prompt))

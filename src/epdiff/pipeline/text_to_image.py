@@ -22,7 +22,7 @@ from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, to_uint8
 from ..models.hunyuan_image3.weights import load_model
 from ..loader.safetensors_loader import SafetensorsCheckpoint
-from .request import GenerationRequest, read_generation_config
+from .request import GenerationRequest, context_length, read_generation_config
 from .resolution import snap
 from .scheduler import FlowMatchEulerScheduler, guidance
 
@@ -131,7 +131,7 @@ class TextToImagePipeline:
         ratio, height, width = snap(r.height, r.width, c.image_base_size, c.vae_factor)
         h, w = height // c.vae_factor, width // c.vae_factor
         ids = self.tokenizer.encode(prompt)
-        max_length = min(int(self.generation.get("max_length", c.max_position_embeddings)), c.max_position_embeddings)
+        max_length = context_length(c, self.generation)
         cond = self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, max_length)
         uncond = self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, max_length)
         use_cfg = r.guidance_scale > 1.0

@@ -138,9 +138,9 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """The `model.` part of the checkpoint: embeddings and this stage's decoder layers."""
 
-    def __init__(self, config, parallel, layer_ids, dtype, device):
+    def __init__(self, config, parallel, layer_ids, first_stage: bool, dtype, device):
         super().__init__()
-        if parallel.is_first_stage:
+        if first_stage:
             self.wte = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, parallel, dtype, device) for i in layer_ids})
 
@@ -154,7 +154,7 @@ class HunyuanImage3Transformer(nn.Module):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.link = StageLink(parallel.pp)
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
-        self.model = Backbone(c, parallel, self.layer_ids, dtype, device)
+        self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device)
         if self.link.is_first:
             self.timestep_emb = TimestepEmbedder(c.hidden_size, **kw)
             self.time_embed = TimestepEmbedder(c.hidden_size, **kw)
