@@ -74,7 +74,7 @@ class TextToImagePipeline:
         self.transformer, checkpoint = load_model(request.model, parallel, self.dtype, self.device,
                                                   request.load_format, self.config)
         self.decodes = parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
-        self.vae = self._load_vae() if self.decodes and request.decode else None
+        self.vae = self._load_vae(checkpoint) if self.decodes and request.decode else None
         moe = self.transformer.moe_layers
         self.metrics = RankMetrics(
             rank=parallel.global_rank, layout=parallel.config.describe(),
@@ -83,13 +83,12 @@ class TextToImagePipeline:
             checkpoint_bytes_read=checkpoint.bytes_read if checkpoint else 0,
             load_seconds=time.perf_counter() - start)
 
-    def _load_vae(self) -> AutoencoderKLConv3D:
+    def _load_vae(self, ckpt: SafetensorsCheckpoint | None) -> AutoencoderKLConv3D:
         # Decoding runs in fp32 on CPU and in the model dtype's wider sibling on GPU (the
         # reference decodes under fp16 autocast with fp32 weights).
         vae = AutoencoderKLConv3D(self.config.vae, with_encoder=False).to(self.device)
-        if self.request.load_format == "dummy":
+        if ckpt is None:  # --load-format dummy
             return vae.eval()
-        ckpt = SafetensorsCheckpoint(self.request.model)
         state = {}
         for name in vae.state_dict():
             key = f"vae.{name}"
