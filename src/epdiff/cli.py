@@ -111,8 +111,11 @@ def cmd_make_tiny(args) -> int:
 def cmd_train_tiny(args) -> int:
     from .train.train_tiny import train_tiny
 
+    sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
+             "num_attention_heads": args.num_attention_heads, "moe_intermediate_size": args.moe_intermediate_size}
     train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
-               args.device, args.seed, pool_size=args.pool_size)
+               args.device, args.seed, pool_size=args.pool_size, lr=args.lr,
+               model_size={k: v for k, v in sizes.items() if v is not None}, max_minutes=args.max_minutes)
     return 0
 
 
@@ -206,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-size", type=int, default=8192, help="jittered training images rendered up front")
+    p.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="cap the whole run: the transformer takes as many of its steps as fit")
+    for flag in ("hidden-size", "num-hidden-layers", "num-attention-heads", "moe-intermediate-size"):
+        p.add_argument(f"--{flag}", type=int, default=None, help="transformer size (default: train_tiny.MODEL_SIZE)")
     p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")

@@ -100,7 +100,9 @@ def load_balance_loss(model) -> tuple[list, callable]:
 
 
 def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: ImagePool, tokenizer, steps: int,
-                      batch: int, device, rng, log, lr: float = 3e-4):
+                      batch: int, device, rng, log, lr: float = 3e-4, deadline: float | None = None):
+    """Flow-matching training; with a deadline (time.time() value), the step count is cut, once
+    the first steps are timed, to what fits before it (the schedule follows the new count)."""
     model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
     init_dummy_weights(model, seed=rng.randrange(2**31))
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -112,8 +114,20 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
     for i, s in enumerate(pool.scenes):  # one batch = one prompt length (positions are shared by the batch)
         by_length.setdefault(len(tokenizer.encode(shapes.caption(s))), []).append(i)
     groups = list(by_length.values())
-    warmup = max(1, steps // 20)
-    for step in range(steps):
+    timed_from, timed_to = 10, 40
+    step = 0
+    while step < steps:
+        warmup = max(1, steps // 20)
+        if step == timed_from:
+            sync(device)
+            t0 = time.time()
+        if step == timed_to and deadline is not None:
+            sync(device)
+            per_step = (time.time() - t0) / (timed_to - timed_from)
+            fit = max(timed_to + 1, timed_to + int((deadline - time.time()) / per_step))
+            if fit < steps:
+                log(f"{per_step * 1e3:.1f} ms per step: {fit} of {steps} steps fit before the deadline")
+                steps = fit
         group = rng.choices(groups, weights=[len(g) for g in groups])[0]
         chosen = [rng.choice(group) for _ in range(batch)]
         x0 = latents[torch.as_tensor(chosen, device=latents.device)]
@@ -145,11 +159,22 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
                 e.lerp_(p, 1 - decay)
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             log(f"transformer step {step:6d}/{steps}  flow loss {flow.item():.4f}  balance {balance.item():.3f}")
-    return ema.eval()
+        step += 1
+    return ema.eval(), steps
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
-               batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192) -> str:
+               batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192,
+               lr: float = 3e-4, model_size: dict | None = None, max_minutes: float | None = None) -> str:
+    """Train and write the shapes model. model_size overrides MODEL_SIZE's keys; max_minutes caps
+    the whole run (the transformer stage takes as many steps as fit, up to transformer_steps)."""
+    start = time.time()
+    deadline = None if max_minutes is None else start + 60 * max_minutes - 30  # 30 s to write the files
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,17 +182,18 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     rng = random.Random(seed)
     torch.manual_seed(seed)
     train, _ = shapes.split_scenes()
-    start = time.time()
     build_tiny_tokenizer(out_dir, IMAGE_SIZE)
     tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
     pool = ImagePool(train, pool_size, rng, device)
     log(f"rendered {len(pool)} training images in {time.time() - start:.0f} s")
     vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
-    cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **MODEL_SIZE)
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **{**MODEL_SIZE, **(model_size or {})})
     config = HunyuanImage3Config.from_dict(cfg)
     latents = encode_pool(vae, pool)
-    model = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log)
+    model, steps = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log,
+                                     lr=lr, deadline=deadline)
     # 4 shards: each under the 16 MiB a device run can send back
     save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=4, seed=seed, generation=GENERATION)
-    log(f"trained in {time.time() - start:.0f} s on {device}; wrote {out_dir}")
+    log(f"trained in {time.time() - start:.0f} s on {device} ({vae_steps} VAE steps at batch {vae_batch}, "
+        f"{steps} transformer steps at batch {batch}, lr {lr}, model {model_size or 'default'}); wrote {out_dir}")
     return out_dir
