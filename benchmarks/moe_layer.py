@@ -1,6 +1,6 @@
-"""MoE layer at HunyuanImage-3.0 shapes: EP=1 (one GPU) against EP=2 (two GPUs), both backends.
+"""MoE layer at HunyuanImage-3.0 shapes: EP=1 (one GPU) against EP over 2 or 4 GPUs, both backends.
 
-    python benchmarks/moe_layer.py --out results/          # spawns one worker per GPU (≤ 2)
+    python benchmarks/moe_layer.py --out results/          # spawns one worker per GPU (≤ 4)
 
 Per case: time per layer (CUDA events, mean and spread over --iters after warm-up), the pieces
 (router, dispatch, experts, combine) timed on their own, TFLOP/s of the expert GEMMs, bytes
@@ -162,11 +162,14 @@ def worker(device, args):
         rows.append(case(device, args, None))
     if dist.is_initialized():
         dist.barrier()
-    if world == 2:
+    if world > 1:
         for backend in ("allgather_reducescatter", "alltoall"):
-            rows.append(case(device, args, ParallelConfig(data_parallel_size=2, enable_expert_parallel=True,
+            rows.append(case(device, args, ParallelConfig(data_parallel_size=world, enable_expert_parallel=True,
                                                            all2all_backend=backend)))
-        rows.append(case(device, args, ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True)))
+        rows.append(case(device, args, ParallelConfig(tensor_parallel_size=world, enable_expert_parallel=True)))
+    if world == 4:
+        rows.append(case(device, args, ParallelConfig(tensor_parallel_size=2, data_parallel_size=2,
+                                                       enable_expert_parallel=True)))
     return rows if rank == 0 else None
 
 
@@ -180,10 +183,11 @@ def main():
     p.add_argument("--routing", choices=("balanced", "random"), default="balanced",
                    help="balanced: every expert gets tokens·k/E pairs; random: a std-0.02 router on random tokens")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--gpus", type=int, default=None, help="EP size of the multi-GPU cases (default: all, at most 4)")
     p.add_argument("--cpu-ranks", type=int, default=0, help="dry run on CPU with this many gloo ranks")
     p.add_argument("--out", default=None, help="folder for moe_layer_<routing>.json")
     args = p.parse_args()
-    world = min(2, torch.cuda.device_count()) or args.cpu_ranks
+    world = min(args.gpus or 4, torch.cuda.device_count()) or args.cpu_ranks
     if world < 1:
         sys.exit("moe_layer.py needs a CUDA GPU (or --cpu-ranks N for a dry run of the script)")
     rows = launch(world, worker, args)

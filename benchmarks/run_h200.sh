@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 2-4 in one device call (nvidia-h200-x2). Logs and JSON go to $OUT.
-#   bash benchmarks/run_h200.sh
+# The GPU measurements, by section, in one device call each. Logs and JSON go to $OUT.
+#   bash benchmarks/run_h200.sh tests profile moe scaling     # any of: tests profile moe scaling release tiny
+# Sections use every GPU of the machine they find (1, 2 or 4).
 set -u
-export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/benchmarks PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/epdiff-out}; mkdir -p "$OUT"
 EP="python3 -m epdiff.cli"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
-
-# 1. Tiny model: one GPU against two (EP on), bf16, PSNR.
-T="--prompt 'a small red circle on the left' --num-inference-steps 10 --seed 1234 --dtype bfloat16 --no-progress"
-eval timeout 100 $EP generate $T --output $OUT/tiny_1gpu.png
-for L in "-tp 2" "--cfg-parallel-size 2" "-sp 2"; do
-  n=$(echo "$L" | tr -d ' -' ); eval timeout 100 $EP generate $T $L --enable-expert-parallel --output $OUT/tiny_$n.png
+for section in "$@"; do
+  echo "=== $section"
+  case $section in
+  tests)  # GPU tests: Triton kernels, no host sync in a step, bf16/NCCL MoE equivalence
+    EPDIFF_RESULTS=$OUT timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_kernels.py \
+      tests/test_gpu_step.py tests/test_gpu_moe.py 2>&1 | tail -15 ;;
+  profile)  # where one GPU's step time goes
+    timeout 200 python3 benchmarks/profile_step.py --layers 8 --out $OUT 2>&1 | tail -45 ;;
+  moe)  # the MoE layer at release shapes, EP=1 against EP over all GPUs, both backends
+    timeout 200 python3 benchmarks/moe_layer.py --routing balanced --iters 10 --out $OUT > $OUT/moe_balanced.log 2>&1
+    tail -6 $OUT/moe_balanced.log | cut -c1-600 ;;
+  scaling)  # seconds per step by layout, 8 layers (fits one GPU)
+    timeout 420 python3 benchmarks/step_scaling.py --layers 8 --steps 6 --out $OUT 2>&1 | grep -v "^{" | tail -20 ;;
+  release)  # the whole release size (does not fit one GPU): EP over 2 and 4 GPUs
+    timeout 400 python3 benchmarks/step_scaling.py --layers 32 --steps 5 --out $OUT \
+      --layouts "${RELEASE_LAYOUTS:-CFG2+EP agrs,CFG2×TP2+EP agrs}" 2>&1 | grep -v "^{" | tail -8 ;;
+  tiny)  # the shipped model: one GPU against two (EP on), bf16, PSNR
+    T="--prompt 'a small red circle on the left' --num-inference-steps 10 --seed 1234 --dtype bfloat16 --no-progress"
+    eval timeout 100 $EP generate $T --output $OUT/tiny_1gpu.png
+    for L in "-tp 2" "--cfg-parallel-size 2" "-sp 2"; do
+      n=$(echo "$L" | tr -d ' -' ); eval timeout 100 $EP generate $T $L --enable-expert-parallel --output $OUT/tiny_$n.png
+    done
+    python3 benchmarks/compare_images.py $OUT/tiny_1gpu.png $OUT/tiny_tp2.png $OUT/tiny_cfgparallelsize2.png \
+      $OUT/tiny_sp2.png | tee $OUT/tiny_psnr.txt ;;
+  *) echo "unknown section $section" ;;
+  esac
 done
-python3 benchmarks/compare_images.py $OUT/tiny_1gpu.png $OUT/tiny_tp2.png $OUT/tiny_cfgparallelsize2.png $OUT/tiny_sp2.png | tee $OUT/tiny_psnr.txt
-
-# 2. Release size, dummy weights, 1024x1024, EP=2 over the CFG pair: memory and seconds per step.
-rm -rf /tmp/release && $EP make-tiny /tmp/release --hidden-size 4096 --num-hidden-layers 32 --num-attention-heads 32 \
-  --num-key-value-heads 8 --num-experts 64 --moe-topk 8 --moe-intermediate-size 3072 --image-base-size 1024 \
-  --patch-embed-hidden-dim 1024 --vocab-size 133120 --release-vae --config-only >/dev/null
-timeout 240 $EP generate --model /tmp/release --load-format dummy --prompt "a cup of coffee on the table" \
-  --height 1024 --width 1024 --num-inference-steps ${FULL_STEPS:-4} --cfg-parallel-size 2 --enable-expert-parallel \
-  --latents-only --metrics-json $OUT/release_cfg2_ep2.json --routing-stats --no-progress 2>&1 | grep -v "^ *[0-9]* .*\[" | tail -8
-
-# 3. The MoE layer at release shapes: EP=1 vs EP=2, both backends, both routings.
-[ -n "${SKIP_MOE:-}" ] || for R in balanced random; do timeout 120 python3 benchmarks/moe_layer.py --routing $R --iters 10 --out $OUT > $OUT/moe_$R.log 2>&1; tail -5 $OUT/moe_$R.log | cut -c1-400; done

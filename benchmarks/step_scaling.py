@@ -1,12 +1,12 @@
-"""Seconds per denoising step by layout: one GPU against each 2-GPU layout, both EP backends.
+"""Seconds per denoising step by layout: one GPU against 2- and 4-GPU layouts, both EP backends.
 
     python benchmarks/step_scaling.py --layers 8 --steps 6 --out results/
 
 A release-width HunyuanImage-3.0 (hidden 4096, 64 experts top-8) cut to --layers so that it fits
 on one GPU, dummy weights, 1024×1024, guidance on. Per layout: mean step time over steps 2..N
 (the first includes the text prefill and warm-up), model FLOP utilisation against the dense bf16
-matmul rate measured in the same run, and peak memory per GPU. Writes step_scaling.json and,
-where matplotlib is installed, step_scaling.png.
+matmul rate measured in the same run, and peak memory per GPU. Writes step_scaling_<layers>layers.json and,
+where matplotlib is installed, step_scaling_<layers>layers.png.
 """
 
 from __future__ import annotations
@@ -34,7 +34,22 @@ LAYOUTS = [  # (name, ParallelConfig kwargs)
     ("CFG2+EP a2a", dict(cfg_parallel_size=2, enable_expert_parallel=True, all2all_backend="alltoall")),
     ("SP2+EP agrs", dict(sequence_parallel_size=2, enable_expert_parallel=True)),
     ("SP2+EP a2a", dict(sequence_parallel_size=2, enable_expert_parallel=True, all2all_backend="alltoall")),
+    ("TP4+EP", dict(tensor_parallel_size=4, enable_expert_parallel=True)),
+    ("CFG2×TP2+EP agrs", dict(cfg_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True)),
+    ("CFG2×SP2+EP agrs", dict(cfg_parallel_size=2, sequence_parallel_size=2, enable_expert_parallel=True)),
+    ("CFG2×SP2+EP a2a", dict(cfg_parallel_size=2, sequence_parallel_size=2, enable_expert_parallel=True,
+                             all2all_backend="alltoall")),
+    ("SP4+EP agrs", dict(sequence_parallel_size=4, enable_expert_parallel=True)),
 ]
+
+
+def release_width_model(layers: int) -> str:
+    """Configs and tokenizer of HunyuanImage-3.0 at release width with `layers` layers (no weights:
+    run with load_format='dummy')."""
+    return make_tiny(tempfile.mkdtemp(), hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
+                     num_key_value_heads=8, num_experts=64, moe_topk=8, moe_intermediate_size=3072,
+                     image_base_size=1024, patch_embed_hidden_dim=1024, vocab_size=133120, vae="release",
+                     config_only=True)
 
 
 def step_flops(config: HunyuanImage3Config, image_tokens: int, prefix_tokens: int, branches: int) -> float:
@@ -58,18 +73,21 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--layouts", default=None,
+                   help="comma-separated layout names to run (default: every one that fits the GPUs)")
     p.add_argument("--out", default=".")
     args = p.parse_args()
+    wanted = None if args.layouts is None else args.layouts.split(",")
+    if wanted and not set(wanted) <= {name for name, _ in LAYOUTS}:
+        p.error(f"unknown layouts {sorted(set(wanted) - {name for name, _ in LAYOUTS})}; "
+                f"choose from {[name for name, _ in LAYOUTS]}")
     os.makedirs(args.out, exist_ok=True)
-    model = make_tiny(tempfile.mkdtemp(), hidden_size=4096, num_hidden_layers=args.layers, num_attention_heads=32,
-                      num_key_value_heads=8, num_experts=64, moe_topk=8, moe_intermediate_size=3072,
-                      image_base_size=1024, patch_embed_hidden_dim=1024, vocab_size=133120, vae="release",
-                      config_only=True)
+    model = release_width_model(args.layers)
     config = HunyuanImage3Config.from_pretrained(model)
     rate = dense_tflops(torch.device("cuda")) * 1e12
     rows = []
     for name, kwargs in LAYOUTS:
-        if ParallelConfig(**kwargs).world_size > torch.cuda.device_count():
+        if ParallelConfig(**kwargs).world_size > torch.cuda.device_count() or (wanted and name not in wanted):
             continue
         generator = ImageGenerator(model, load_format="dummy", **kwargs)
         request = generator.request("a cup of coffee on the table", height=args.size, width=args.size,
@@ -87,10 +105,11 @@ def main():
                          image_s_50_steps=50 * step, mfu=flops / step / (rate * gpus),
                          peak_GiB=max(m["peak_memory_bytes"] for m in out["metrics"]) / 2**30))
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["step_s"]
+    base = rows[0]["step_s"] if rows[0]["gpus"] == 1 else float("nan")
     for r in rows:
         r["vs_1_gpu"] = r["step_s"] / base
-    with open(os.path.join(args.out, "step_scaling.json"), "w") as f:
+    name = f"step_scaling_{args.layers}layers"
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(dict(layers=args.layers, size=args.size, dense_tflops=rate / 1e12, results=rows), f, indent=1)
     print(f"dense bf16: {rate / 1e12:.0f} TFLOP/s")
     print("| layout | GPUs | s/step | × 1 GPU | s/image (50 steps) | MFU | peak GiB |")
@@ -107,7 +126,7 @@ def main():
     ax.barh([r["layout"] for r in rows][::-1], [r["step_s"] for r in rows][::-1], color="tab:blue")
     ax.set_xlabel(f"seconds per step ({args.layers} layers, {args.size}², guidance on, H200)")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "step_scaling.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, name + ".png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,37 @@ def bf16_equivalence(device, layouts, tokens=256):
                 rows.append(dict(layout=config.describe(), routing=routing, vs_single=stat[0].item(),
                                  parallel_vs_fp64=stat[1].item(), single_vs_fp64=stat[2].item()))
     return rows
+
+
+def step_host_syncs(device, model_dir, layouts):
+    """Per layout: prefill and a first step (which gathers the token counts), then a second
+    step with CUDA's sync debug mode on. Returns the layouts and whether the step synchronised."""
+    from epdiff.models.hunyuan_image3.weights import load_model
+    from model_cases import PROMPTS, sequences, step_inputs
+
+    rows = []
+    for kwargs in layouts:
+        config = ParallelConfig(**kwargs)
+        state = ParallelState.build(config, device) if config.world_size > 1 else ParallelState.single(device)
+        model, _ = load_model(model_dir, state, torch.bfloat16, device)
+        seqs = sequences(model_dir, PROMPTS[0])
+        seqs = [seqs[state.cfg.rank]] if config.cfg_parallel_size == 2 else seqs
+        seq, ts = seqs[0], seqs[0].timestep_index
+        latents, t = step_inputs(seq, 0, model.config.latent_channels)
+        latents, t = latents.to(device).expand(len(seqs), -1, -1, -1), t.to(device).expand(len(seqs))
+        positions = seq.positions[ts: seq.image_start + seq.image_len].to(device)
+        synced = None
+        with torch.inference_mode():
+            caches = model.prefill(torch.stack([s.input_ids[:ts] for s in seqs]), seq.positions[:ts])
+            model(latents, t, positions, caches)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(latents, t, positions, caches)
+                synced = ""
+            except RuntimeError as e:
+                synced = str(e).splitlines()[0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        rows.append(dict(layout=config.describe(), synced=synced))
+    return rows

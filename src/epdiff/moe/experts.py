@@ -54,46 +54,57 @@ class GroupedExperts(nn.Module):
         Returns (y [R, D] = Σ_j weights[r, j]·expert_{local_ids[r, j]}(x[r]) over local j,
         tokens per local expert [E_local]).
         """
-        k = local_ids.shape[1]
+        R, k = local_ids.shape
         flat = local_ids.flatten()
-        here = flat >= 0
-        # Sort pairs by local expert; pairs for other ranks sort last and are cut off.
-        order = torch.argsort(torch.where(here, flat, self.num_local_experts), stable=True)
-        num_pairs = int(here.sum())  # the one host sync: it sizes the expert buffers
-        order = order[:num_pairs]
-        rows, expert = order // k, flat[order]
-        counts = torch.zeros(self.num_local_experts, dtype=torch.int64, device=x.device)
-        counts.index_add_(0, expert, torch.ones_like(expert))
-        # Combine without atomics: put each pair's weighted output back at its (token, slot)
-        # place, then sum the k slots of every token (pairs for other ranks stay zero).
-        out = x.new_zeros(0, x.shape[1])
-        if num_pairs:
-            h, w = x[rows], weights.flatten()[order, None]
-            kernel = self._forward_grouped if self._use_grouped_mm(h) else self._forward_loop
-            out = kernel(h, w, counts)
+        # Sort the (token, slot) pairs by local expert; pairs for other ranks sort last.
+        key = torch.where(flat >= 0, flat, self.num_local_experts)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(self.num_local_experts + 1, dtype=torch.int64, device=x.device)
+        counts = counts.index_add_(0, key, torch.ones_like(key))[:-1]
+        if R == 0:
+            return x.new_zeros(0, x.shape[1]), counts
+        if self._use_grouped_mm(x):
+            return self._forward_grouped(x, order, weights.flatten()[order], counts, k), counts
+        return self._forward_loop(x, order, weights.flatten()[order], counts, k), counts
+
+    def _forward_grouped(self, x, order, w, counts, k):
+        """No host sync: how many pairs are local is known only on the device, so the buffers
+        hold every pair. The grouped GEMMs stop at the last expert's offset and the Triton
+        kernels at the local count: the rows past it cost memory, not work."""
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        num_pairs = offs[-1:]
+        rows = order // k
+        row_index = torch.arange(order.numel(), device=x.device)
+        is_local = row_index < num_pairs
+        w13, w2 = self.w13.transpose(-2, -1), self.w2.transpose(-2, -1)
         if kernels.available(x):
-            slot_to_row = torch.full((x.shape[0] * k,), -1, dtype=torch.int64, device=x.device)
-            slot_to_row[order] = torch.arange(num_pairs, device=x.device)
-            return kernels.combine(out, slot_to_row, x.shape[0], k), counts
-        per_slot = x.new_zeros(x.shape[0] * k, x.shape[1])
-        per_slot[order] = out
-        return per_slot.view(x.shape[0], k, x.shape[1]).sum(1), counts
+            h = kernels.gather_rows(x, rows, num_pairs)
+            out = _grouped_mm(kernels.swiglu_weight(_grouped_mm(h, w13, offs), w, num_pairs), w2, offs)
+            slot_to_row = torch.empty_like(order)
+            slot_to_row[order] = torch.where(is_local, row_index, -1)
+            return kernels.combine(out, slot_to_row, x.shape[0], k)
+        out = _grouped_mm(self._weighted_activation(_grouped_mm(x[rows], w13, offs), w), w2, offs)
+        # Rows past the local pairs were never written: select (not multiply) them away.
+        return self._sum_slots(torch.where(is_local[:, None], out, 0), order, x.shape[0], k)
+
+    def _forward_loop(self, x, order, w, counts, k):
+        """Per-expert matmuls, sized on the host (free on CPU; one sync on a GPU)."""
+        sizes = counts.tolist()
+        order, w = order[:sum(sizes)], w[:sum(sizes)]
+        h = x[order // k]
+        outs = [self._weighted_activation(part @ self.w13[e].t(), part_w) @ self.w2[e].t()
+                for e, (part, part_w) in enumerate(zip(torch.split(h, sizes), torch.split(w, sizes)))]
+        return self._sum_slots(torch.cat(outs), order, x.shape[0], k)
 
     @staticmethod
     def _weighted_activation(fused: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # down_proj is linear, so the routing weight can scale its (narrower) input instead of its output.
-        if kernels.available(fused):
-            return kernels.swiglu_weight(fused, w.flatten())
-        return (swiglu_up_gate(fused).float() * w).to(fused.dtype)
+        return (swiglu_up_gate(fused).float() * w[:, None]).to(fused.dtype)
 
-    def _forward_grouped(self, h, w, counts):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        a = self._weighted_activation(_grouped_mm(h, self.w13.transpose(-2, -1), offs), w)
-        return _grouped_mm(a, self.w2.transpose(-2, -1), offs)
-
-    def _forward_loop(self, h, w, counts):
-        outs = []
-        for e, (part, part_w) in enumerate(zip(torch.split(h, counts.tolist()), torch.split(w, counts.tolist()))):
-            if part.shape[0]:
-                outs.append(self._weighted_activation(part @ self.w13[e].t(), part_w) @ self.w2[e].t())
-        return torch.cat(outs)
+    @staticmethod
+    def _sum_slots(out: torch.Tensor, order: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+        """Combine without atomics: put each pair's output back at its (token, slot) place, then
+        sum the k slots of every token (slots computed on other ranks stay zero)."""
+        per_slot = out.new_zeros(num_tokens * k, out.shape[1])
+        per_slot[order[:out.shape[0]]] = out
+        return per_slot.view(num_tokens, k, out.shape[1]).sum(1)

@@ -27,16 +27,25 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _swiglu_weight_kernel(fused_ptr, weight_ptr, out_ptr, width, fused_stride, out_stride,
+    def _swiglu_weight_kernel(fused_ptr, weight_ptr, out_ptr, count_ptr, width, fused_stride, out_stride,
                               BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < width
+        mask = (cols < width) & (row < tl.load(count_ptr))
         up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + row).to(tl.float32)
         y = up * gate * tl.sigmoid(gate) * w
         tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, count_ptr, width, x_stride, out_stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = row < tl.load(count_ptr)
+        mask = (cols < width) & live
+        src = tl.load(rows_ptr + row, mask=live, other=0).to(tl.int64)
+        tl.store(out_ptr + row * out_stride + cols, tl.load(x_ptr + src * x_stride + cols, mask=mask), mask=mask)
 
     @triton.jit
     def _combine_kernel(rows_ptr, slot_ptr, out_ptr, width, rows_stride, out_stride, K: tl.constexpr,
@@ -52,15 +61,33 @@ if triton is not None:
         tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu_weight(fused: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fused [P, 2I] laid out [up; gate], weight [P] -> up·silu(gate)·weight [P, I], fp32 math."""
+def _count(count: torch.Tensor | None, rows: int, device) -> torch.Tensor:
+    return torch.full((1,), rows, dtype=torch.int32, device=device) if count is None else count
+
+
+def swiglu_weight(fused: torch.Tensor, weight: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """fused [P, 2I] laid out [up; gate], weight [P] -> up·silu(gate)·weight [P, I], fp32 math.
+    count (a 1-element device tensor): only the first count rows are computed, the rest of the
+    output is left unwritten."""
     P, two_i = fused.shape
     width = two_i // 2
     out = fused.new_empty(P, width)
     if P:
         fused = fused.contiguous()
-        _swiglu_weight_kernel[(P, triton.cdiv(width, BLOCK))](fused, weight.contiguous(), out, width,
+        _swiglu_weight_kernel[(P, triton.cdiv(width, BLOCK))](fused, weight.contiguous(), out,
+                                                               _count(count, P, fused.device), width,
                                                                fused.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """out[i] = x[rows[i]] for i < count (a 1-element device tensor); rows past it unwritten."""
+    P, D = rows.shape[0], x.shape[1]
+    out = x.new_empty(P, D)
+    if P:
+        x = x.contiguous()
+        _gather_rows_kernel[(P, triton.cdiv(D, BLOCK))](x, rows.contiguous(), out, count, D, x.stride(0),
+                                                         out.stride(0), BLOCK=BLOCK)
     return out
 
 

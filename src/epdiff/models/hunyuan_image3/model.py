@@ -187,7 +187,18 @@ class HunyuanImage3Transformer(nn.Module):
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
+        self._step_counts = None
         return caches
+
+    def _step_token_counts(self, num_tokens: int) -> list[int] | None:
+        """Every token-group rank's rows per step. Fixed from one prefill to the next, so gathered
+        on the first step only (the gather reads the counts on the host)."""
+        if getattr(self, "_step_counts", None) is None:
+            self._step_counts = (num_tokens, token_counts_for(self.parallel, num_tokens, self.device))
+        elif self._step_counts[0] != num_tokens:
+            raise ValueError(f"{num_tokens} tokens in this step but {self._step_counts[0]} in the first step after "
+                             "prefill(): call prefill() again for a new batch")
+        return self._step_counts[1]
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
                 caches: list[KVCache]) -> torch.Tensor:
@@ -208,7 +219,7 @@ class HunyuanImage3Transformer(nn.Module):
         x = self._receive_or(embed, (B, local, self.config.hidden_size))
         rope_positions = torch.cat([positions[:1], local_chunk(positions[1:], sp, dim=0)])
         cos, sin = self._rope(rope_positions)
-        counts = token_counts_for(self.parallel, B * local, self.device)
+        counts = self._step_token_counts(B * local)
         for layer, cache in zip(self.model.layers.values(), caches):
             x = layer(x, cos[None], sin[None], cache, counts)
         velocity = None

@@ -1,0 +1,95 @@
+"""Where a denoising step's GPU time goes, on one GPU: kernel time by kind and the top kernels.
+
+    python benchmarks/profile_step.py --layers 8 --out results/
+
+The release-width model of step_scaling.py (dummy weights, 1024², guidance on: both branches in
+one batch), run in this process under torch.profiler for --steps steps after one warm-up
+request. Kernels are grouped by name into dense GEMM, grouped GEMM, attention, NCCL, Triton
+and the rest; the JSON holds per-kind milliseconds per step and the 30 longest kernels, and the
+step time with each of torch's attention backends forced in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.engine import ImageGenerator
+from epdiff.pipeline.text_to_image import TextToImagePipeline
+from step_scaling import release_width_model  # same folder
+
+KINDS = [  # first match wins
+    ("grouped GEMM", r"grouped|Grouped"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("NCCL", r"nccl"),
+    ("Triton", r"^triton|_kernel$"),
+    ("dense GEMM", r"gemm|cutlass|sm90|nvjet|xmma|cublas"),
+    ("conv", r"conv|implicit"),
+    ("norm", r"norm"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    generator = ImageGenerator(release_width_model(args.layers), load_format="dummy")
+    request = generator.request("a cup of coffee on the table", height=args.size, width=args.size,
+                                num_inference_steps=args.steps, guidance_scale=5.0, show_progress=False)
+    request.decode = False
+    pipe = TextToImagePipeline(request, ParallelState.single(device))
+    pipe()  # warm-up: allocator, kernels' first launches
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe()
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if event.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        by_kind[kind_of(event.key)] += us / 1e3 / args.steps
+        by_name[event.key] += us / 1e3 / args.steps
+    wall = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+    total = sum(by_kind.values())
+    print(f"step {wall:.1f} ms wall, {total:.1f} ms of kernels ({args.layers} layers, {args.size}², both branches)")
+    for kind, ms in by_kind.most_common():
+        print(f"  {kind:14s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
+    print("longest kernels (ms per step):")
+    for name, ms in by_name.most_common(30):
+        print(f"  {ms:8.2f}  {name[:150]}")
+    backends = {}
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                pipe()
+            backends[backend] = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+        except RuntimeError as e:
+            backends[backend] = f"unavailable: {str(e).splitlines()[0][:120]}"
+        print(f"attention backend {backend}: {backends[backend]} ms per step")
+    with open(os.path.join(args.out, "profile_step.json"), "w") as f:
+        json.dump(dict(layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,
+                       by_kind=dict(by_kind.most_common()), top=by_name.most_common(30),
+                       step_ms_by_attention_backend=backends), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
