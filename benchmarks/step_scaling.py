@@ -37,8 +37,6 @@ LAYOUTS = [  # (name, ParallelConfig kwargs)
     ("TP4+EP", dict(tensor_parallel_size=4, enable_expert_parallel=True)),
     ("CFG2×TP2+EP agrs", dict(cfg_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True)),
     ("CFG2×SP2+EP agrs", dict(cfg_parallel_size=2, sequence_parallel_size=2, enable_expert_parallel=True)),
-    ("CFG2×SP2+EP a2a", dict(cfg_parallel_size=2, sequence_parallel_size=2, enable_expert_parallel=True,
-                             all2all_backend="alltoall")),
     ("SP4+EP agrs", dict(sequence_parallel_size=4, enable_expert_parallel=True)),
 ]
 

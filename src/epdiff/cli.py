@@ -115,7 +115,8 @@ def cmd_train_tiny(args) -> int:
              "num_attention_heads": args.num_attention_heads, "moe_intermediate_size": args.moe_intermediate_size}
     train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
                args.device, args.seed, pool_size=args.pool_size, lr=args.lr,
-               model_size={k: v for k, v in sizes.items() if v is not None}, max_minutes=args.max_minutes)
+               model_size={k: v for k, v in sizes.items() if v is not None}, max_minutes=args.max_minutes,
+               init_from=args.init_from)
     return 0
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-size", type=int, default=8192, help="jittered training images rendered up front")
     p.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
+    p.add_argument("--init-from", default=None,
+                   help="a trained shapes model: keep its VAE (no VAE training) and continue its transformer")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="cap the whole run: the transformer takes as many of its steps as fit")
     for flag in ("hidden-size", "num-hidden-layers", "num-attention-heads", "moe-intermediate-size"):

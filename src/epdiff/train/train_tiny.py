@@ -12,20 +12,24 @@ Two stages, one process (GPU if present, slowly on CPU):
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..distributed.parallel_state import ParallelState
+from ..loader.safetensors_loader import SafetensorsCheckpoint
 from ..models.hunyuan_image3.config import HunyuanImage3Config
 from ..models.hunyuan_image3.make_tiny import save_release_format, tiny_config
 from ..models.hunyuan_image3.model import HunyuanImage3Transformer
 from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, build_tiny_tokenizer
 from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, vae_config_tiny
-from ..models.hunyuan_image3.weights import init_dummy_weights
+from ..models.hunyuan_image3.weights import init_dummy_weights, load_model
 from ..moe import Router
 from ..pipeline.resolution import snap
 from . import shapes
@@ -78,11 +82,48 @@ def train_vae(config: dict, steps: int, batch: int, device, pool: ImagePool, rng
     return vae.eval()
 
 
+def load_vae(model_dir: str, config: dict, device) -> AutoencoderKLConv3D:
+    """A shapes model's VAE, encoder included."""
+    vae = AutoencoderKLConv3D(config)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    vae.load_state_dict({name: ckpt.get(f"vae.{name}").full() for name in vae.state_dict()})
+    return vae.to(device).eval()
+
+
 @torch.no_grad()
 def encode_pool(vae, pool: ImagePool, batch: int = 64) -> torch.Tensor:
     """Posterior means of every pool image, in the diffusion model's latent space."""
     return torch.cat([vae.encode(pool.batch(range(i, min(i + batch, len(pool)))), sample_posterior=False)
                       for i in range(0, len(pool), batch)])
+
+
+@dataclass
+class PromptGroup:
+    """Pool images whose prompts have one length (a batch shares its positions), with the cond
+    and uncond prefixes of each, tokenized once."""
+    members: torch.Tensor  # [n] pool indices
+    cond: torch.Tensor  # [n, prefix] token ids before <timestep>
+    uncond: torch.Tensor
+    positions: torch.Tensor  # [prefix + 1 + image tokens, 2]
+
+
+def prompt_groups(pool: ImagePool, tokenizer, ratio: int, grid, base_size: int, device) -> list[PromptGroup]:
+    by_caption, by_length = {}, {}
+    for i, scene in enumerate(pool.scenes):
+        text = shapes.caption(scene)
+        if text not in by_caption:
+            ids = tokenizer.encode(text)
+            by_caption[text] = (tokenizer.build_sequence(ids, ratio, *grid, base_size),
+                                tokenizer.build_uncond_sequence(ids, ratio, *grid, base_size))
+        by_length.setdefault(by_caption[text][0].timestep_index, []).append((i, *by_caption[text]))
+    groups = []
+    for ts, items in by_length.items():
+        seq = items[0][1]
+        groups.append(PromptGroup(torch.tensor([i for i, _, _ in items], device=device),
+                                  torch.stack([c.input_ids[:ts] for _, c, _ in items]).to(device),
+                                  torch.stack([u.input_ids[:ts] for _, _, u in items]).to(device),
+                                  seq.positions[: seq.image_start + seq.image_len].to(device)))
+    return groups
 
 
 def load_balance_loss(model) -> tuple[list, callable]:
@@ -100,20 +141,23 @@ def load_balance_loss(model) -> tuple[list, callable]:
 
 
 def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: ImagePool, tokenizer, steps: int,
-                      batch: int, device, rng, log, lr: float = 3e-4, deadline: float | None = None):
+                      batch: int, device, rng, log, lr: float = 3e-4, deadline: float | None = None,
+                      init_from: str | None = None):
     """Flow-matching training; with a deadline (time.time() value), the step count is cut, once
-    the first steps are timed, to what fits before it (the schedule follows the new count)."""
-    model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
-    init_dummy_weights(model, seed=rng.randrange(2**31))
+    the first steps are timed, to what fits before it (the schedule follows the new count).
+    init_from: a checkpoint of this config to continue from (else random weights)."""
+    if init_from:
+        model, _ = load_model(init_from, ParallelState.single(device), torch.float32, device, config=config)
+    else:
+        model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
+        init_dummy_weights(model, seed=rng.randrange(2**31))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ratio, height, width = snap(IMAGE_SIZE, IMAGE_SIZE, config.image_base_size, config.vae_factor)
     grid = (height // config.vae_factor, width // config.vae_factor)
     balance_terms, _ = load_balance_loss(model)
-    by_length = {}
-    for i, s in enumerate(pool.scenes):  # one batch = one prompt length (positions are shared by the batch)
-        by_length.setdefault(len(tokenizer.encode(shapes.caption(s))), []).append(i)
-    groups = list(by_length.values())
+    groups = prompt_groups(pool, tokenizer, ratio, grid, config.image_base_size, device)
+    weights = [len(g.members) for g in groups]
     timed_from, timed_to = 10, 40
     step = 0
     while step < steps:
@@ -128,22 +172,18 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
             if fit < steps:
                 log(f"{per_step * 1e3:.1f} ms per step: {fit} of {steps} steps fit before the deadline")
                 steps = fit
-        group = rng.choices(groups, weights=[len(g) for g in groups])[0]
-        chosen = [rng.choice(group) for _ in range(batch)]
-        x0 = latents[torch.as_tensor(chosen, device=latents.device)]
-        seqs = []
-        for s in (pool.scenes[i] for i in chosen):
-            ids = tokenizer.encode(shapes.caption(s))
-            build = tokenizer.build_uncond_sequence if rng.random() < 0.1 else tokenizer.build_sequence
-            seqs.append(build(ids, ratio, *grid, config.image_base_size))
-        ts = seqs[0].timestep_index
-        prefix = torch.stack([q.input_ids[:ts] for q in seqs])
+        group = rng.choices(groups, weights=weights)[0]
+        chosen = torch.as_tensor([rng.randrange(len(group.members)) for _ in range(batch)], device=device)
+        x0 = latents[group.members[chosen]]
+        dropped = torch.rand(batch, device=device) < 0.1  # the prompt becomes <cfg> tokens
+        prefix = torch.where(dropped[:, None], group.uncond[chosen], group.cond[chosen])
+        ts = prefix.shape[1]
         sigma = torch.sigmoid(torch.randn(batch, device=device))
         noise = torch.randn_like(x0)
         x_sigma = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         balance_terms.clear()
-        caches = model.prefill(prefix, seqs[0].positions[:ts])
-        v = model(x_sigma, sigma * 1000, seqs[0].positions[ts: seqs[0].image_start + seqs[0].image_len], caches)
+        caches = model.prefill(prefix, group.positions[:ts])
+        v = model(x_sigma, sigma * 1000, group.positions[ts:], caches)
         flow = F.mse_loss(v.float(), noise - x0)
         balance = torch.stack(balance_terms).mean()
         loss = flow + 0.01 * balance
@@ -170,9 +210,12 @@ def sync(device: torch.device):
 
 def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
                batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192,
-               lr: float = 3e-4, model_size: dict | None = None, max_minutes: float | None = None) -> str:
+               lr: float = 3e-4, model_size: dict | None = None, max_minutes: float | None = None,
+               init_from: str | None = None) -> str:
     """Train and write the shapes model. model_size overrides MODEL_SIZE's keys; max_minutes caps
-    the whole run (the transformer stage takes as many steps as fit, up to transformer_steps)."""
+    the whole run (the transformer stage takes as many steps as fit, up to transformer_steps).
+    init_from: a trained shapes model whose VAE is kept (no VAE training) and whose transformer
+    training continues (its size wins over model_size)."""
     start = time.time()
     deadline = None if max_minutes is None else start + 60 * max_minutes - 30  # 30 s to write the files
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -186,12 +229,17 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
     pool = ImagePool(train, pool_size, rng, device)
     log(f"rendered {len(pool)} training images in {time.time() - start:.0f} s")
-    vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
-    cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **{**MODEL_SIZE, **(model_size or {})})
+    if init_from:
+        with open(os.path.join(init_from, "config.json")) as f:
+            cfg = json.load(f)
+        vae, vae_steps = load_vae(init_from, cfg["vae"], device), 0
+    else:
+        vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
+        cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **{**MODEL_SIZE, **(model_size or {})})
     config = HunyuanImage3Config.from_dict(cfg)
     latents = encode_pool(vae, pool)
     model, steps = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log,
-                                     lr=lr, deadline=deadline)
+                                     lr=lr, deadline=deadline, init_from=init_from)
     # 4 shards: each under the 16 MiB a device run can send back
     save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=4, seed=seed, generation=GENERATION)
     log(f"trained in {time.time() - start:.0f} s on {device} ({vae_steps} VAE steps at batch {vae_batch}, "
