@@ -123,24 +123,15 @@ def cmd_train_tiny(args) -> int:
 def cmd_score(args) -> int:
     """Generate the held-out prompts and check each image's shapes, colours and positions."""
     from .engine import ImageGenerator
-    from .train import checker, shapes
+    from .train.score import score_heldout
 
-    _, heldout = shapes.split_scenes()
-    captions = [shapes.caption(s) for s in heldout][: args.num_prompts]
     generator = ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args)))
-    request = generator.request(captions, num_inference_steps=args.num_inference_steps,
-                                guidance_scale=args.guidance_scale, seed=args.seed, show_progress=False)
-    out = generator.run(request, routing_stats=True)
-    if out is None:
+    summary = score_heldout(generator, args.num_prompts, args.num_inference_steps, args.guidance_scale, args.seed)
+    if summary is None:
         return 0
-    from PIL import Image
-
-    images = [Image.fromarray(pixels.numpy()) for _, _, _, _, pixels in out["images"]]
-    summary = checker.score_images(list(zip(captions, images)))
     print(summary["report"])
-    for stage in out["routing"]:
-        idle = sum(1 for layer in stage["tokens_per_expert"] for n in layer if n == 0)
-        print(f"routing, stage {stage['stage']}: {idle} (layer, expert) pairs received no token")
+    for stage, idle in summary["idle_experts"].items():
+        print(f"routing, stage {stage}: {idle} (layer, expert) pairs received no token")
     return 0
 
 
