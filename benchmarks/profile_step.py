@@ -27,12 +27,12 @@ from epdiff.pipeline.text_to_image import TextToImagePipeline
 from step_scaling import release_width_model  # same folder
 
 KINDS = [  # first match wins
-    ("grouped GEMM", r"grouped|Grouped"),
-    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("grouped GEMM", r"grouped|Grouped|GroupProblemShape"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("conv", r"fprop|conv|implicit|nchwToNhwc|nhwcToNchw"),
     ("NCCL", r"nccl"),
     ("Triton", r"^triton|_kernel$"),
     ("dense GEMM", r"gemm|cutlass|sm90|nvjet|xmma|cublas"),
-    ("conv", r"conv|implicit"),
     ("norm", r"norm"),
 ]
 
@@ -85,10 +85,17 @@ def main():
         except RuntimeError as e:
             backends[backend] = f"unavailable: {str(e).splitlines()[0][:120]}"
         print(f"attention backend {backend}: {backends[backend]} ms per step")
+    unet = {}
+    for fmt in ("contiguous_format", "channels_last"):  # the UNet convolutions' weight layout
+        for module in (pipe.transformer.patch_embed, pipe.transformer.final_layer):
+            module.to(memory_format=getattr(torch, fmt))
+        pipe()
+        unet[fmt] = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+        print(f"UNet weights {fmt}: {unet[fmt]:.1f} ms per step")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:
         json.dump(dict(layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,
                        by_kind=dict(by_kind.most_common()), top=by_name.most_common(30),
-                       step_ms_by_attention_backend=backends), f, indent=1)
+                       step_ms_by_attention_backend=backends, step_ms_by_unet_layout=unet), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from epdiff.layers.mlp import swiglu_up_gate
-from epdiff.moe import kernels
+from epdiff import kernels
+from epdiff.kernels import moe as moe_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
                                                   reason="needs CUDA and Triton")]
@@ -15,7 +16,7 @@ def test_swiglu_weight_matches_eager():
     fused = torch.randn(1000, 2 * 1500, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(1000, device="cuda")
     expect = swiglu_up_gate(fused.float()) * w[:, None]
-    got = kernels.swiglu_weight(fused, w)
+    got = moe_kernels.swiglu_weight(fused, w)
     torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=1e-2)
 
 
@@ -26,7 +27,7 @@ def test_combine_sums_each_tokens_slots():
     slot_to_row = torch.randperm(T * k, device="cuda")
     slot_to_row[::3] = -1  # slots computed on another rank
     expect = torch.where((slot_to_row >= 0)[:, None], rows.float()[slot_to_row.clamp_min(0)], 0).view(T, k, D).sum(1)
-    got = kernels.combine(rows, slot_to_row, T, k)
+    got = moe_kernels.combine(rows, slot_to_row, T, k)
     torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=2e-2)
 
 
@@ -35,11 +36,11 @@ def test_count_limits_the_rows_written():
     x = torch.randn(50, 700, device="cuda", dtype=torch.bfloat16)
     rows = torch.randint(0, 50, (120,), device="cuda")
     count = torch.tensor([77], dtype=torch.int32, device="cuda")
-    got = kernels.gather_rows(x, rows, count)
+    got = moe_kernels.gather_rows(x, rows, count)
     torch.testing.assert_close(got[:77], x[rows[:77]], rtol=0, atol=0)
     fused = torch.randn(120, 2 * 300, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(120, device="cuda")
-    partial = kernels.swiglu_weight(fused, w, count)
+    partial = moe_kernels.swiglu_weight(fused, w, count)
     torch.testing.assert_close(partial[:77].float(), swiglu_up_gate(fused[:77].float()) * w[:77, None],
                                rtol=1e-2, atol=1e-2)
 
@@ -68,3 +69,38 @@ def test_grouped_experts_need_no_host_sync():
     y_loop, counts_loop = loop(x, ids, w)
     assert torch.equal(counts, counts_loop)
     torch.testing.assert_close(y.float(), y_loop.float(), rtol=2e-2, atol=2e-2)
+
+
+@torch.inference_mode()
+def test_rms_norm_with_and_without_residual_matches_eager():
+    from epdiff.kernels import norm as norm_kernels
+    from epdiff.layers.norm import RMSNorm
+
+    norm = RMSNorm(4096, 1e-5, dtype=torch.bfloat16, device="cuda")
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(3, 77, 4096, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    torch.testing.assert_close(norm_kernels.rms_norm(x, norm.weight, 1e-5), norm._eager(x), rtol=1.6e-2, atol=1e-2)
+    out, total = norm_kernels.rms_norm(x, norm.weight, 1e-5, residual=r)
+    assert torch.equal(total, x + r)  # the sum is rounded exactly as eager's add
+    torch.testing.assert_close(out, norm._eager(x + r), rtol=1.6e-2, atol=1e-2)
+
+
+@torch.inference_mode()
+def test_rope_qk_norm_matches_eager():
+    from epdiff.kernels import norm as norm_kernels
+    from epdiff.layers.norm import RMSNorm
+    from epdiff.layers.rotary import apply_rope, rope_2d
+
+    B, S, kv, group, D = 2, 37, 4, 3, 128
+    qkv = torch.randn(B, S, kv, group + 2, D, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, 64, (S, 2), device="cuda")
+    cos, sin = rope_2d(positions, D)
+    q_norm, k_norm = (RMSNorm(D, 1e-5, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    torch.nn.init.normal_(q_norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(k_norm.weight, 1.0, 0.1)
+    q, k = norm_kernels.rope_qk_norm(qkv, cos[None], sin[None], q_norm.weight, k_norm.weight, 1e-5)
+    q_ref = q_norm._eager(apply_rope(qkv[:, :, :, :group].reshape(B, S, kv * group, D), cos[None], sin[None]))
+    k_ref = k_norm._eager(apply_rope(qkv[:, :, :, group], cos[None], sin[None]))
+    torch.testing.assert_close(q, q_ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(k, k_ref, rtol=1.6e-2, atol=1e-2)

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..distributed.parallel_state import Group
+from ..kernels import norm as norm_kernels
 from ..distributed.sequence_parallel import gather_heads, scatter_heads
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .norm import RMSNorm
@@ -58,6 +60,10 @@ class Attention(nn.Module):
     def _qkv(self, x, cos, sin):
         B, S, _ = x.shape
         qkv = self.qkv_proj(x).view(B, S, self.kv_heads, self.group_size + 2, self.head_dim)
+        if kernels.available(qkv) and norm_kernels.rope_qk_norm_supported(qkv):
+            q, k = norm_kernels.rope_qk_norm(qkv, cos, sin, self.query_layernorm.weight, self.key_layernorm.weight,
+                                             self.query_layernorm.eps)
+            return q, k, qkv[:, :, :, self.group_size + 1]
         q = qkv[:, :, :, : self.group_size].reshape(B, S, self.kv_heads * self.group_size, self.head_dim)
         k, v = qkv[:, :, :, self.group_size], qkv[:, :, :, self.group_size + 1]
         q = self.query_layernorm(apply_rope(q, cos, sin))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.mlp import swiglu_up_gate
-from . import kernels
+from .. import kernels
+from ..kernels import moe as moe_kernels
 
 EXPERT_KERNELS = ("auto", "grouped_mm", "loop")
 
@@ -78,11 +79,11 @@ class GroupedExperts(nn.Module):
         is_local = row_index < num_pairs
         w13, w2 = self.w13.transpose(-2, -1), self.w2.transpose(-2, -1)
         if kernels.available(x):
-            h = kernels.gather_rows(x, rows, num_pairs)
-            out = _grouped_mm(kernels.swiglu_weight(_grouped_mm(h, w13, offs), w, num_pairs), w2, offs)
+            h = moe_kernels.gather_rows(x, rows, num_pairs)
+            out = _grouped_mm(moe_kernels.swiglu_weight(_grouped_mm(h, w13, offs), w, num_pairs), w2, offs)
             slot_to_row = torch.empty_like(order)
             slot_to_row[order] = torch.where(is_local, row_index, -1)
-            return kernels.combine(out, slot_to_row, x.shape[0], k)
+            return moe_kernels.combine(out, slot_to_row, x.shape[0], k)
         out = _grouped_mm(self._weighted_activation(_grouped_mm(x[rows], w13, offs), w), w2, offs)
         # Rows past the local pairs were never written: select (not multiply) them away.
         return self._sum_slots(torch.where(is_local[:, None], out, 0), order, x.shape[0], k)

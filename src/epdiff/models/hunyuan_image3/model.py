@@ -102,7 +102,7 @@ class UNetUp(nn.Module):
                                                   conv3x3(mid, latent_channels, dtype, device))])
 
     def forward(self, tokens, emb, grid):
-        h = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid).contiguous()
+        h = tokens.unflatten(1, grid).permute(0, 3, 1, 2)  # [B, hidden, h, w], channels-last strides
         return self.model[1](self.model[0](h, emb))
 
 
@@ -121,18 +121,17 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(c.hidden_size, c.moe_intermediate_size[index], parallel.tp, **kw)
 
-    def _mlp(self, x, token_counts):
-        h = self.post_attention_layernorm(x)
+    def _mlp(self, h, token_counts):
         return self.mlp(h, token_counts) if isinstance(self.mlp, MoELayer) else self.mlp(h)
 
     def prefill(self, x, cos, sin, token_counts):
         attn, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin)
-        x = x + attn
-        return x + self._mlp(x, token_counts), cache
+        h, x = self.post_attention_layernorm(attn, residual=x)
+        return x + self._mlp(h, token_counts), cache
 
     def forward(self, x, cos, sin, cache, token_counts):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self._mlp(x, token_counts)
+        h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache), residual=x)
+        return x + self._mlp(h, token_counts)
 
 
 class Backbone(nn.Module):
@@ -155,13 +154,17 @@ class HunyuanImage3Transformer(nn.Module):
         self.link = StageLink(parallel.pp)
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
         self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device)
+        # The UNet convolutions keep channels-last weights: cuDNN then runs Hopper NHWC kernels, and
+        # the image's [B, C, h, w] <-> [B, h·w, C] token views need no transposing copies.
         if self.link.is_first:
             self.timestep_emb = TimestepEmbedder(c.hidden_size, **kw)
             self.time_embed = TimestepEmbedder(c.hidden_size, **kw)
-            self.patch_embed = UNetDown(c.latent_channels, c.patch_embed_hidden_dim, c.hidden_size, **kw)
+            self.patch_embed = UNetDown(c.latent_channels, c.patch_embed_hidden_dim, c.hidden_size,
+                                        **kw).to(memory_format=torch.channels_last)
         if self.link.is_last:
             self.time_embed_2 = TimestepEmbedder(c.hidden_size, **kw)
-            self.final_layer = UNetUp(c.hidden_size, c.patch_embed_hidden_dim, c.latent_channels, **kw)
+            self.final_layer = UNetUp(c.hidden_size, c.patch_embed_hidden_dim, c.latent_channels,
+                                      **kw).to(memory_format=torch.channels_last)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

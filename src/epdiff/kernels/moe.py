@@ -1,4 +1,4 @@
-"""Fused element-wise steps of the expert path, in Triton, for CUDA.
+"""Fused element-wise steps of the expert path.
 
 Measured on an H200 at HunyuanImage-3.0 shapes (65,536 routed rows, benchmarks/expert_pieces.py):
 SwiGLU + routing weight in eager PyTorch took 2.7 ms and the per-slot combine 1.8 ms for
@@ -10,19 +10,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from . import tl, triton
 
 BLOCK = 1024
-
-
-def available(x: torch.Tensor) -> bool:
-    """On CUDA with Triton, for inference (the kernels have no backward)."""
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
-
 
 if triton is not None:
 

@@ -1,0 +1,22 @@
+"""Triton kernels for the memory-bound steps around the GEMMs (CUDA inference only).
+
+Each kernel reads its inputs once and writes its outputs once where eager PyTorch makes several
+passes (fp32 upcasts, temporaries). Callers check `available(x)` and otherwise run the eager
+code, which is the reference the GPU tests compare against; CPU, training and installs without
+Triton always take the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = tl = None
+
+
+def available(x: torch.Tensor) -> bool:
+    """On CUDA with Triton, for inference (the kernels have no backward)."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
