@@ -100,7 +100,7 @@ def main():
         "grouped GEMM 2 (w2 pre-transposed)": timed(lambda: _grouped_mm(act, w2t, offs), a.iters),
         "combine (per-slot scatter + sum over k)": timed(combine, a.iters),
         "combine (index_add fp32)": timed(lambda: torch.zeros(T, D, device=dev).index_add_(0, rows, out.float()), a.iters),
-        "SwiGLU + weight, Triton": timed(lambda: moe_kernels.swiglu_weight(g1, ws.flatten()), a.iters),
+        "SwiGLU + weight, Triton": timed(lambda: moe_kernels.swiglu(g1, ws.flatten()), a.iters),
         "combine, Triton": timed(lambda: moe_kernels.combine(out, slot_to_row, T, k), a.iters),
         "ceiling: GEMM1 + SwiGLU + GEMM2 on sorted rows": timed(
             lambda: _grouped_mm(swiglu_up_gate(_grouped_mm(h, w13t, offs)), w2t, offs), a.iters),

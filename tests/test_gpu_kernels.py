@@ -1,23 +1,30 @@
-"""GPU: the fused Triton element-wise kernels of the expert path against eager PyTorch."""
+"""GPU: the Triton kernels (expert path, SwiGLU, norms, RoPE) against eager PyTorch."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from epdiff.layers.mlp import swiglu_up_gate
 from epdiff import kernels
 from epdiff.kernels import moe as moe_kernels
+
+
+def eager_swiglu(fused: torch.Tensor) -> torch.Tensor:
+    up, gate = fused.float().chunk(2, dim=-1)
+    return up * F.silu(gate)
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
                                                   reason="needs CUDA and Triton")]
 
 
 @torch.inference_mode()
-def test_swiglu_weight_matches_eager():
+def test_swiglu_with_and_without_weight_matches_eager():
     fused = torch.randn(1000, 2 * 1500, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(1000, device="cuda")
-    expect = swiglu_up_gate(fused.float()) * w[:, None]
-    got = moe_kernels.swiglu_weight(fused, w)
+    expect = eager_swiglu(fused) * w[:, None]
+    got = moe_kernels.swiglu(fused, w)
     torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(moe_kernels.swiglu(fused).float(), eager_swiglu(fused), rtol=1e-2, atol=1e-2)
 
 
 @torch.inference_mode()
@@ -40,8 +47,8 @@ def test_count_limits_the_rows_written():
     torch.testing.assert_close(got[:77], x[rows[:77]], rtol=0, atol=0)
     fused = torch.randn(120, 2 * 300, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(120, device="cuda")
-    partial = moe_kernels.swiglu_weight(fused, w, count)
-    torch.testing.assert_close(partial[:77].float(), swiglu_up_gate(fused[:77].float()) * w[:77, None],
+    partial = moe_kernels.swiglu(fused, w, count)
+    torch.testing.assert_close(partial[:77].float(), eager_swiglu(fused[:77]) * w[:77, None],
                                rtol=1e-2, atol=1e-2)
 
 

@@ -3,7 +3,8 @@
 Measured on an H200 at HunyuanImage-3.0 shapes (65,536 routed rows, benchmarks/expert_pieces.py):
 SwiGLU + routing weight in eager PyTorch took 2.7 ms and the per-slot combine 1.8 ms for
 ~1.2 GB and ~0.6 GB of necessary traffic. Each kernel here reads its inputs once and writes its
-output once. Elsewhere (CPU, no Triton) the eager versions in experts.py run.
+output once. Elsewhere (CPU, no Triton) the eager versions in experts.py run. `swiglu` without a
+weight also serves the dense and shared-expert MLPs.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ BLOCK = 1024
 if triton is not None:
 
     @triton.jit
-    def _swiglu_weight_kernel(fused_ptr, weight_ptr, out_ptr, count_ptr, width, fused_stride, out_stride,
-                              BLOCK: tl.constexpr):
+    def _swiglu_kernel(fused_ptr, weight_ptr, out_ptr, count_ptr, width, fused_stride, out_stride,
+                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = (cols < width) & (row < tl.load(count_ptr))
         up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(weight_ptr + row).to(tl.float32)
-        y = up * gate * tl.sigmoid(gate) * w
+        y = up * gate * tl.sigmoid(gate)
+        if HAS_WEIGHT:
+            y = y * tl.load(weight_ptr + row).to(tl.float32)
         tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -55,18 +57,19 @@ def _count(count: torch.Tensor | None, rows: int, device) -> torch.Tensor:
     return torch.full((1,), rows, dtype=torch.int32, device=device) if count is None else count
 
 
-def swiglu_weight(fused: torch.Tensor, weight: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
-    """fused [P, 2I] laid out [up; gate], weight [P] -> up·silu(gate)·weight [P, I], fp32 math.
-    count (a 1-element device tensor): only the first count rows are computed, the rest of the
-    output is left unwritten."""
+def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """fused [P, 2I] laid out [up; gate] -> up·silu(gate) [P, I], times weight [P] if given, fp32
+    math. count (a 1-element device tensor): only the first count rows are computed, the rest
+    of the output is left unwritten."""
     P, two_i = fused.shape
     width = two_i // 2
     out = fused.new_empty(P, width)
     if P:
         fused = fused.contiguous()
-        _swiglu_weight_kernel[(P, triton.cdiv(width, BLOCK))](fused, weight.contiguous(), out,
-                                                               _count(count, P, fused.device), width,
-                                                               fused.stride(0), out.stride(0), BLOCK=BLOCK)
+        _swiglu_kernel[(P, triton.cdiv(width, BLOCK))](fused, fused if weight is None else weight.contiguous(), out,
+                                                        _count(count, P, fused.device), width, fused.stride(0),
+                                                        out.stride(0), HAS_WEIGHT=weight is not None, BLOCK=BLOCK)
     return out
 
 

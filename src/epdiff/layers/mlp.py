@@ -6,12 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..distributed.parallel_state import Group
+from ..kernels import moe as moe_kernels
 from .linear import ColumnParallelLinear, RowParallelLinear
 
 
 def swiglu_up_gate(fused: torch.Tensor) -> torch.Tensor:
     """[.., 2I] laid out [up; gate] -> up * silu(gate) (the activation is on the second half)."""
+    if kernels.available(fused):
+        return moe_kernels.swiglu(fused.reshape(-1, fused.shape[-1])).view(*fused.shape[:-1], -1)
     up, gate = fused.chunk(2, dim=-1)
     return up * F.silu(gate)
 

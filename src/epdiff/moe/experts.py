@@ -80,7 +80,7 @@ class GroupedExperts(nn.Module):
         w13, w2 = self.w13.transpose(-2, -1), self.w2.transpose(-2, -1)
         if kernels.available(x):
             h = moe_kernels.gather_rows(x, rows, num_pairs)
-            out = _grouped_mm(moe_kernels.swiglu_weight(_grouped_mm(h, w13, offs), w, num_pairs), w2, offs)
+            out = _grouped_mm(moe_kernels.swiglu(_grouped_mm(h, w13, offs), w, num_pairs), w2, offs)
             slot_to_row = torch.empty_like(order)
             slot_to_row[order] = torch.where(is_local, row_index, -1)
             return moe_kernels.combine(out, slot_to_row, x.shape[0], k)
