@@ -4,8 +4,8 @@
 
 A release-width HunyuanImage-3.0 (hidden 4096, 64 experts top-8) cut to --layers so that it fits
 on one GPU, dummy weights, 1024×1024, guidance on. Per layout: mean step time over steps 2..N
-(the first includes the text prefill and warm-up), model FLOP utilisation against the dense bf16
-matmul rate measured in the same run, and peak memory per GPU. Writes step_scaling_<layers>layers.json and,
+(the first includes warm-up), model FLOP utilisation (`step_flops`) against the dense bf16 matmul
+rate measured in the same run, and peak memory per GPU. Writes step_scaling_<layers>layers.json and,
 where matplotlib is installed, step_scaling_<layers>layers.png.
 """
 
@@ -51,8 +51,10 @@ def release_width_model(layers: int) -> str:
 
 
 def step_flops(config: HunyuanImage3Config, image_tokens: int, prefix_tokens: int, branches: int) -> float:
-    """Matmul FLOPs of one denoising step (all layers, all branches); the UNet patch embedding,
-    final layer and element-wise work are left out."""
+    """Matmul and convolution FLOPs of one denoising step (all layers, all branches): projections,
+    router, routed and shared experts, attention of <timestep> and the image queries, and the UNet
+    convolutions of patch_embed and final_layer (2 FLOP per weight per pixel). Element-wise work
+    (norms, RoPE, activations, GroupNorm) is left out."""
     D, hd, H, KV = config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads
     tokens = image_tokens + 1  # <timestep> + image
     total = 0.0
@@ -61,8 +63,12 @@ def step_flops(config: HunyuanImage3Config, image_tokens: int, prefix_tokens: in
         per_token = (2 * D * (H + 2 * KV) * hd + 2 * H * hd * D  # qkv, o
                      + 2 * D * config.num_experts  # router
                      + (k * 6 * D * I) + 6 * D * config.shared_intermediate_size(layer))  # experts, shared
-        attention = 4 * H * hd * image_tokens * (prefix_tokens + tokens)  # QK^T and PV of image queries
+        attention = 4 * H * hd * tokens * (prefix_tokens + tokens)  # QK^T and PV
         total += tokens * per_token + attention
+    C, mid = config.latent_channels, config.patch_embed_hidden_dim
+    unet_weights = (9 * C * mid + 9 * mid * D + 9 * D * D + mid * D  # patch_embed: conv, ResBlock (+ 1×1 skip)
+                    + 9 * D * mid + 9 * mid * mid + D * mid + 9 * mid * C)  # final_layer: ResBlock, conv
+    total += 2 * unet_weights * image_tokens
     return total * branches
 
 

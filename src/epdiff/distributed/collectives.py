@@ -46,16 +46,38 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, pad])
 
 
-def all_gather_rows(x: torch.Tensor, group: Group, counts: list[int]) -> torch.Tensor:
-    """Concatenation of every rank's rows, in group order. counts[i] = rows of rank i."""
+class Pending:
+    """A collective in flight. wait() returns its result; on NCCL the current stream waits for
+    it, not the host, so work issued before wait() overlaps the communication."""
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    @classmethod
+    def done(cls, value):
+        return cls(None, lambda: value)
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        return self.finish()
+
+
+def all_gather_rows_async(x: torch.Tensor, group: Group, counts: list[int]) -> Pending:
+    """Concatenation of every rank's rows, in group order (counts[i] = rows of rank i), in flight."""
     if group.size == 1:
-        return x
+        return Pending.done(x)
     most = max(counts)
     out = x.new_empty((group.size * most,) + tuple(x.shape[1:]))
-    _all_gather_single(out, _pad_rows(x, most), group=group.group)
+    work = _all_gather_single(out, _pad_rows(x, most), group=group.group, async_op=True)
     if all(c == most for c in counts):
-        return out
-    return torch.cat([out[i * most: i * most + c] for i, c in enumerate(counts)])
+        return Pending(work, lambda: out)
+    return Pending(work, lambda: torch.cat([out[i * most: i * most + c] for i, c in enumerate(counts)]))
+
+
+def all_gather_rows(x: torch.Tensor, group: Group, counts: list[int]) -> torch.Tensor:
+    """Concatenation of every rank's rows, in group order. counts[i] = rows of rank i."""
+    return all_gather_rows_async(x, group, counts).wait()
 
 
 def reduce_scatter_rows(y: torch.Tensor, group: Group, counts: list[int]) -> torch.Tensor:
@@ -70,15 +92,21 @@ def reduce_scatter_rows(y: torch.Tensor, group: Group, counts: list[int]) -> tor
     return out[: counts[group.rank]]
 
 
+def all_to_all_rows_async(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                          group: Group) -> Pending:
+    """Rows send_counts[i] of x (in order) go to rank i; the rows received, by source, in flight."""
+    if group.size == 1:
+        return Pending.done(x)
+    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts,
+                                  input_split_sizes=send_counts, group=group.group, async_op=True)
+    return Pending(work, lambda: out)
+
+
 def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                     group: Group) -> torch.Tensor:
     """Rows send_counts[i] of x (in order) go to rank i; returns the rows received, by source."""
-    if group.size == 1:
-        return x
-    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts,
-                           input_split_sizes=send_counts, group=group.group)
-    return out
+    return all_to_all_rows_async(x, send_counts, recv_counts, group).wait()
 
 
 def exchange_counts(send_counts: torch.Tensor, group: Group) -> torch.Tensor:

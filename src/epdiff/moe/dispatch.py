@@ -6,6 +6,9 @@ Every backend has two halves around the expert compute:
     y_rows, load = experts(rows, local_ids, weights)
     partial = dispatcher.combine(y_rows, handle)
 
+`start_dispatch` is the same first half left in flight (`.wait()` gives dispatch's result), so the
+caller can compute something that needs no routed tokens (the shared expert) meanwhile.
+
 `partial` is this rank's share of the routed output for its own tokens; the MoE layer's one TP
 all-reduce completes it.
 """
@@ -36,12 +39,20 @@ class Placement:
         return self
 
 
-class LocalDispatch:
+class Dispatcher:
+    def start_dispatch(self, x, ids, weights, placement: Placement, token_counts=None) -> C.Pending:
+        raise NotImplementedError
+
+    def dispatch(self, x, ids, weights, placement: Placement, token_counts=None):
+        return self.start_dispatch(x, ids, weights, placement, token_counts).wait()
+
+
+class LocalDispatch(Dispatcher):
     """No token movement: every rank applies its experts to its own tokens. Used when EP is off
     (experts TP-sharded) and when EP spans only the TP group (tokens already on every rank)."""
 
-    def dispatch(self, x, ids, weights, placement: Placement, token_counts=None):
-        return x, placement.expert_map[ids], weights, None
+    def start_dispatch(self, x, ids, weights, placement: Placement, token_counts=None) -> C.Pending:
+        return C.Pending.done((x, placement.expert_map[ids], weights, None))
 
     def combine(self, y, handle):
         return y
@@ -57,24 +68,28 @@ def _unpack(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return meta[:, :k].long(), meta[:, k:]
 
 
-class AllGatherReduceScatter:
+class AllGatherReduceScatter(Dispatcher):
     """All-gather tokens and routing over the token group; each rank applies its experts to every
     gathered token; reduce-scatter the partial sums back."""
 
     def __init__(self, parallel: ParallelState):
         self.group = parallel.token
 
-    def dispatch(self, x, ids, weights, placement, token_counts=None):
+    def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         counts = token_counts if token_counts is not None else C.gather_counts(x.shape[0], self.group, x.device)
-        x_all = C.all_gather_rows(x, self.group, counts)
-        ids_all, w_all = _unpack(C.all_gather_rows(_pack(ids, weights), self.group, counts))
-        return x_all, placement.expert_map[ids_all], w_all, counts
+        x_all = C.all_gather_rows_async(x, self.group, counts)
+        meta = C.all_gather_rows_async(_pack(ids, weights), self.group, counts)
+
+        def finish():
+            ids_all, w_all = _unpack(meta.wait())
+            return x_all.wait(), placement.expert_map[ids_all], w_all, counts
+        return C.Pending(None, finish)
 
     def combine(self, y_all, counts):
         return C.reduce_scatter_rows(y_all, self.group, counts)
 
 
-class AllToAll:
+class AllToAll(Dispatcher):
     """Each token goes once to every EP rank that holds one of its experts; results come back
     and are added at the owner. TP ranks hold the same tokens, so TP rank t sends only its
     t-th chunk of them, and the MoE's TP all-reduce assembles the chunks."""
@@ -82,7 +97,7 @@ class AllToAll:
     def __init__(self, parallel: ParallelState):
         self.group, self.tp = parallel.ep, parallel.tp
 
-    def dispatch(self, x, ids, weights, placement, token_counts=None):
+    def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         lo, hi = C.even_chunk(x.shape[0], self.tp.rank, self.tp.size)
         x_own, ids_own, w_own = x[lo:hi], ids[lo:hi], weights[lo:hi]
         dest = placement.owner[ids_own]  # [To, k] EP rank of each choice
@@ -97,9 +112,13 @@ class AllToAll:
         on_dst = goes[tok, dst]  # [S, k]: which of the token's choices live on that rank
         meta = _pack(torch.where(on_dst, placement.local_index[ids_own[tok]], -1),
                      torch.where(on_dst, w_own[tok], 0.0))
-        x_recv = C.all_to_all_rows(x_own[tok], send_list, recv_list, self.group)
-        local_ids, w_recv = _unpack(C.all_to_all_rows(meta, send_list, recv_list, self.group))
-        return x_recv, local_ids, w_recv, (x.shape, lo, tok, send_list, recv_list)
+        x_recv = C.all_to_all_rows_async(x_own[tok], send_list, recv_list, self.group)
+        meta_recv = C.all_to_all_rows_async(meta, send_list, recv_list, self.group)
+
+        def finish():
+            local_ids, w_recv = _unpack(meta_recv.wait())
+            return x_recv.wait(), local_ids, w_recv, (x.shape, lo, tok, send_list, recv_list)
+        return C.Pending(None, finish)
 
     def combine(self, y_recv, handle):
         shape, lo, tok, send_list, recv_list = handle

@@ -59,12 +59,14 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, weights = self.gate(x)
-        rows, local_ids, row_weights, handle = self.dispatch.dispatch(x, ids, weights, self.placement, token_counts)
+        pending = self.dispatch.start_dispatch(x, ids, weights, self.placement, token_counts)
+        shared = self.shared_mlp(x) if self.shared_mlp is not None else None  # while the tokens travel
+        rows, local_ids, row_weights, handle = pending.wait()
         y, load = self.experts(rows, local_ids, row_weights)
         out = self.dispatch.combine(y, handle)
         self.expert_load.index_add_(0, self.placement.global_ids, load)
-        if self.shared_mlp is not None:
-            out = out + self.shared_mlp(x)
+        if shared is not None:
+            out = out + shared
         return all_reduce(out, self.parallel.tp).reshape(shape)
 
     # -- weight loading (names relative to the block; release layout) ------------------------
