@@ -25,14 +25,14 @@ for section in "$@"; do
   release)  # the whole release size (does not fit one GPU): EP over 2 and 4 GPUs
     timeout 400 python3 benchmarks/step_scaling.py --layers 32 --steps 5 --out $OUT \
       --layouts "${RELEASE_LAYOUTS:-CFG2+EP agrs,CFG2×TP2+EP agrs}" 2>&1 | grep -v "^{" | tail -8 ;;
-  tiny)  # the shipped model: one GPU against two (EP on), bf16, PSNR
+  tiny)  # the shipped model: one GPU against two (EP on), bf16, PSNR (images stay on the machine)
     T="--prompt 'a small red circle on the left' --num-inference-steps 10 --seed 1234 --dtype bfloat16 --no-progress"
-    eval timeout 100 $EP generate $T --output $OUT/tiny_1gpu.png
+    I=/tmp/tiny; mkdir -p $I
+    eval timeout 100 $EP generate $T --output $I/1gpu.png
     for L in "-tp 2" "--cfg-parallel-size 2" "-sp 2"; do
-      n=$(echo "$L" | tr -d ' -' ); eval timeout 100 $EP generate $T $L --enable-expert-parallel --output $OUT/tiny_$n.png
+      n=$(echo "$L" | tr -d ' -' ); eval timeout 100 $EP generate $T $L --enable-expert-parallel --output $I/$n.png
     done
-    python3 benchmarks/compare_images.py $OUT/tiny_1gpu.png $OUT/tiny_tp2.png $OUT/tiny_cfgparallelsize2.png \
-      $OUT/tiny_sp2.png | tee $OUT/tiny_psnr.txt ;;
+    python3 benchmarks/compare_images.py $I/1gpu.png $I/tp2.png $I/cfgparallelsize2.png $I/sp2.png | tee $OUT/tiny_psnr.txt ;;
   *) echo "unknown section $section" ;;
   esac
 done
