@@ -3,10 +3,13 @@
 Each kernel reads its inputs once and writes its outputs once where eager PyTorch makes several
 passes (fp32 upcasts, temporaries). Callers check `available(x)` and otherwise run the eager
 code, which is the reference the GPU tests compare against; CPU, training and installs without
-Triton always take the eager path.
+Triton always take the eager path, and EPDIFF_TRITON=0 forces it (to tell a kernel's effect on
+an image from other numerical differences).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,4 +22,7 @@ except ImportError:  # CPU-only installs
 
 def available(x: torch.Tensor) -> bool:
     """On CUDA with Triton, for inference (the kernels have no backward)."""
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
+    return ENABLED and x.is_cuda and not torch.is_grad_enabled()
+
+
+ENABLED = triton is not None and os.environ.get("EPDIFF_TRITON", "1") != "0"
