@@ -111,3 +111,11 @@ def test_rope_qk_norm_matches_eager():
     k_ref = k_norm._eager(apply_rope(qkv[:, :, :, group], cos[None], sin[None]))
     torch.testing.assert_close(q, q_ref, rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(k, k_ref, rtol=1.6e-2, atol=1e-2)
+
+
+@torch.inference_mode()
+def test_swiglu_of_no_rows():
+    """An expert that receives no token (the per-expert loop path) gets an empty activation."""
+    from epdiff.layers.mlp import swiglu_up_gate
+
+    assert swiglu_up_gate(torch.empty(0, 64, device="cuda")).shape == (0, 32)

@@ -65,18 +65,26 @@ def _exit_with_parent(parent_pid: int):
     threading.Thread(target=watch, daemon=True, name="epdiff-parent-watch").start()
 
 
-def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn, args):
+def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn, args, report=None):
     device = init_distributed(rank, world_size, local_rank, local_world)
     try:
-        return fn(device, *args)
+        result = fn(device, *args)
     except BaseException as e:
+        message = f"{type(e).__name__}: {e}"
         if not isinstance(e, KeyboardInterrupt):
-            print(f"[epdiff rank {rank}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"[epdiff rank {rank}] {message}", file=sys.stderr, flush=True)
+        if report is not None:
+            report(message)
+        if world_size > 1:
+            # No teardown: destroying an NCCL process group flushes its pending collectives, which
+            # waits for peers that may never come (so would the interpreter's exit). The launcher
+            # or torchrun stops the peers once this process is gone.
+            sys.stdout.flush()
+            os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
         raise
-    finally:
-        if dist.is_initialized():
-            # Abort rather than a collective teardown: peers may already be gone.
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, result_queue, fn, args):
@@ -84,11 +92,15 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, resul
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))
-    result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args)
+
+    def report(message: str):
+        result_queue.put(pickle.dumps(("error", local_rank, message)))
+
+    result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args, report)
     if local_rank == 0:
         # Plain pickle: torch's queue pickler would pass tensors as shared memory that vanishes
         # with this process.
-        result_queue.put(pickle.dumps(result))
+        result_queue.put(pickle.dumps(("result", 0, result)))
 
 
 def _stop(processes, grace_s: float = 5.0):
@@ -117,21 +129,33 @@ def launch(world_size: int, fn, *args):
     result_queue = ctx.SimpleQueue()
     context = mp.start_processes(_spawned, args=(world_size, free_port(), os.getpid(), result_queue, fn, args),
                                  nprocs=world_size, join=False, start_method="spawn")
-    result = None
+    result, errors = None, {}
+
+    def drain():
+        nonlocal result
+        while not result_queue.empty():
+            kind, rank, payload = pickle.loads(result_queue.get())
+            if kind == "result":
+                result = payload
+            else:
+                errors.setdefault(rank, payload)
+
     try:
         while True:
             done = context.join(timeout=0.2)
-            if result is None and not result_queue.empty():  # drain while rank 0 may still be writing
-                result = pickle.loads(result_queue.get())
+            drain()  # while rank 0 may still be writing
             if done:
                 break
-    except mp.ProcessRaisedException as e:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         _stop(context.processes)
-        raise WorkerError(f"worker rank {e.error_index} failed:\n{_last_error(e.msg)}") from None
-    except mp.ProcessExitedException as e:
-        _stop(context.processes)
+        drain()
+        rank = e.error_index if e.error_index in errors else min(errors, default=e.error_index)
+        if rank in errors:
+            raise WorkerError(f"worker rank {rank} failed:\n{errors[rank]}") from None
+        if isinstance(e, mp.ProcessRaisedException):
+            raise WorkerError(f"worker rank {rank} failed:\n{_last_error(e.msg)}") from None
         how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
-        raise WorkerError(f"worker rank {e.error_index} died ({how})") from None
+        raise WorkerError(f"worker rank {rank} died ({how})") from None
     except KeyboardInterrupt:
         _stop(context.processes)
         raise

@@ -15,7 +15,7 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 def swiglu_up_gate(fused: torch.Tensor) -> torch.Tensor:
     """[.., 2I] laid out [up; gate] -> up * silu(gate) (the activation is on the second half)."""
     if kernels.available(fused):
-        return moe_kernels.swiglu(fused.reshape(-1, fused.shape[-1])).view(*fused.shape[:-1], -1)
+        return moe_kernels.swiglu(fused.reshape(-1, fused.shape[-1])).view(*fused.shape[:-1], fused.shape[-1] // 2)
     up, gate = fused.chunk(2, dim=-1)
     return up * F.silu(gate)
 
