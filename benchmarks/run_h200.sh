@@ -25,19 +25,19 @@ for section in "$@"; do
   release)  # the whole release size (does not fit one GPU): EP over 2 and 4 GPUs
     timeout 400 python3 benchmarks/step_scaling.py --layers 32 --steps 5 --out $OUT \
       --layouts "${RELEASE_LAYOUTS:-CFG2+EP agrs,CFG2×TP2+EP agrs}" 2>&1 | grep -v "^{" | tail -8 ;;
-  tiny)  # the shipped model: one GPU against two (EP on), PSNR; bf16 with and without the Triton
-          # kernels and fp32, to tell kernel effects from bf16 rounding (images stay on the machine)
-    for cfg in "bfloat16 1" "bfloat16 0" "float32 1"; do
-      set -- $cfg; I=/tmp/tiny/$1-triton$2; mkdir -p $I
-      T="--prompt 'a small red circle on the left' --num-inference-steps 10 --seed 1234 --dtype $1 --no-progress"
-      export EPDIFF_TRITON=$2
+  tiny)  # the shipped model: a second 1-GPU run (the noise floor) and each 2-GPU layout (EP on)
+          # against one GPU, PSNR, in bf16 and fp32 (images stay on the machine)
+    for dtype in bfloat16 float32; do
+      I=/tmp/tiny/$dtype; mkdir -p $I
+      T="--prompt 'a small red circle on the left' --num-inference-steps 10 --seed 1234 --dtype $dtype --no-progress"
       eval timeout 100 $EP generate $T --output $I/1gpu.png >/dev/null
+      eval timeout 100 $EP generate $T --output $I/1gpu-again.png >/dev/null
       for L in "-tp 2" "--cfg-parallel-size 2" "-sp 2"; do
         n=$(echo "$L" | tr -d ' -' ); eval timeout 100 $EP generate $T $L --enable-expert-parallel --output $I/$n.png >/dev/null
       done
-      echo "dtype $1, Triton kernels $2:"
-      python3 benchmarks/compare_images.py $I/1gpu.png $I/tp2.png $I/cfgparallelsize2.png $I/sp2.png
-    done 2>&1 | tee $OUT/tiny_psnr.txt; unset EPDIFF_TRITON ;;
+      echo "dtype $dtype:"
+      python3 benchmarks/compare_images.py $I/1gpu.png $I/1gpu-again.png $I/tp2.png $I/cfgparallelsize2.png $I/sp2.png
+    done 2>&1 | tee $OUT/tiny_psnr.txt ;;
   *) echo "unknown section $section" ;;
   esac
 done

@@ -68,11 +68,6 @@ class TextToImagePipeline:
         self.request, self.parallel = request, parallel
         self.device = parallel.device
         self.dtype = resolve_dtype(request.dtype, self.device)
-        if self.device.type == "cuda":
-            # Shapes are fixed per request: let cuDNN time its convolution algorithms once. Its
-            # default heuristic picked an Ampere kernel for the UNet's 4096-channel 3×3 convs on
-            # Hopper (12 of 117 ms per step at 1024², benchmarks/profile_step.py).
-            torch.backends.cudnn.benchmark = True
         self.config = HunyuanImage3Config.from_pretrained(request.model)
         self.generation = read_generation_config(request.model)
         self.tokenizer = HunyuanTokenizer.from_pretrained(request.model)
