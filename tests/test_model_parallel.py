@@ -37,3 +37,24 @@ def test_transformer_layouts_match_single_rank(world8, tiny_dir, world):
             rows += per_rank
     check(rows)
     assert len(rows) == world * len(layouts) * len(EP_MODES)
+
+
+def test_a_new_batch_after_prefill_is_refused(tiny_dir):
+    """Token counts are gathered on the first step after prefill() and reused: a step with another
+    batch must say so rather than run a collective its peers do not run."""
+    import torch
+
+    from epdiff.distributed.parallel_state import ParallelState
+    from epdiff.models.hunyuan_image3.weights import load_model
+    from model_cases import PROMPTS, sequences, step_inputs
+
+    model, _ = load_model(tiny_dir, ParallelState.single())
+    seq = sequences(tiny_dir, PROMPTS[0])[0]
+    ts = seq.timestep_index
+    latents, t = step_inputs(seq, 0, model.config.latent_channels)
+    positions = seq.positions[ts: seq.image_start + seq.image_len]
+    with torch.inference_mode():
+        caches = model.prefill(seq.input_ids[None, :ts], seq.positions[:ts])
+        model(latents, t, positions, caches)
+        with pytest.raises(ValueError, match="call prefill"):
+            model(latents.expand(2, -1, -1, -1), t.expand(2), positions, caches)
