@@ -20,7 +20,7 @@ from ..distributed.parallel_state import ParallelState
 from ..models.hunyuan_image3.config import HunyuanImage3Config
 from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, to_uint8
-from ..models.hunyuan_image3.weights import load_model
+from ..models.hunyuan_image3.weights import load_model, load_vae
 from ..loader.safetensors_loader import SafetensorsCheckpoint
 from .request import GenerationRequest, context_length, read_generation_config
 from .resolution import snap
@@ -86,17 +86,9 @@ class TextToImagePipeline:
     def _load_vae(self, ckpt: SafetensorsCheckpoint | None) -> AutoencoderKLConv3D:
         # Decoding runs in fp32 on CPU and in the model dtype's wider sibling on GPU (the
         # reference decodes under fp16 autocast with fp32 weights).
-        vae = AutoencoderKLConv3D(self.config.vae, with_encoder=False).to(self.device)
         if ckpt is None:  # --load-format dummy
-            return vae.eval()
-        state = {}
-        for name in vae.state_dict():
-            key = f"vae.{name}"
-            if key not in ckpt:
-                raise ValueError(f"{self.request.model}: checkpoint lacks VAE tensor {key}")
-            state[name] = ckpt.get(key).full()
-        vae.load_state_dict(state)
-        return vae.eval()
+            return AutoencoderKLConv3D(self.config.vae, with_encoder=False).to(self.device).eval()
+        return load_vae(ckpt, self.config.vae, self.device)
 
     # -- the sampling algorithm ------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from ..models.hunyuan_image3.make_tiny import save_release_format, tiny_config
 from ..models.hunyuan_image3.model import HunyuanImage3Transformer
 from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, build_tiny_tokenizer
 from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, vae_config_tiny
-from ..models.hunyuan_image3.weights import init_dummy_weights, load_model
+from ..models.hunyuan_image3.weights import init_dummy_weights, load_model, load_vae
 from ..moe import Router
 from ..pipeline.resolution import snap
 from . import shapes
@@ -80,14 +80,6 @@ def train_vae(config: dict, steps: int, batch: int, device, pool: ImagePool, rng
         std = vae.encode_moments(images)[0].std().item()
     vae.config["scaling_factor"] = vae.scaling_factor = 1.0 / max(std, 1e-6)
     return vae.eval()
-
-
-def load_vae(model_dir: str, config: dict, device) -> AutoencoderKLConv3D:
-    """A shapes model's VAE, encoder included."""
-    vae = AutoencoderKLConv3D(config)
-    ckpt = SafetensorsCheckpoint(model_dir)
-    vae.load_state_dict({name: ckpt.get(f"vae.{name}").full() for name in vae.state_dict()})
-    return vae.to(device).eval()
 
 
 @torch.no_grad()
@@ -232,7 +224,7 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     if init_from:
         with open(os.path.join(init_from, "config.json")) as f:
             cfg = json.load(f)
-        vae, vae_steps = load_vae(init_from, cfg["vae"], device), 0
+        vae, vae_steps = load_vae(SafetensorsCheckpoint(init_from), cfg["vae"], device, with_encoder=True), 0
     else:
         vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
         cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **{**MODEL_SIZE, **(model_size or {})})

@@ -162,6 +162,22 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encoder: bool = False):
+    """The checkpoint's VAE (`vae.*` tensors), fp32; the encoder only when asked (text-to-image
+    decodes only, training encodes)."""
+    from .vae import AutoencoderKLConv3D
+
+    vae = AutoencoderKLConv3D(config, with_encoder=with_encoder).to(device)
+    state = {}
+    for name in vae.state_dict():
+        key = f"vae.{name}"
+        if key not in ckpt:
+            raise ValueError(f"{ckpt.model_dir}: checkpoint lacks VAE tensor {key}")
+        state[name] = ckpt.get(key).full()
+    vae.load_state_dict(state)
+    return vae.eval()
+
+
 def load_model(model_dir: str, parallel, dtype=torch.float32, device="cpu", load_format: str = "safetensors",
                config=None):
     """Builds this rank's part of the model and fills it: from the checkpoint (reading only this
