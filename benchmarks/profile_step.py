@@ -44,6 +44,11 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def mean_step_ms(pipe: TextToImagePipeline, steps: int) -> float:
+    """Mean of the last request's steps, in ms."""
+    return sum(pipe.metrics.step_seconds[-steps:]) / steps * 1e3
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
@@ -68,7 +73,7 @@ def main():
             continue
         by_kind[kind_of(event.key)] += us / 1e3 / args.steps
         by_name[event.key] += us / 1e3 / args.steps
-    wall = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+    wall = mean_step_ms(pipe, args.steps)
     total = sum(by_kind.values())
     print(f"step {wall:.1f} ms wall, {total:.1f} ms of kernels ({args.layers} layers, {args.size}², both branches)")
     for kind, ms in by_kind.most_common():
@@ -81,7 +86,7 @@ def main():
         try:
             with sdpa_kernel([getattr(SDPBackend, backend)]):
                 pipe()
-            backends[backend] = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+            backends[backend] = mean_step_ms(pipe, args.steps)
         except RuntimeError as e:
             backends[backend] = f"unavailable: {str(e).splitlines()[0][:120]}"
         print(f"attention backend {backend}: {backends[backend]} ms per step")
@@ -90,7 +95,7 @@ def main():
         for module in (pipe.transformer.patch_embed, pipe.transformer.final_layer):
             module.to(memory_format=getattr(torch, fmt))
         pipe()
-        unet[fmt] = sum(pipe.metrics.step_seconds[-args.steps:]) / args.steps * 1e3
+        unet[fmt] = mean_step_ms(pipe, args.steps)
         print(f"UNet weights {fmt}: {unet[fmt]:.1f} ms per step")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:
         json.dump(dict(layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,

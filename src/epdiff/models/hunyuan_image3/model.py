@@ -152,6 +152,7 @@ class HunyuanImage3Transformer(nn.Module):
         self.config, self.parallel, self.dtype = c, parallel, dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.link = StageLink(parallel.pp)
+        self._step_counts = None  # (step tokens, token-group counts), set on the first step after prefill()
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
         self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device)
         # The UNet convolutions keep channels-last weights: cuDNN then runs Hopper NHWC kernels, and
@@ -196,7 +197,7 @@ class HunyuanImage3Transformer(nn.Module):
     def _step_token_counts(self, num_tokens: int) -> list[int] | None:
         """Every token-group rank's rows per step. Fixed from one prefill to the next, so gathered
         on the first step only (the gather reads the counts on the host)."""
-        if getattr(self, "_step_counts", None) is None:
+        if self._step_counts is None:
             self._step_counts = (num_tokens, token_counts_for(self.parallel, num_tokens, self.device))
         elif self._step_counts[0] != num_tokens:
             raise ValueError(f"{num_tokens} tokens in this step but {self._step_counts[0]} in the first step after "
