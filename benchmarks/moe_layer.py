@@ -99,7 +99,7 @@ def case(device, args, config: ParallelConfig | None):
         experts = cuda_time(lambda: layer.experts(rows, local_ids, row_w), args.iters, sync)
         y, _ = layer.experts(rows, local_ids, row_w)
         comb = cuda_time(lambda: d.combine(y, handle), args.iters, sync)
-        shared = cuda_time(lambda: layer.shared_mlp(x), args.iters, sync)
+        shared = cuda_time(lambda: layer.shared_expert(x), args.iters, sync)
         layer.reset_routing_stats()
         layer(x, token_counts=counts)
     pairs = int((local_ids >= 0).sum())

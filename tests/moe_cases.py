@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
+from epdiff.models.hunyuan_image3.weights import load_moe_block
 from epdiff.moe import MoELayer, collect_routing_stats
 
 HIDDEN, INTER, SHARED_INTER, EXPERTS, TOP_K = 32, 16, 16, 16, 4
@@ -94,7 +95,7 @@ def build_layer(state, w, shared, kernel="loop", d: Dims = SMALL, dtype=torch.fl
     layer = MoELayer(d.hidden, d.experts, d.top_k, d.inter, state,
                      shared_intermediate_size=d.shared_inter if shared else 0, expert_kernel=kernel,
                      dtype=dtype, device=state.device)
-    layer.load_full_state({k: v.to(state.device) for k, v in w.items()})
+    load_moe_block(layer, {k: v.to(state.device) for k, v in w.items()})
     return layer
 
 

@@ -57,7 +57,7 @@ def test_fused_gate_and_up_is_up_then_gate():
 
     single = ParallelState.single()
     mlp = SwiGLUMLP(D, 32, single.tp)
-    mlp.gate_and_up_proj.load_weight(fused)
+    mlp.up_gate_proj.load_weight(fused)
     mlp.down_proj.load_weight(down)
     torch.testing.assert_close(mlp(x), expect, rtol=1e-5, atol=1e-5)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
 EXPERT_PLACEMENTS = ("linear", "round_robin")
-# Mesh dimension order, outermost first. TP varies fastest (DESIGN §1).
+# Mesh dimension order, outermost first. TP varies fastest (docs/architecture.md,
+# 'Ranks and groups').
 MESH_DIMS = ("pp", "dp", "cfg", "sp", "tp")
 
 
@@ -64,7 +65,8 @@ class ParallelConfig:
 
     @property
     def token_group_size(self) -> int:
-        """Ranks holding distinct tokens within one TP index (DESIGN §2)."""
+        """Ranks holding distinct tokens within one TP index (docs/architecture.md, 'Who holds
+        which tokens')."""
         return self.sequence_parallel_size * self.cfg_parallel_size * self.data_parallel_size
 
     @property

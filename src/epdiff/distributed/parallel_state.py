@@ -1,4 +1,5 @@
-"""Ranks laid out into parallel groups (DESIGN §1-2).
+"""Ranks laid out into parallel groups (docs/architecture.md, 'Ranks and groups' and
+'Who holds which tokens').
 
 rank = tp + TP·(sp + SP·(cfg + CFG·(dp + DP·pp))): the mesh is arange(world) reshaped to
 (pp, dp, cfg, sp, tp). The EP group is the flattening of (dp, cfg, sp, tp), one per pipeline

@@ -1,4 +1,6 @@
-"""SwiGLU MLP in the release layout (fused gate_and_up_proj = [up; gate]), TP-sharded."""
+"""SwiGLU MLP with a fused [up; gate] input projection (the order HunyuanImage-3.0 stores), TP-sharded.
+
+Module names are generic; a model's weight loading maps its checkpoint names onto them."""
 
 from __future__ import annotations
 
@@ -21,16 +23,17 @@ def swiglu_up_gate(fused: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUMLP(nn.Module):
-    """Column-parallel gate_and_up, row-parallel down. With reduce=False the output is this TP
-    rank's partial sum, left for a caller that all-reduces once for several terms (the MoE)."""
+    """Column-parallel fused up_gate_proj ([up; gate]), row-parallel down_proj. With reduce=False
+    the output is this TP rank's partial sum, left for a caller that all-reduces once for several
+    terms (the MoE)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: Group, reduce: bool = True,
                  dtype=None, device=None):
         super().__init__()
-        self.gate_and_up_proj = ColumnParallelLinear(hidden_size, 2 * intermediate_size, tp, parts=2,
-                                                     dtype=dtype, device=device)
+        self.up_gate_proj = ColumnParallelLinear(hidden_size, 2 * intermediate_size, tp, parts=2,
+                                                 dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, reduce=reduce,
                                            dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.down_proj(swiglu_up_gate(self.gate_and_up_proj(x)))
+        return self.down_proj(swiglu_up_gate(self.up_gate_proj(x)))

@@ -1,4 +1,4 @@
-"""Token dispatch and combine for expert parallelism (DESIGN §3, "Dispatch backends").
+"""Token dispatch and combine for expert parallelism (docs/architecture.md, 'The MoE block').
 
 Every backend has two halves around the expert compute:
 

@@ -1,4 +1,5 @@
-"""Which rank holds which expert (DESIGN §3: expert_map[e] = local index or -1)."""
+"""Which rank holds which expert (docs/architecture.md, 'The MoE block':
+expert_map[e] = local index or -1)."""
 
 from __future__ import annotations
 

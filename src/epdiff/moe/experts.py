@@ -1,7 +1,7 @@
-"""This rank's experts and their grouped compute (DESIGN §3, "Expert compute").
+"""This rank's experts and their grouped compute (docs/architecture.md, 'The MoE block').
 
-Weights keep the release layout: w13[e] is expert e's fused `gate_and_up_proj` [2I, D] with the
-*up* half first and the gate half second; w2[e] is its `down_proj` [D, I].
+w13[e] is expert e's fused input projection [2I, D], the *up* half first and the gate half
+second (HunyuanImage-3.0's order); w2[e] is its down projection [D, I].
 """
 
 from __future__ import annotations

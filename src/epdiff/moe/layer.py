@@ -1,9 +1,10 @@
-"""The expert-parallel MoE block (DESIGN §3):
+"""The expert-parallel MoE block (docs/architecture.md, 'The MoE block'):
 
-    out(x) = shared_mlp(x) + Σ_{e ∈ topk(x)} w_e(x) · expert_e(x)
+    out(x) = shared_expert(x) + Σ_{e ∈ topk(x)} w_e(x) · expert_e(x)
 
 Router replicated; experts split over the EP group (EP on) or each expert's width split over TP
-(EP off); shared MLP TP-sharded; one TP all-reduce sums the shared and routed partial sums.
+(EP off); shared expert TP-sharded; one TP all-reduce sums the shared and routed partial sums.
+Names here are generic: a model's weight loading maps its checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from .router import Router
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  parallel: ParallelState, shared_intermediate_size: int = 0, scoring: str = "softmax",
-                 renormalize: bool = True, dtype=torch.float32, device=None, expert_kernel: str = "auto"):
+                 renormalize: bool = True, scaling_factor: float = 1.0, num_groups: int = 1, topk_groups: int = 1,
+                 dtype=torch.float32, device=None, expert_kernel: str = "auto"):
+        """Routing options are the Router's (see there)."""
         super().__init__()
         config = parallel.config
         config.validate(num_experts=num_experts)
@@ -38,10 +41,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"expert width {intermediate_size} cannot be split over TP {self.expert_tp}")
         self.placement = Placement(expert_owners(num_experts, shards, config.expert_placement), shard)
         self.placement.to(device or "cpu")
-        self.gate = Router(hidden_size, num_experts, top_k, scoring, renormalize)
+        self.gate = Router(hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
+                           topk_groups)
         self.gate.to(device)
-        self.shared_mlp = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
-                                     dtype=dtype, device=device) if shared_intermediate_size else None)
+        self.shared_expert = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
+                                        dtype=dtype, device=device) if shared_intermediate_size else None)
         self.experts = GroupedExperts(len(self.placement.global_ids), hidden_size,
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel)
         self.dispatch = make_dispatcher(parallel)
@@ -60,7 +64,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         ids, weights = self.gate(x)
         pending = self.dispatch.start_dispatch(x, ids, weights, self.placement, token_counts)
-        shared = self.shared_mlp(x) if self.shared_mlp is not None else None  # while the tokens travel
+        shared = self.shared_expert(x) if self.shared_expert is not None else None  # while the tokens travel
         rows, local_ids, row_weights, handle = pending.wait()
         y, load = self.experts(rows, local_ids, row_weights)
         out = self.dispatch.combine(y, handle)
@@ -69,35 +73,26 @@ class MoELayer(nn.Module):
             out = out + shared
         return all_reduce(out, self.parallel.tp).reshape(shape)
 
-    # -- weight loading (names relative to the block; release layout) ------------------------
+    # -- weight loading ----------------------------------------------------------------------
 
     def owns_expert(self, expert: int) -> bool:
         return bool(self.placement.expert_map[expert] >= 0)
 
     def load_expert_weight(self, expert: int, kind: str, source):
-        """kind: 'gate_and_up_proj' or 'down_proj'. Call only for experts this rank owns."""
+        """kind: 'w13' (fused [up; gate], [2I, D]) or 'w2' (down, [D, I]), unsharded in `source`
+        (a tensor or a safetensors slice). Call only for experts this rank owns."""
         local = int(self.placement.expert_map[expert])
         if local < 0:
             raise ValueError(f"expert {expert} is not held by this rank (holds {self.local_expert_ids})")
         t = self.parallel.tp
         shards, rank = (t.size, t.rank) if self.expert_tp > 1 else (1, 0)
-        if kind == "gate_and_up_proj":
+        if kind == "w13":
             copy_checked(self.experts.w13[local], read_row_shard(source, rank, shards, parts=2),
                          f"experts.{expert}.{kind}")
-        elif kind == "down_proj":
+        elif kind == "w2":
             copy_checked(self.experts.w2[local], read_col_shard(source, rank, shards), f"experts.{expert}.{kind}")
         else:
-            raise ValueError(f"unknown expert weight {kind!r}")
-
-    def load_full_state(self, state: dict[str, torch.Tensor]):
-        """From unsharded tensors named like the release (relative to `mlp.`). For tests and tools."""
-        copy_checked(self.gate.weight, state["gate.wg.weight"].float(), "gate.wg.weight")
-        for e in self.local_expert_ids:
-            for kind in ("gate_and_up_proj", "down_proj"):
-                self.load_expert_weight(e, kind, state[f"experts.{e}.{kind}.weight"])
-        if self.shared_mlp is not None:
-            self.shared_mlp.gate_and_up_proj.load_weight(state["shared_mlp.gate_and_up_proj.weight"])
-            self.shared_mlp.down_proj.load_weight(state["shared_mlp.down_proj.weight"])
+            raise ValueError(f"unknown expert weight {kind!r}; expected 'w13' or 'w2'")
 
     def reset_routing_stats(self):
         self.expert_load.zero_()

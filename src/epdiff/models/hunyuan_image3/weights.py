@@ -1,8 +1,9 @@
 """Checkpoint name -> parameter mapping for HunyuanImage-3.0, in the release's names and layouts.
 
-Each rank asks, per tensor, whether it needs it and which slice (TP rows or columns, or nothing
-for another rank's expert, another stage's layer, or the text-only and vision tensors), and
-reads only that.
+This file owns every release tensor name: the generic modules (moe/, layers/) have their own
+names, and the tables below translate. Each rank asks, per tensor, whether it needs it and which
+slice (TP rows or columns, or nothing for another rank's expert, another stage's layer, or the
+text-only and vision tensors), and reads only that.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "mod
                     "timestep_r_emb.")
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Module-path segment -> the release's name for it (the router's weight sits one level deeper,
+# in `gate.wg`; see ROUTER_WEIGHT).
+RELEASE_SEGMENTS = {"shared_expert": "shared_mlp", "up_gate_proj": "gate_and_up_proj"}
+ROUTER_WEIGHT = "wg.weight"
+# GroupedExperts' stacked parameter -> the release's per-expert tensor name.
+RELEASE_EXPERT_KINDS = {"w13": "gate_and_up_proj", "w2": "down_proj"}
+EXPERT_KIND_OF_RELEASE = {v: k for k, v in RELEASE_EXPERT_KINDS.items()}
+
+
+def release_name(module_path: str) -> str:
+    """The checkpoint name of a parameter path of this model (routed experts and the router aside)."""
+    return ".".join(RELEASE_SEGMENTS.get(part, part) for part in module_path.split("."))
 
 
 @dataclass
@@ -36,7 +49,7 @@ def weight_specs(model) -> dict[str, WeightSpec]:
     """Every checkpoint tensor this rank loads, except routed experts (see expert_spec)."""
     specs, covered = {}, set()
     for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
+        dot = f"{release_name(prefix)}." if prefix else ""
         if isinstance(module, ColumnParallelLinear):
             w = module.weight
             specs[f"{dot}weight"] = WeightSpec((w.shape[0] * module.tp.size, w.shape[1]), module.load_weight)
@@ -47,18 +60,20 @@ def weight_specs(model) -> dict[str, WeightSpec]:
             covered.add(id(w))
         elif isinstance(module, Router):
             w = module.weight
-            specs[f"{dot}wg.weight"] = WeightSpec(tuple(w.shape), lambda src, w=w: copy_checked(w, src[:].float()))
+            specs[f"{dot}{ROUTER_WEIGHT}"] = WeightSpec(tuple(w.shape), lambda src, w=w: copy_checked(w, src[:].float()))
             covered.add(id(w))
         elif isinstance(module, MoELayer):
             covered.update({id(module.experts.w13), id(module.experts.w2)})
     for name, p in model.named_parameters():
         if id(p) not in covered:
+            name = release_name(name)
             specs[name] = WeightSpec(tuple(p.shape), lambda src, p=p, name=name: copy_checked(p, src.full(), name))
     return specs
 
 
 def expert_spec(model, layer: int, expert: int, kind: str) -> WeightSpec | None:
-    """None when this rank does not hold the layer or the expert: it is then never read."""
+    """kind: the release's 'gate_and_up_proj' or 'down_proj'. None when this rank does not hold
+    the layer or the expert: it is then never read."""
     if str(layer) not in model.model.layers:
         return None
     moe = model.model.layers[str(layer)].mlp
@@ -66,7 +81,7 @@ def expert_spec(model, layer: int, expert: int, kind: str) -> WeightSpec | None:
         return None
     two_i, d = moe.experts.w13.shape[1] * moe.expert_tp, moe.experts.w13.shape[2]
     shape = (two_i, d) if kind == "gate_and_up_proj" else (d, two_i // 2)
-    return WeightSpec(shape, lambda src: moe.load_expert_weight(expert, kind, src))
+    return WeightSpec(shape, lambda src: moe.load_expert_weight(expert, EXPERT_KIND_OF_RELEASE[kind], src))
 
 
 def _num_layers(model) -> int:
@@ -79,7 +94,7 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
     pending = set(specs)
     pending_experts = {(int(i), e, kind) for i in model.model.layers for moe in [model.model.layers[i].mlp]
                        if isinstance(moe, MoELayer) for e in moe.local_expert_ids
-                       for kind in ("gate_and_up_proj", "down_proj")}
+                       for kind in RELEASE_EXPERT_KINDS.values()}
     for name in checkpoint.names():
         if name.startswith(SKIPPED_PREFIXES):
             continue
@@ -150,16 +165,28 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
         raise ValueError("export_state_dict needs the whole model in one process")
     out = {}
     for name, p in model.state_dict().items():
-        if name.endswith(".experts.w13") or name.endswith(".experts.w2"):
-            prefix, kind = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
-            ckpt_kind = "gate_and_up_proj" if kind == "w13" else "down_proj"
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".experts") and leaf in RELEASE_EXPERT_KINDS:
             for e in range(p.shape[0]):
-                out[f"{prefix}.experts.{e}.{ckpt_kind}.weight"] = p[e].clone()
-        elif name.endswith(".mlp.gate.weight"):
-            out[name.replace(".mlp.gate.weight", ".mlp.gate.wg.weight")] = p.clone()
+                out[f"{release_name(prefix)}.{e}.{RELEASE_EXPERT_KINDS[leaf]}.weight"] = p[e].clone()
+        elif isinstance(model.get_submodule(prefix), Router):
+            out[f"{release_name(prefix)}.{ROUTER_WEIGHT}"] = p.clone()
         elif not name.endswith("expert_load"):
-            out[name] = p.clone()
+            out[release_name(name)] = p.clone()
     return out
+
+
+def load_moe_block(moe: MoELayer, state: dict[str, torch.Tensor]) -> None:
+    """One MoE block from unsharded tensors with the release's names relative to the block
+    (`gate.wg.weight`, `experts.{e}.gate_and_up_proj.weight`, `shared_mlp...`). For tests and tools."""
+    copy_checked(moe.gate.weight, state[f"gate.{ROUTER_WEIGHT}"].float(), f"gate.{ROUTER_WEIGHT}")
+    for e in moe.local_expert_ids:
+        for kind, release_kind in RELEASE_EXPERT_KINDS.items():
+            moe.load_expert_weight(e, kind, state[f"experts.{e}.{release_kind}.weight"])
+    if moe.shared_expert is not None:
+        for linear in ("up_gate_proj", "down_proj"):
+            name = release_name(f"shared_expert.{linear}.weight")
+            getattr(moe.shared_expert, linear).load_weight(state[name], name)
 
 
 def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encoder: bool = False):
