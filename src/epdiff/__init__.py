@@ -3,11 +3,12 @@
 from .config import ConfigError, ParallelConfig
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ImageGenerator", "ParallelConfig", "__version__"]
+_ENGINE = ("Engine", "EngineConfig", "ImageGenerator", "SamplingParams")
+__all__ = ["ConfigError", "ParallelConfig", "__version__", *_ENGINE]
 
 
 def __getattr__(name):  # the engine pulls in the model: import it only when asked for
-    if name == "ImageGenerator":
-        from .engine import ImageGenerator
-        return ImageGenerator
+    if name in _ENGINE:
+        from . import engine
+        return getattr(engine, name)
     raise AttributeError(name)

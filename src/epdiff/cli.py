@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ALL2ALL_BACKENDS, EXPERT_PLACEMENTS, ConfigError, ParallelConfig
@@ -56,43 +57,106 @@ def cmd_layout(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .engine import ImageGenerator
-    from .pipeline.request import GenerationRequest
+def add_engine_args(p: argparse.ArgumentParser):
+    """What the engine is, fixed for its life: shared by generate, score and serve."""
+    from .engine.params import DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS
 
+    p.add_argument("--model", default=None, help="model folder (default: the small model shipped with epdiff)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--load-format", default="safetensors", choices=LOAD_FORMATS,
+                   help="dummy: random weights of the real shapes, made on the device (for benchmarks)")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="fp8: routed experts in float8 with per-channel scales (quantized while loading)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto: CUDA when there is a GPU for every local rank, CPU when there is no GPU")
+    p.add_argument("--max-batch-size", type=int, default=4, help="images one rank denoises together")
+    add_parallel_args(p)
+
+
+def engine_config_from_args(args):
+    from .engine import EngineConfig
+
+    return EngineConfig(model=args.model, dtype=args.dtype, load_format=args.load_format,
+                        quantization=args.quantization, device=args.device, parallel=parallel_config_from_args(args),
+                        max_batch_size=args.max_batch_size)
+
+
+def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
             with open(args.prompt_file) as f:
                 prompts += [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}") from None
     if not prompts:
-        raise ValueError("give a prompt: --prompt TEXT or --prompt-file FILE")
-    request = GenerationRequest(
-        prompts=prompts, model=args.model, height=args.height, width=args.width,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        num_images_per_prompt=args.num_images_per_prompt, dtype=args.dtype, load_format=args.load_format,
-        output=None if args.latents_only else args.output, save_latents=args.save_latents, metrics_json=args.metrics_json,
-        show_progress=not args.no_progress, decode=not args.latents_only,
-        parallel=parallel_config_from_args(args)).resolve()
-    out = ImageGenerator().run(request, routing_stats=args.routing_stats)
-    if out is None:  # not rank 0 under torchrun
-        return 0
-    total = len(out["images"])
-    print(f"epdiff: {total} image(s), {request.height}x{request.width}, {request.num_inference_steps} steps, "
-          f"{request.parallel.describe()}")
-    if request.output:
-        from .engine import image_path
-        for p, k, _, _, _ in out["images"]:
-            print(f"  wrote {image_path(args.output, p, k, total)}")
-    steps = [s for m in out["metrics"] for s in m["step_seconds"][1:]] or [s for m in out["metrics"] for s in m["step_seconds"]]
+        raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    """Checks every input and output, starts the engine once, writes each prompt's images as soon
+    as they are done; latents and metrics are written at the end, also when an image failed."""
+    from safetensors.torch import save_file
+
+    from .engine import Engine, ImageFailedError
+    from .engine.params import prompt_requests
+    from .engine.files import check_image_path, check_writable, image_metadata, image_path, save_image, save_json, \
+        write_atomically
+
+    config = engine_config_from_args(args).resolve()
+    prompts = read_prompts(args)
+    output = None if args.latents_only else args.output
+    if output:
+        check_image_path(output)
+    for path, what in ((args.save_latents, "--save-latents"), (args.metrics_json, "--metrics-json")):
+        if path:
+            check_writable(path, what)
+    requests = prompt_requests(config, prompts, height=args.height, width=args.width,
+                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                               seed=args.seed, num_images_per_prompt=args.num_images_per_prompt)
+    with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
+        if not engine.is_driver:  # torchrun, rank > 0: it has served rank 0 until the end
+            return 0
+        futures = [engine.submit(params) for params in requests]
+        total, latents, failures, written = len(prompts) * args.num_images_per_prompt, {}, [], []
+        layout, model = config.parallel.describe(), config.model
+        for i, future in enumerate(futures):
+            try:
+                out = future.result()
+            except ImageFailedError as e:
+                failures.append(f"prompt {i}: {e}")
+                continue
+            for image in out.images:
+                if args.save_latents:
+                    latents[f"prompt{i}_image{image.index}"] = image.latents.contiguous()
+                if output:
+                    path = image_path(output, i, image.index, total)
+                    try:
+                        save_image(path, image.pixels, image_metadata(image, out.params, layout, model))
+                        written.append(path)
+                    except OSError as e:
+                        failures.append(f"cannot write image {path!r}: {e.strerror or e}")
+        routing = engine.routing_stats() if args.routing_stats else []
+        metrics = engine.rank_metrics
+    if args.save_latents and latents:
+        write_atomically(args.save_latents, lambda tmp: save_file(latents, tmp, metadata={
+            "seed": str(args.seed), "layout": layout}))
+    if args.metrics_json:
+        save_json(args.metrics_json, metrics)
+    print(f"epdiff: {total - len(failures)} of {total} image(s), {requests[0].height}x{requests[0].width}, "
+          f"{requests[0].num_inference_steps} steps, {layout}")
+    for path in written:
+        print(f"  wrote {path}")
+    steps = [s for m in metrics for s in m["step_seconds"][1:]] or [s for m in metrics for s in m["step_seconds"]]
     if steps:
-        print(f"  {sum(steps) / len(steps):.3f} s per step (mean over ranks, first step excluded)")
-    for stage in out["routing"]:
+        print(f"  {sum(steps) / len(steps):.3f} s per step (mean over ranks, each rank's first step excluded)")
+    for stage in routing:
         print(f"routing statistics, pipeline stage {stage['stage']} (layers {stage['layers'][0]}-{stage['layers'][-1]}):")
         print(stage["summary"])
-    return 0
+    for failure in failures:
+        print(f"epdiff: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_make_tiny(args) -> int:
@@ -121,17 +185,30 @@ def cmd_train_tiny(args) -> int:
 
 
 def cmd_score(args) -> int:
-    """Generate the held-out prompts and check each image's shapes, colours and positions."""
+    """Generate the held-out prompts with each seed and check each image; one report per
+    (steps, guidance) combination asked for."""
+    import json
+
     from .engine import ImageGenerator
     from .train.score import score_heldout
 
     generator = ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args)))
-    summary = score_heldout(generator, args.num_prompts, args.num_inference_steps, args.guidance_scale, args.seed)
-    if summary is None:
-        return 0
-    print(summary["report"])
-    for stage, idle in summary["idle_experts"].items():
-        print(f"routing, stage {stage}: {idle} (layer, expert) pairs received no token")
+    results = []
+    for steps in args.num_inference_steps or [None]:
+        for guidance in args.guidance_scale or [None]:
+            summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
+            if summary is None:
+                return 0
+            print(f"{summary['num_inference_steps']} steps, guidance {summary['guidance_scale']:g}, "
+                  f"seeds {' '.join(map(str, args.seed))}: {summary['report']}")
+            for seed, per_seed in summary["per_seed"].items():
+                print(f"  seed {seed}: {per_seed['report']}")
+            for stage, idle in summary["idle_experts"].items():
+                print(f"  routing, stage {stage}: {idle} (layer, expert) pairs received no token")
+            results.append(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 
@@ -148,30 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text to image",
                        description="Generate images from text prompts on one or many ranks.")
-    p.add_argument("--model", default=None, help="model folder (default: the small model shipped with epdiff)")
     p.add_argument("--prompt", action="append", help="the prompt (repeat for several)")
     p.add_argument("--prompt-file", help="a file with one prompt a line, spread over the data-parallel ranks")
     p.add_argument("--output", "-o", default="out.png",
-                   help="PNG path; with several images, -<prompt>-<image> is added before the extension")
+                   help="image path (.png carries the metadata; .jpg, .webp); with several images, "
+                        "-<prompt>-<image> is added before the extension")
     p.add_argument("--height", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
     p.add_argument("--width", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: generation_config.json")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i; the image is the same on every layout")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own seed")
     p.add_argument("--num-images-per-prompt", type=int, default=1,
-                   help="images per prompt, drawn from consecutive noise of the prompt's seed")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
-                   help="dummy: random weights of the real shapes, made on the device (for benchmarks)")
+                   help="images per prompt, spread over the data-parallel groups")
     p.add_argument("--save-latents", help="write the final latents as safetensors (for comparisons)")
     p.add_argument("--metrics-json", help="write per-rank metrics: experts, bytes, memory, times")
     p.add_argument("--routing-stats", action="store_true", help="print per-layer routing statistics")
     p.add_argument("--latents-only", action="store_true",
-                   help="skip the VAE decode and PNG output (use with --save-latents, or for timing)")
+                   help="skip the VAE decode and image output (use with --save-latents, or for timing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_parallel_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("make-tiny", help="write a small model in the release format")
@@ -212,10 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")
     p.add_argument("--model", default=None, help="default: the built-in model")
-    p.add_argument("--num-prompts", type=int, default=20)
-    p.add_argument("--num-inference-steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=40, help="the first N held-out prompts")
+    p.add_argument("--num-inference-steps", type=int, nargs="+", default=None,
+                   help="default: the model's; several: one report each")
+    p.add_argument("--guidance-scale", type=float, nargs="+", default=None,
+                   help="default: the model's; several: one report each")
+    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2],
+                   help="one request per seed (prompt i uses seed + i); the report counts them all")
+    p.add_argument("--json", default=None, help="write the summaries, with every image's reading, here")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     add_parallel_args(p)
     p.set_defaults(func=cmd_score)
@@ -225,17 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .distributed.launch import WorkerError
+    from .distributed.launch import WorkerError, under_torchrun
+    from .engine import EngineDeadError
     from .loader.safetensors_loader import CheckpointError
 
     try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, WorkerError) as e:
-        print(f"epdiff: error: {e}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+    except (ConfigError, CheckpointError, ValueError, OSError, WorkerError, EngineDeadError) as e:
+        # Every expected failure is one line; a worker's error is its rank line and its error line.
+        what = f"{e.strerror}: {e.filename!r}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"epdiff: error: {what}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("epdiff: interrupted; all workers stopped", file=sys.stderr)
-        return 130
+        code = 130
+    if under_torchrun():
+        # The images are written: leave without interpreter finalization, where gloo's threads
+        # occasionally abort the process (SIGABRT), which torchrun would report as a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Starting workers: under torchrun (any number of nodes) or as local processes spawned here.
 
-`launch(world_size, fn, *args)` runs fn(*args) on every rank with the default process group up
-(NCCL with one GPU per rank where there are enough GPUs, gloo on CPU otherwise) and returns
-rank 0's result. Failure policy: a worker that raises brings the whole run down with a message
-naming its rank and error; Ctrl-C stops every worker; a worker whose parent dies exits.
+`launch(world_size, fn, *args)` runs fn(device, *args) once on every rank with the default process
+group up (NCCL with one GPU per rank where there are enough GPUs, gloo on CPU otherwise) and
+returns rank 0's result. `WorkerGroup` keeps spawned workers running fn(device, channel, *args)
+for as long as the caller wants (the persistent engine): rank 0 gets a `Channel` to the parent,
+commands in and events out. Failure policy: a worker that raises brings the whole run down with a
+message naming its rank and error; Ctrl-C stops every worker; a worker whose parent dies exits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import queue
 import socket
 import sys
 import threading
@@ -32,16 +35,18 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def pick_device(local_rank: int, local_world: int) -> torch.device:
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+def pick_device(local_rank: int, local_world: int, kind: str = "auto") -> torch.device:
+    """kind: cuda, cpu, or auto (CUDA when every local rank has a GPU). The engine checks the GPU
+    count against the layout before any worker starts (EngineConfig.resolve)."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available() and torch.cuda.device_count() >= local_world):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
 def init_distributed(rank: int, world_size: int, local_rank: int, local_world: int,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
-    device = pick_device(local_rank, local_world)
+                     timeout_s: float = DEFAULT_TIMEOUT_S, device_kind: str = "auto") -> torch.device:
+    device = pick_device(local_rank, local_world, device_kind)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -65,8 +70,39 @@ def _exit_with_parent(parent_pid: int):
     threading.Thread(target=watch, daemon=True, name="epdiff-parent-watch").start()
 
 
-def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn, args, report=None):
-    device = init_distributed(rank, world_size, local_rank, local_world)
+class Channel:
+    """Rank 0's line to the process driving the workers: commands in, events out. Everything
+    travels as plain pickle: torch's queue pickler would pass tensors as shared memory that
+    vanishes with the sending process."""
+
+    def __init__(self, commands, events):
+        self._commands, self._events = commands, events
+
+    def receive(self, timeout: float | None = None):
+        """The next command, or None when none came within timeout seconds."""
+        try:
+            return pickle.loads(self._commands.get(timeout=timeout))
+        except queue.Empty:
+            return None
+
+    def send(self, kind: str, payload=None) -> None:
+        self._events.put(pickle.dumps((kind, 0, payload)))
+
+    # The driver's side.
+    def command(self, command) -> None:
+        self._commands.put(pickle.dumps(command))
+
+    def next_event(self, timeout: float) -> tuple | None:
+        """(kind, rank, payload), or None when nothing came within timeout seconds."""
+        try:
+            return pickle.loads(self._events.get(timeout=timeout))
+        except queue.Empty:
+            return None
+
+
+def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn, args, report=None,
+              device_kind: str = "auto"):
+    device = init_distributed(rank, world_size, local_rank, local_world, device_kind=device_kind)
     try:
         result = fn(device, *args)
     except BaseException as e:
@@ -87,23 +123,28 @@ def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn,
     return result
 
 
-def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, result_queue, fn, args):
+def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, commands, events, fn, args,
+             device_kind: str, persistent: bool):
     _exit_with_parent(parent_pid)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))
 
     def report(message: str):
-        result_queue.put(pickle.dumps(("error", local_rank, message)))
+        events.put(pickle.dumps(("error", local_rank, message)))
+        events.close()  # the process exits next: let the queue's feeder thread deliver it first
+        events.join_thread()
 
-    result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args, report)
-    if local_rank == 0:
-        # Plain pickle: torch's queue pickler would pass tensors as shared memory that vanishes
-        # with this process.
-        result_queue.put(pickle.dumps(("result", 0, result)))
+    if persistent:
+        args = (Channel(commands, events) if local_rank == 0 else None, *args)
+    result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args, report, device_kind)
+    if local_rank == 0 and not persistent:
+        events.put(pickle.dumps(("result", 0, result)))
     # The work is handed over: skip interpreter finalization, where gloo's worker threads
     # occasionally abort the process ("terminate called without an active exception", seen
-    # once in 21 runs of the README command).
+    # once in 21 runs of the README command). Wait for the queue's feeder thread first.
+    events.close()
+    events.join_thread()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -121,54 +162,91 @@ def _stop(processes, grace_s: float = 5.0):
             p.join()
 
 
-def launch(world_size: int, fn, *args):
+class WorkerGroup:
+    """world_size spawned local workers running fn(device, channel, *args); rank 0's channel is
+    `self.channel` here. `failure()` names a worker that has died, without blocking."""
+
+    def __init__(self, world_size: int, fn, args=(), device_kind: str = "auto", persistent: bool = True):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.channel = Channel(ctx.Queue(), ctx.Queue())
+        self.errors: dict[int, str] = {}
+        self.context = mp.start_processes(
+            _spawned, args=(world_size, free_port(), os.getpid(), self.channel._commands, self.channel._events, fn,
+                            args, device_kind, persistent), nprocs=world_size, join=False, start_method="spawn")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.context.processes]
+
+    def next_event(self, timeout: float) -> tuple | None:
+        """The next (kind, rank, payload) from the workers; errors are also kept in self.errors."""
+        event = self.channel.next_event(timeout)
+        if event is not None and event[0] == "error":
+            self.errors.setdefault(event[1], event[2])
+        return event
+
+    def failure(self) -> str | None:
+        """'worker rank R failed: ...' (or 'died (signal ...)') once any worker has ended badly."""
+        dead = [(rank, p) for rank, p in enumerate(self.context.processes) if p.exitcode not in (None, 0)]
+        if not dead and not self.errors:
+            return None
+        if dead and not self.errors:  # its message may still be on the way
+            deadline = time.time() + 1.0
+            while time.time() < deadline and not self.errors:
+                self.next_event(0.1)
+        if self.errors:  # the first to fail is the cause; peers then fail on broken connections
+            rank = next(iter(self.errors))
+            return f"worker rank {rank} failed:\n{self.errors[rank]}"
+        rank, p = dead[0]
+        how = f"signal {signal_name(-p.exitcode)}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+        return f"worker rank {rank} died ({how})"
+
+    def all_exited(self) -> bool:
+        return all(p.exitcode is not None for p in self.context.processes)
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        for p in self.context.processes:
+            p.join(max(0.0, deadline - time.time()))
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        _stop(self.context.processes, grace_s)
+
+
+def signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def launch(world_size: int, fn, *args, device_kind: str = "auto"):
     """Runs fn(device, *args) on every rank; returns rank 0's return value (None elsewhere)."""
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout "
                               f"needs world size {world_size}")
         return _run_rank(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)),
-                         int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), fn, args)
+                         int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), fn, args, device_kind=device_kind)
     if world_size == 1:
-        return fn(pick_device(0, 1), *args)
-    ctx = mp.get_context("spawn")
-    result_queue = ctx.SimpleQueue()
-    context = mp.start_processes(_spawned, args=(world_size, free_port(), os.getpid(), result_queue, fn, args),
-                                 nprocs=world_size, join=False, start_method="spawn")
-    result, errors = None, {}
-
-    def drain():
-        nonlocal result
-        while not result_queue.empty():
-            kind, rank, payload = pickle.loads(result_queue.get())
-            if kind == "result":
-                result = payload
-            else:
-                errors.setdefault(rank, payload)
-
+        return fn(pick_device(0, 1, device_kind), *args)
+    group = WorkerGroup(world_size, fn, args, device_kind, persistent=False)
     try:
         while True:
-            done = context.join(timeout=0.2)
-            drain()  # while rank 0 may still be writing
-            if done:
+            event = group.next_event(0.2)
+            if event is not None and event[0] == "result":
+                result = event[2]
                 break
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        _stop(context.processes)
-        drain()
-        rank = e.error_index if e.error_index in errors else min(errors, default=e.error_index)
-        if rank in errors:
-            raise WorkerError(f"worker rank {rank} failed:\n{errors[rank]}") from None
-        if isinstance(e, mp.ProcessRaisedException):
-            raise WorkerError(f"worker rank {rank} failed:\n{_last_error(e.msg)}") from None
-        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
-        raise WorkerError(f"worker rank {rank} died ({how})") from None
+            failure = group.failure()
+            if failure is not None:
+                group.stop()
+                raise WorkerError(failure)
+        group.join(30)
+        group.stop()
     except KeyboardInterrupt:
-        _stop(context.processes)
+        group.stop()
         raise
     return result
-
-
-def _last_error(msg: str) -> str:
-    lines = [line for line in msg.strip().splitlines() if line.strip()]
-    return "\n".join(lines[-1:]) if lines else msg
-

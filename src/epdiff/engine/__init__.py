@@ -1,0 +1,13 @@
+"""The engine: one model loaded once on every rank, serving request after request.
+
+`EngineConfig` (what the engine is) and `SamplingParams` (what one request asks) are checked in
+`params`; `Engine` drives the workers (`worker`) through the `scheduler`'s batches; `files`
+writes outputs; `ImageGenerator` is the Python API over it.
+"""
+
+from .engine import Engine, EngineDeadError, GeneratedImage, ImageFailedError, QueueFullError, RequestOutput
+from .generator import ImageGenerator
+from .params import EngineConfig, RequestError, SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "EngineDeadError", "GeneratedImage", "ImageFailedError", "ImageGenerator",
+           "QueueFullError", "RequestError", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,383 @@
+"""The persistent engine: workers start once, load once, then run request after request.
+
+    engine = Engine(EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True)))
+    output = engine.submit(SamplingParams("a small red circle on the left", seed=3)).result()
+    engine.close()
+
+Started as one process it spawns one worker per rank (one rank: a thread in this process).
+Under torchrun every rank constructs the same Engine: rank 0 drives (a worker thread computes
+beside it), the other ranks serve rank 0 inside the constructor until rank 0 closes.
+
+A driver thread feeds the workers one batch at a time from the `BatchPlanner` and hands results
+back through futures. A worker that dies fails every waiting request with an error naming its
+rank, and the engine stays dead (`alive` is False).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..distributed.launch import Channel, WorkerError, WorkerGroup, _run_rank, pick_device, under_torchrun
+from .params import EngineConfig, SamplingParams
+from .scheduler import BatchPlanner
+from .worker import BatchResult, engine_worker
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can take no more requests: a worker died, or it was closed."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the engine was told to hold."""
+
+
+class ImageFailedError(RuntimeError):
+    """An image came out wrong (non-finite latents); the message names the rank and the step."""
+
+
+@dataclass
+class GeneratedImage:
+    prompt: str
+    index: int  # within its request
+    seed: int  # regenerates exactly this image as a single image
+    latents: torch.Tensor  # [C, h, w] fp32
+    pixels: np.ndarray | None  # uint8 [H, W, 3]; None when the engine does not decode
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.fromarray(self.pixels)
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    params: SamplingParams  # resolved: the size, steps and guidance actually used
+    images: list[GeneratedImage]
+    queue_seconds: float  # submitted -> its first batch started
+    inference_seconds: float  # wall time of the batches that made its images, decode included
+    step_seconds: list[float]  # rank 0's steps in those batches
+    peak_memory_bytes: int | None  # highest over the ranks (GPU), since the engine started
+
+
+@dataclass
+class _Request:
+    request_id: int
+    params: SamplingParams
+    future: Future
+    on_progress: Callable[[int, int], None] | None
+    submitted: float
+    started: float | None = None
+    images: dict = field(default_factory=dict)
+    inference_seconds: float = 0.0
+    step_seconds: list = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+
+
+class _InProcessWorker:
+    """Rank 0's worker as a thread of this process (one rank, or rank 0 under torchrun)."""
+
+    def __init__(self, target):
+        self.channel = Channel(queue.Queue(), queue.Queue())
+        self.error: str | None = None
+
+        def run():
+            try:
+                target(self.channel)
+            except BaseException as e:  # noqa: BLE001 - reported to the driver, which fails loudly
+                self.error = f"worker rank 0 failed:\n{type(e).__name__}: {e}"
+                self.channel._events.put(pickle.dumps(("error", 0, self.error)))
+
+        self.thread = threading.Thread(target=run, daemon=True, name="epdiff-rank0")
+        self.thread.start()
+
+    def next_event(self, timeout: float):
+        return self.channel.next_event(timeout)
+
+    def failure(self) -> str | None:
+        return self.error
+
+    def join(self, timeout_s: float):
+        self.thread.join(timeout_s)
+
+    def stop(self, grace_s: float = 5.0):
+        self.thread.join(grace_s)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, decode: bool = True, show_progress: bool = False,
+                 max_waiting: int | None = None):
+        """decode=False: latents only (no VAE). max_waiting: submit raises QueueFullError beyond it."""
+        torchrun = under_torchrun()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", config.parallel.world_size)) if torchrun else None
+        self.config = config.resolve(local_world)
+        self.max_waiting = max_waiting
+        world = self.config.parallel.world_size
+        args = (self.config, decode, show_progress)
+        self.is_driver = True
+        if torchrun:
+            if int(os.environ["WORLD_SIZE"]) != world:
+                raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout needs world "
+                                  f"size {world}")
+            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+            run = lambda channel: _run_rank(rank, world, local_rank, local_world, engine_worker, (channel, *args),  # noqa: E731
+                                            device_kind=self.config.device)
+            if rank != 0:  # serve rank 0 until it closes the engine
+                self.is_driver, self.alive = False, False
+                run(None)
+                return
+            self._workers = _InProcessWorker(run)
+        elif world == 1:
+            device = pick_device(0, 1, self.config.device)
+            self._workers = _InProcessWorker(lambda channel: engine_worker(device, channel, *args))
+        else:
+            self._workers = WorkerGroup(world, engine_worker, args, self.config.device)
+        self._planner = BatchPlanner(self.config.parallel.data_parallel_size, self.config.max_batch_size)
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._in_flight = None
+        self._replies: queue.Queue = queue.Queue()  # answers to commands other than batches
+        self._closing = False
+        self.error: str | None = None
+        self.alive = False
+        try:
+            self.rank_metrics = [vars(m) | {"step_seconds": [], "peak_memory_bytes": None}
+                                 for m in self._wait_ready()]
+        except BaseException:
+            self._workers.stop()
+            raise
+        self.alive = True
+        self._driver = threading.Thread(target=self._drive, daemon=True, name="epdiff-driver")
+        self._driver.start()
+
+    def _wait_ready(self):
+        while True:
+            event = self._workers.next_event(0.2)
+            if event is not None and event[0] == "ready":
+                return event[2]
+            failure = self._workers.failure()
+            if failure is not None:
+                raise WorkerError(failure)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def submit(self, params: SamplingParams, on_progress: Callable[[int, int], None] | None = None) -> Future:
+        """Queues one request; the future gives its RequestOutput. params are resolved here
+        (RequestError names the field). on_progress(step, steps) runs on the driver thread."""
+        if not self.is_driver:
+            raise EngineDeadError("under torchrun only rank 0 submits requests")
+        params = params.resolve(self.config)
+        with self._lock:
+            if not self.alive:
+                raise EngineDeadError(self.error or "the engine is closed")
+            if self.max_waiting is not None and len(self._planner) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._planner)} requests are waiting, the limit is {self.max_waiting}")
+            request_id = next(self._ids)
+            future = Future()
+            self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter())
+            self._planner.add(request_id, params)
+            future.add_done_callback(lambda f, rid=request_id: f.cancelled() and self._cancel(rid))
+        self._wake.set()
+        return future
+
+    def generate(self, params: SamplingParams) -> RequestOutput:
+        return self.submit(params).result()
+
+    def _cancel(self, request_id: int):
+        with self._lock:
+            self._planner.cancel(request_id)
+            self._requests.pop(request_id, None)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests with images not yet started."""
+        with self._lock:
+            return len(self._planner)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    def routing_stats(self) -> list[dict]:
+        """Per pipeline stage: tokens per (layer, expert) since the engine started, and a summary."""
+        return self._command(("routing",))
+
+    def _command(self, command, timeout: float | None = None):
+        with self._lock:
+            if not self.alive:
+                raise EngineDeadError(self.error or "the engine is closed")
+            self._pending_command = command
+        self._wake.set()
+        reply = self._replies.get(timeout=timeout)
+        if isinstance(reply, EngineDeadError):
+            raise reply
+        return reply
+
+    # -- the driver thread -------------------------------------------------------------------------
+
+    _pending_command = None
+
+    def _drive(self):
+        while True:
+            self._dispatch()
+            event = self._workers.next_event(0.05)
+            if event is not None:
+                self._handle(event)
+            failure = None if event is not None else self._workers.failure()
+            if failure is not None:
+                self._die(failure)
+                return
+            if self._closing and self._in_flight is None and self._pending_command is None:
+                return
+
+    def _dispatch(self):
+        with self._lock:
+            if self._in_flight is not None:
+                return
+            if self._pending_command is not None:
+                self._in_flight, self._pending_command = self._pending_command, None
+                self._workers.channel.command(self._in_flight)
+                return
+            if self._closing:
+                return
+            batch = self._planner.next_batch()
+            if batch is None:
+                return
+            now = time.perf_counter()
+            for item in batch.images:
+                request = self._requests.get(item.request_id)
+                if request is not None and request.started is None:
+                    request.started = now
+                    request.future.set_running_or_notify_cancel()
+            self._in_flight = ("batch", batch)
+            self._workers.channel.command(self._in_flight)
+
+    def _handle(self, event):
+        kind, _, payload = event
+        if kind == "progress":
+            batch_id, step, total = payload
+            for request in self._requests_in_flight():
+                if request.on_progress is not None:
+                    request.on_progress(step, total)
+        elif kind == "batch":
+            self._finish_batch(payload)
+        elif kind in ("routing",):
+            with self._lock:
+                self._in_flight = None
+            self._replies.put(payload)
+
+    def _requests_in_flight(self) -> list[_Request]:
+        with self._lock:
+            if self._in_flight is None or self._in_flight[0] != "batch":
+                return []
+            ids = {item.request_id for item in self._in_flight[1].images}
+            return [self._requests[i] for i in ids if i in self._requests]
+
+    def _finish_batch(self, result: BatchResult):
+        done = []
+        with self._lock:
+            self._in_flight = None
+            for rank, (steps, peak) in enumerate(zip(result.step_seconds, result.peak_memory_bytes)):
+                metrics = self.rank_metrics[rank]
+                metrics["step_seconds"] += steps
+                metrics["peak_memory_bytes"] = peak
+            peak = max((p for p in result.peak_memory_bytes if p is not None), default=None)
+            touched = set()
+            for image in result.images:
+                request = self._requests.get(image.request_id)
+                if request is None:  # cancelled meanwhile
+                    continue
+                touched.add(image.request_id)
+                request.images[image.image_index] = image
+            for request_id in touched:
+                request = self._requests[request_id]
+                request.inference_seconds += result.seconds
+                request.step_seconds += result.step_seconds[0]
+                request.peak_memory_bytes = peak
+                if len(request.images) == request.params.n:
+                    done.append(self._requests.pop(request_id))
+        for request in done:
+            self._complete(request)
+
+    def _complete(self, request: _Request):
+        params = request.params
+        bad = [img for img in request.images.values() if img.nonfinite_step is not None]
+        if bad:
+            img = bad[0]
+            request.future.set_exception(ImageFailedError(
+                f"non-finite values (NaN or inf) in the latents of image {img.image_index} (seed {img.seed}) on "
+                f"rank {img.rank} at step {img.nonfinite_step + 1} of {params.num_inference_steps}: a corrupt "
+                f"checkpoint or an overflow in this dtype; no image was made"))
+            return
+        images = [GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels)
+                  for k, img in sorted(request.images.items())]
+        request.future.set_result(RequestOutput(
+            request_id=request.request_id, params=params, images=images,
+            queue_seconds=(request.started or request.submitted) - request.submitted,
+            inference_seconds=request.inference_seconds, step_seconds=request.step_seconds,
+            peak_memory_bytes=request.peak_memory_bytes))
+
+    def _die(self, failure: str):
+        with self._lock:
+            self.alive, self.error = False, failure
+            waiting = list(self._requests.values())
+            self._requests.clear()
+            has_command = self._in_flight is not None and self._in_flight[0] != "batch"
+        for request in waiting:
+            if not request.future.done():
+                request.future.set_exception(EngineDeadError(failure))
+        if has_command or self._pending_command is not None:
+            self._replies.put(EngineDeadError(failure))
+        self._workers.stop()
+
+    # -- shutting down -----------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finishes the batch in flight, fails requests not yet started, stops every worker."""
+        if not self.is_driver or not hasattr(self, "_driver"):
+            return
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            waiting = [(i, r) for i, r in self._requests.items() if r.started is None]
+            for request_id, request in waiting:
+                self._planner.cancel(request_id)
+                del self._requests[request_id]
+        for _, request in waiting:
+            request.future.set_exception(EngineDeadError("the engine was closed before this request started"))
+        self._driver.join(timeout_s)
+        if self.alive:
+            self._workers.channel.command(("stop",))
+            deadline = time.time() + timeout_s
+            while time.time() < deadline:
+                event = self._workers.next_event(0.1)
+                if event is not None and event[0] == "stopped":
+                    break
+                if self._workers.failure() is not None:
+                    break
+        with self._lock:
+            self.alive = False
+            self.error = self.error or "the engine is closed"
+        self._workers.join(10.0)  # they leave by themselves after "stop"
+        self._workers.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""Where a request's outputs go on disk: checked before any compute, written atomically.
+
+A path is checked by creating a file beside it (os.access answers yes to root for paths such as
+/sys/x.png that no one can create); every file is written under a temporary name in the same
+folder and renamed into place, so a crash never leaves a half-written image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..config import ConfigError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def check_writable(path: str, what: str = "output") -> None:
+    """Raises ConfigError naming the path when a file cannot be created there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write {what} {path!r}: it is a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+
+
+def check_image_path(path: str) -> None:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ConfigError(f"image path {path!r} has extension {ext or '(none)'!r}; use one of "
+                          f"{', '.join(IMAGE_FORMATS)}")
+    check_writable(path, "image")
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """write(temporary_path) then rename onto path; the temporary file is removed on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def image_path(output: str, prompt_index: int, image_index: int, total: int) -> str:
+    """With several images, -<prompt>-<image> goes before the extension."""
+    if total == 1:
+        return output
+    stem, ext = os.path.splitext(output)
+    return f"{stem}-{prompt_index}-{image_index}{ext}"
+
+
+def image_metadata(image, params, layout: str, model: str) -> dict[str, str]:
+    """What regenerates this image alone: its own seed, with the request's prompt, size, steps
+    and guidance."""
+    return {"prompt": image.prompt, "seed": str(image.seed), "steps": str(params.num_inference_steps),
+            "guidance_scale": str(params.guidance_scale), "size": f"{params.height}x{params.width}",
+            "parallel_layout": layout, "model": os.path.basename(os.path.normpath(model)), "software": "epdiff"}
+
+
+def save_image(path: str, pixels, metadata: dict[str, str]) -> None:
+    """PNG carries the metadata as text chunks; JPEG and WebP as a JSON comment/none."""
+    fmt = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
+    image = Image.fromarray(pixels)
+    if fmt == "PNG":
+        info = PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
+        write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    elif fmt == "JPEG":
+        comment = json.dumps(metadata).encode()
+        write_atomically(path, lambda tmp: image.save(tmp, format="JPEG", quality=95, comment=comment))
+    else:
+        write_atomically(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def save_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomically(path, write)

@@ -1,0 +1,72 @@
+"""The Python API: an image generator over any parallel layout that loads its model once.
+
+    from epdiff import ImageGenerator
+    with ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True) as generator:
+        images = generator.generate("a small red circle on the left", seed=1234)
+        images[0].save("out.png")
+        more = generator.generate("a large blue square at the top", seed=7)  # same workers, no reload
+
+Started as one process it spawns one worker per rank when constructed (keep such scripts under
+`if __name__ == "__main__":`, since spawn re-imports them); under torchrun every rank constructs
+it, rank 0 gets the images and the other ranks serve rank 0 until it closes.
+"""
+
+from __future__ import annotations
+
+from ..config import ParallelConfig
+from .engine import Engine, RequestOutput
+from .params import EngineConfig, SamplingParams, prompt_requests
+
+
+class ImageGenerator:
+    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
+                 cfg_parallel_size: int = 1, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, all2all_backend: str = "allgather_reducescatter",
+                 expert_placement: str = "linear", dtype: str = "auto", load_format: str = "safetensors",
+                 quantization: str | None = None, device: str = "auto", max_batch_size: int = 4,
+                 decode: bool = True, show_progress: bool = False):
+        parallel = ParallelConfig(
+            tensor_parallel_size=tensor_parallel_size, sequence_parallel_size=sequence_parallel_size,
+            cfg_parallel_size=cfg_parallel_size, data_parallel_size=data_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, enable_expert_parallel=enable_expert_parallel,
+            all2all_backend=all2all_backend, expert_placement=expert_placement)
+        self.engine = Engine(EngineConfig(model=model, dtype=dtype, load_format=load_format,
+                                          quantization=quantization, device=device, parallel=parallel,
+                                          max_batch_size=max_batch_size),
+                             decode=decode, show_progress=show_progress)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def requests(self, prompts, **kwargs) -> list[SamplingParams]:
+        return prompt_requests(self.engine.config, prompts, **kwargs)
+
+    def generate_outputs(self, prompts, **kwargs) -> list[RequestOutput]:
+        """One RequestOutput per prompt (images, seeds, latents, times). Empty on ranks other than 0."""
+        if not self.engine.is_driver:
+            return []
+        futures = [self.engine.submit(params) for params in self.requests(prompts, **kwargs)]
+        return [f.result() for f in futures]
+
+    def generate(self, prompts, **kwargs) -> list:
+        """PIL images in prompt order (num_images_per_prompt each). Empty on ranks other than 0."""
+        return [image.to_pil() for out in self.generate_outputs(prompts, **kwargs) for image in out.images]
+
+    def routing_stats(self) -> list[dict]:
+        """Per pipeline stage: tokens per (layer, expert) since the model was loaded."""
+        return self.engine.routing_stats() if self.engine.is_driver else []
+
+    @property
+    def rank_metrics(self) -> list[dict]:
+        """Per rank: experts, parameter and read bytes, load time, every step's seconds, peak memory."""
+        return self.engine.rank_metrics if self.engine.is_driver else []
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "ImageGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

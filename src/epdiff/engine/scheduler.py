@@ -1,0 +1,103 @@
+"""Which images run next, on which data-parallel group.
+
+The MoE layer couples the DP groups of an EP group layer by layer, so every DP group runs the
+same number of forward passes: one batch is one prefill and N denoising steps on every group.
+A group denoises images of one prompt, size and guidance together (they share the text prefix);
+different groups may run different prompts and sizes. A group with nothing to do repeats
+another group's first image as filler and drops the result.
+
+Policy: the oldest waiting request always runs in the next batch (no request starves) and fixes
+the step count; its images spread over the groups first (parallel beats batched), then the other
+waiting requests with that step count fill what is left, in arrival order: an empty group first,
+else a group already denoising the same prompt, size and guidance, up to max_batch_size images.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from .params import SamplingParams
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    request_id: int | None  # None: filler, its result is dropped
+    image_index: int  # within its request
+    prompt: str
+    seed: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+
+    @property
+    def batch_key(self) -> tuple:
+        """Images that can share one prefill and one denoising batch."""
+        return self.prompt, self.height, self.width, self.num_inference_steps, self.guidance_scale
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: int
+    groups: tuple[tuple[WorkItem, ...], ...]  # one per DP group, each non-empty (filler where idle)
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.groups[0][0].num_inference_steps
+
+    @property
+    def images(self) -> list[WorkItem]:
+        return [item for group in self.groups for item in group if item.request_id is not None]
+
+
+def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
+    """A resolved request's images."""
+    return [WorkItem(request_id, k, params.prompt, params.image_seed(k), params.height, params.width,
+                     params.num_inference_steps, params.guidance_scale) for k in range(params.n)]
+
+
+class BatchPlanner:
+    def __init__(self, dp_size: int, max_batch_size: int):
+        self.dp_size, self.max_batch_size = dp_size, max_batch_size
+        self._waiting: OrderedDict[int, list[WorkItem]] = OrderedDict()  # request id -> images not yet run
+        self._ids = itertools.count()
+
+    def add(self, request_id: int, params: SamplingParams) -> None:
+        self._waiting[request_id] = work_items(request_id, params)
+
+    def cancel(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+
+    def __len__(self) -> int:
+        """Requests with images still to run."""
+        return len(self._waiting)
+
+    def next_batch(self) -> Batch | None:
+        if not self._waiting:
+            return None
+        steps = next(iter(self._waiting.values()))[0].num_inference_steps
+        groups: list[list[WorkItem]] = [[] for _ in range(self.dp_size)]
+        for request_id, items in list(self._waiting.items()):
+            if items[0].num_inference_steps != steps:
+                continue
+            left = []
+            for item in items:
+                group = self._place(groups, item)
+                (left if group is None else group).append(item)
+            if left:
+                self._waiting[request_id] = left
+            else:
+                del self._waiting[request_id]
+            if all(len(g) == self.max_batch_size for g in groups):
+                break
+        filler = replace(next(g[0] for g in groups if g), request_id=None)
+        return Batch(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
+
+    def _place(self, groups: list[list[WorkItem]], item: WorkItem) -> list[WorkItem] | None:
+        for group in groups:
+            if not group:
+                return group
+        same = [g for g in groups if g[0].batch_key == item.batch_key and len(g) < self.max_batch_size]
+        return min(same, key=len) if same else None
