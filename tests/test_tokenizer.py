@@ -4,9 +4,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
+from epdiff.config import ConfigError
 from epdiff.models.hunyuan_image3.tokenizer import (
     NAMED_SPECIAL_TOKENS,
     NUM_RATIO_TOKENS,
+    TINY_ROLE_TOKENS,
     HunyuanTokenizer,
     build_2d_positions,
     build_tiny_tokenizer,
@@ -46,7 +48,7 @@ def test_named_ids_and_ratio_lookup(tok):
     assert tok.encode("<img_ratio_7>") == [tok.img_ratio(7)]
     with pytest.raises(ValueError, match="33"):
         tok.img_ratio(33)
-    with pytest.raises(KeyError, match="img_size_1024"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: no token '<img_size_1024>'"):
         tok.img_size(1024)
 
 
@@ -84,7 +86,7 @@ def test_rejects_non_consecutive_ratio_ids(tmp_path):
     tokens[-1], tokens[-2] = tokens[-2], tokens[-1]
     raw = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     with pytest.raises(ValueError, match="consecutive"):
-        HunyuanTokenizer(raw)
+        HunyuanTokenizer(raw, TINY_ROLE_TOKENS)
 
 
 def test_cond_sequence_layout(tok):

@@ -10,7 +10,8 @@ import torch
 
 def rope_2d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [..., 2] (y, x) -> cos, sin [..., head_dim] in fp32."""
-    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    # 1 / theta^(2k/d), written as the reference writes it: theta^(-2k/d) rounds differently.
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     axis = positions[..., torch.arange(head_dim // 2, device=positions.device) % 2].float()  # y, x, y, x, ...
     angles = axis * freqs
     angles = torch.cat([angles, angles], dim=-1)

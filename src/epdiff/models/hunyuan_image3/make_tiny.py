@@ -2,7 +2,8 @@
 
 config.json with the release's keys, generation_config.json, model.safetensors.index.json over
 several shards (transformer in bf16 like the release, router and VAE in fp32), tokenizer.json
-with every special token, and the VAE weights under `vae.`.
+with every special token and tokenizer_config.json naming its bos/eos/pad tokens, and the VAE
+weights under `vae.`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """HunyuanImage-3.0's diffusion transformer, text-to-image path, on the parallel runtime.
 
-Checkpoint names are the module paths: `model.wte`, `model.layers.{i}.self_attn.qkv_proj`,
-`model.layers.{i}.mlp.experts...`, `patch_embed.model.0`, `final_layer.model.1.2`, ...
+Module paths follow the checkpoint (`model.wte`, `model.layers.{i}.self_attn.qkv_proj`,
+`patch_embed.model.0`, `final_layer.model.1.2`, ...) except inside the generic MoE block and MLP,
+whose names weights.py maps to the release's.
 
 A denoising step runs [<timestep>, <img> x h·w] against the text prefix's cached K/V (exact:
 text never attends to image tokens). Image hidden states are taken before `ln_f`, which
@@ -114,12 +115,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                    parallel.tp, parallel.sp, c.rms_norm_eps, **kw)
-        if c.num_experts:
-            self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.moe_intermediate_size[index],
+        if c.is_moe_layer(index):
+            self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.mlp_width(index),
                                 parallel, shared_intermediate_size=c.shared_intermediate_size(index),
-                                renormalize=c.norm_topk_prob, **kw)
+                                **c.router_options(index), **kw)
         else:
-            self.mlp = SwiGLUMLP(c.hidden_size, c.moe_intermediate_size[index], parallel.tp, **kw)
+            self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, **kw)
 
     def _mlp(self, h, token_counts):
         return self.mlp(h, token_counts) if isinstance(self.mlp, MoELayer) else self.mlp(h)

@@ -1,8 +1,11 @@
 """HunyuanImage-3.0 tokenizer access and the text-to-image token sequence.
 
-The release ships a ``tokenizer.json`` (``tokenizers`` format). We only need it to encode the prompt
-and to look up the special tokens the image template uses, so a plain ``tokenizers.Tokenizer`` is
-enough; ``build_tiny_tokenizer`` writes a small word-level one for the tiny test models.
+The release ships a ``tokenizer.json`` (``tokenizers`` format) and a ``tokenizer_config.json``.
+We only need them to encode the prompt and to look up the special tokens the image template
+uses, so a plain ``tokenizers.Tokenizer`` is enough. As in the reference, the begin/end/padding
+tokens are whatever the tokenizer config names (``bos_token``, ...), while the image tokens
+(``<boi>``, ``<img>``, ``<img_ratio_k>``, ...) have fixed names. ``build_tiny_tokenizer`` writes a
+small word-level tokenizer and its config for the tiny models.
 
 Sequence for base text-to-image (template "pretrain", no system prompt, no ``<eos>``)::
 
@@ -14,12 +17,15 @@ so both branches have equal length and identical positions.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+from ...config import ConfigError
 
 NUM_RATIO_TOKENS = 33  # <img_ratio_0> ... <img_ratio_32>: one per aspect bucket
 UNK_TOKEN = "<unk>"
@@ -32,6 +38,14 @@ NAMED_SPECIAL_TOKENS = (
 
 # Tokens between the prompt and the first <img>: <boi> <img_size_B> <img_ratio_k> <timestep>.
 _TOKENS_BEFORE_IMAGE = 4
+
+# transformers' files naming the tokens of the roles below, read in this order (an entry in the
+# later file wins).
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+ROLES = ("bos_token", "eos_token", "pad_token")
+REQUIRED_ROLES = ("bos_token",)  # the sequence starts with it; eos and pad are not in it
+# The tiny tokenizers' tokens for those roles (written to their tokenizer_config.json).
+TINY_ROLE_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
 
 
 def img_size_token(image_base_size: int) -> str:
@@ -135,6 +149,43 @@ def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[st
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, "tokenizer.json")
     tokenizer.save(path)
+    write_tokenizer_config(os.path.dirname(path) or ".")
+
+
+def write_tokenizer_config(folder) -> None:
+    """The tiny tokenizers' tokenizer_config.json: which token plays which role."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": UNK_TOKEN, **TINY_ROLE_TOKENS}
+    with open(os.path.join(os.fspath(folder), TOKENIZER_CONFIG_FILES[0]), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_role_tokens(folder) -> dict[str, str]:
+    """bos/eos/pad token strings from the folder's tokenizer_config.json and
+    special_tokens_map.json (an entry is a string or an AddedToken dict with "content")."""
+    folder = os.fspath(folder)
+    found = {}
+    for name in TOKENIZER_CONFIG_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        for role in ROLES:
+            entry = config.get(role) if isinstance(config, dict) else None
+            if isinstance(entry, dict):
+                entry = entry.get("content")
+            if entry is not None and not isinstance(entry, str):
+                raise ConfigError(f"{path}: {role} {config[role]!r} is neither a token nor an AddedToken")
+            if entry:
+                found[role] = entry
+    for role in REQUIRED_ROLES:
+        if role not in found:
+            raise ConfigError(f"{folder}: no {role} named in {' or '.join(TOKENIZER_CONFIG_FILES)} "
+                              "(the sequence starts with it)")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +253,17 @@ def sequence_length(prompt_len: int, grid_h: int, grid_w: int) -> int:
 class HunyuanTokenizer:
     """Prompt encoding and special-token ids of a HunyuanImage-3.0 ``tokenizer.json``."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.bos = self.token_id("<bos>")
-        self.eos = self.token_id("<eos>")
-        self.pad = self.token_id("<pad>")
+    def __init__(self, tokenizer: Tokenizer, role_tokens: dict[str, str], source: str = "the tokenizer"):
+        """role_tokens: {"bos_token": ..., "eos_token": ..., "pad_token": ...} as the tokenizer's
+        config names them (see read_role_tokens); eos and pad may be absent (then None)."""
+        self.tokenizer, self.source = tokenizer, source
+        for role in REQUIRED_ROLES:
+            if not role_tokens.get(role):
+                raise ConfigError(f"{source}: no {role} given")
+        self.role_tokens = dict(role_tokens)
+        self.bos = self.token_id(role_tokens["bos_token"])
+        self.eos = self.token_id(role_tokens["eos_token"]) if role_tokens.get("eos_token") else None
+        self.pad = self.token_id(role_tokens["pad_token"]) if role_tokens.get("pad_token") else None
         self.boi = self.token_id("<boi>")
         self.eoi = self.token_id("<eoi>")
         self.img = self.token_id("<img>")
@@ -217,12 +274,18 @@ class HunyuanTokenizer:
         first = self.token_id(img_ratio_token(0))
         ratio_ids = [self.token_id(img_ratio_token(k)) for k in range(NUM_RATIO_TOKENS)]
         if ratio_ids != list(range(first, first + NUM_RATIO_TOKENS)):
-            raise ValueError(f"<img_ratio_0..{NUM_RATIO_TOKENS - 1}> ids are not consecutive: {ratio_ids}")
+            raise ConfigError(f"{source}: <img_ratio_0..{NUM_RATIO_TOKENS - 1}> ids are not consecutive: {ratio_ids}")
         self.img_ratio_ids = ratio_ids
 
     @classmethod
     def from_file(cls, path) -> "HunyuanTokenizer":
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        """A tokenizer.json; the roles come from the tokenizer config beside it."""
+        path = os.fspath(path)
+        try:
+            tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        return cls(tokenizer, read_role_tokens(os.path.dirname(path) or "."), source=path)
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "HunyuanTokenizer":
@@ -238,7 +301,7 @@ class HunyuanTokenizer:
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer")
+            raise ConfigError(f"{self.source}: no token {token!r} (the text-to-image sequence needs it)")
         return token_id
 
     def img_size(self, image_base_size: int) -> int:
