@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models
 
+import epdiff
 from epdiff.config import ConfigError
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.engine.params import default_model_dir
 from epdiff.layers.mlp import SwiGLUMLP
 from epdiff.layers.rotary import rope_2d
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config, check_generation_config
@@ -24,6 +25,7 @@ from epdiff.models.hunyuan_image3.weights import export_state_dict, init_dummy_w
 from epdiff.moe import MoELayer, Router
 
 HIDDEN, LAYERS, EXPERTS = 64, 2, 8
+BUILTIN_MODEL = os.path.join(os.path.dirname(epdiff.__file__), "assets", "tiny-hunyuan-image3")
 
 
 def base_config(**overrides) -> dict:
@@ -304,7 +306,7 @@ def test_missing_image_token_is_a_clear_error(tmp_path, token):
 
 
 def test_builtin_model_and_make_tiny_output_load(tmp_path):
-    for folder in (default_model_dir(), make_tiny(str(tmp_path), config_only=True)):
+    for folder in (BUILTIN_MODEL, make_tiny(str(tmp_path), config_only=True)):
         tok = HunyuanTokenizer.from_pretrained(folder)
         assert tok.bos == tok.token_id("<bos>")
         HunyuanImage3Config.from_pretrained(folder)
