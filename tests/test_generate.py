@@ -59,20 +59,51 @@ def test_layout_gives_the_single_rank_image(tmp_path, single, layout):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt", "  "], "prompt 0 is empty"),
+    (["--prompt", "  "], "prompt is empty: '  '"),
     (["--prompt", "x", "--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a folder"),
     (["--prompt", "x", "--height", "1024", "--width", "100"], "aspect ratio"),
     (["--prompt", "x", "--num-inference-steps", "0"], "num_inference_steps must be at least 1, got 0"),
     (["--prompt", "x", "--guidance-scale", "-1"], "guidance_scale must be >= 0, got -1.0"),
-    (["--prompt", "x", "--output", "/nonexistent/dir/out.png"], "cannot write '/nonexistent/dir/out.png'"),
+    (["--prompt", "x", "--guidance-scale", "nan"], "guidance_scale must be a finite number, got nan"),
+    (["--prompt", "x", "--guidance-scale", "inf"], "guidance_scale must be a finite number, got inf"),
+    (["--prompt", "x", "--seed", str(2**64)], f"got {2**64} with n = 1"),
+    (["--prompt", "x", "--seed", str(2**64 - 2), "--num-images-per-prompt", "3"], "with n = 3"),
+    (["--prompt", "x", "--seed", str(-2**63 - 1)], f"got {-2**63 - 1}"),
+    (["--prompt", "x", "--num-images-per-prompt", "0"], "number of images must be a positive integer, got 0"),
+    (["--prompt", "x", "--output", "/nonexistent/dir/out.png"], "cannot write image '/nonexistent/dir/out.png'"),
+    (["--prompt", "x", "--output", "/sys/x.png"], "cannot write image '/sys/x.png'"),
+    (["--prompt", "x", "--output", "/proc/x.png"], "cannot write image '/proc/x.png'"),
+    (["--prompt", "x", "--output", "out.txt"], "image path 'out.txt' has extension '.txt'"),
+    (["--prompt", "x", "--output", "out"], "image path 'out' has extension '(none)'"),
+    (["--prompt", "x", "--save-latents", "/sys/x.safetensors"], "cannot write --save-latents '/sys/x.safetensors'"),
+    (["--prompt", "x", "--metrics-json", "/sys/m.json"], "cannot write --metrics-json '/sys/m.json'"),
+    (["--prompt", "x", "--prompt-file", "/nonexistent/prompts.txt"], "cannot read --prompt-file"),
     (["--prompt", "x", "--cfg-parallel-size", "2", "--guidance-scale", "1"], "guidance scale 1.0 <= 1"),
+    (["--prompt", "x", "--device", "cuda"], "device 'cuda' was asked for, but this machine has no CUDA GPU"),
+    (["--prompt", "x", "--quantization", "fp8", "--max-batch-size", "0"], "max_batch_size must be a positive integer"),
     (["--prompt", " ".join(["red"] * 13000)], "over the model's context of 12800"),
 ])
-def test_bad_input_fails_before_any_compute(capsys, args, message, tmp_path):
+def test_bad_input_fails_before_any_worker_starts(capsys, monkeypatch, args, message, tmp_path):
+    import epdiff.engine
+
+    def no_engine(*a, **k):
+        raise AssertionError("an engine was started for bad input")
+
+    monkeypatch.setattr(epdiff.engine, "Engine", no_engine)
+    monkeypatch.chdir(tmp_path)
     args = args if "--output" in args else [*args, "--output", str(tmp_path / "x.png")]
     assert main(["generate", *args, "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err  # one line
+    assert not list(tmp_path.iterdir())
+
+
+def test_more_ranks_than_gpus_is_refused(capsys, monkeypatch):
+    import epdiff.engine.params
+
+    monkeypatch.setattr(epdiff.engine.params, "cuda_device_count", lambda: 4)
+    assert main(["generate", "--prompt", "x", "-tp", "8"]) == 2
+    assert "the layout needs 8 ranks on this machine, one GPU each, but it has 4 GPUs" in capsys.readouterr().err
 
 
 def test_torchrun_runs_the_same_command(tmp_path, single):
