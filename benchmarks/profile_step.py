@@ -22,8 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.engine import ImageGenerator
-from epdiff.pipeline.text_to_image import TextToImagePipeline
+from epdiff.engine import EngineConfig, SamplingParams
+from epdiff.engine.scheduler import work_items
+from epdiff.models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
 from step_scaling import release_width_model  # same folder
 
 KINDS = [  # first match wins
@@ -44,7 +45,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def mean_step_ms(pipe: TextToImagePipeline, steps: int) -> float:
+def mean_step_ms(pipe: HunyuanImage3Pipeline, steps: int) -> float:
     """Mean of the last request's steps, in ms."""
     return sum(pipe.metrics.step_seconds[-steps:]) / steps * 1e3
 
@@ -58,14 +59,14 @@ def main():
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
-    generator = ImageGenerator(release_width_model(args.layers), load_format="dummy")
-    request = generator.request("a cup of coffee on the table", height=args.size, width=args.size,
-                                num_inference_steps=args.steps, guidance_scale=5.0, show_progress=False)
-    request.decode = False
-    pipe = TextToImagePipeline(request, ParallelState.single(device))
-    pipe()  # warm-up: allocator, kernels' first launches
+    config = EngineConfig(release_width_model(args.layers), load_format="dummy", device="cuda").resolve()
+    params = SamplingParams("a cup of coffee on the table", height=args.size, width=args.size,
+                            num_inference_steps=args.steps, guidance_scale=5.0).resolve(config)
+    pipe = HunyuanImage3Pipeline(config, ParallelState.single(device), decode=False)
+    items = work_items(0, params)
+    pipe(items)  # warm-up: allocator, kernels' first launches
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pipe()
+        pipe(items)
     by_kind, by_name = collections.Counter(), collections.Counter()
     for event in prof.key_averages():
         us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
@@ -85,7 +86,7 @@ def main():
     for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
             with sdpa_kernel([getattr(SDPBackend, backend)]):
-                pipe()
+                pipe(items)
             backends[backend] = mean_step_ms(pipe, args.steps)
         except RuntimeError as e:
             backends[backend] = f"unavailable: {str(e).splitlines()[0][:120]}"
@@ -94,7 +95,7 @@ def main():
     for fmt in ("contiguous_format", "channels_last"):  # the UNet convolutions' weight layout
         for module in (pipe.transformer.patch_embed, pipe.transformer.final_layer):
             module.to(memory_format=getattr(torch, fmt))
-        pipe()
+        pipe(items)
         unet[fmt] = mean_step_ms(pipe, args.steps)
         print(f"UNet weights {fmt}: {unet[fmt]:.1f} ms per step")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from epdiff.config import ParallelConfig
-from epdiff.engine import ImageGenerator
+from epdiff.engine import Engine, EngineConfig, SamplingParams
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
 from epdiff.models.hunyuan_image3.make_tiny import make_tiny
 from moe_layer import dense_tflops  # same folder: one measurement of the dense ceiling
@@ -80,6 +80,7 @@ def main():
     p.add_argument("--layouts", default=None,
                    help="comma-separated layout names to run (default: every one that fits the GPUs)")
     p.add_argument("--out", default=".")
+    p.add_argument("--quantization", default=None, choices=("fp8",))
     args = p.parse_args()
     wanted = None if args.layouts is None else args.layouts.split(",")
     if wanted and not set(wanted) <= {name for name, _ in LAYOUTS}:
@@ -93,21 +94,23 @@ def main():
     for name, kwargs in LAYOUTS:
         if ParallelConfig(**kwargs).world_size > torch.cuda.device_count() or (wanted and name not in wanted):
             continue
-        generator = ImageGenerator(model, load_format="dummy", **kwargs)
-        request = generator.request("a cup of coffee on the table", height=args.size, width=args.size,
-                                    num_inference_steps=args.steps, guidance_scale=5.0, show_progress=False)
-        request.decode = False
-        out = generator.run(request)
+        engine_config = EngineConfig(model, load_format="dummy", quantization=args.quantization,
+                                     parallel=ParallelConfig(**kwargs))
+        with Engine(engine_config, decode=False) as engine:
+            params = SamplingParams("a cup of coffee on the table", height=args.size, width=args.size,
+                                    num_inference_steps=args.steps, guidance_scale=5.0)
+            out = engine.generate(params)
+            metrics = engine.rank_metrics
         gc.collect()
         torch.cuda.empty_cache()  # the 1-GPU run is in this process: free its cache for the workers
-        steps = [s for m in out["metrics"][:1] for s in m["step_seconds"][1:]]
+        steps = out.step_seconds[1:]
         step = statistics.mean(steps)
-        grid = (request.height // 16) * (request.width // 16)
+        grid = (out.params.height // 16) * (out.params.width // 16)
         flops = step_flops(config, grid, prefix_tokens=12, branches=2)
-        gpus = len(out["metrics"])
+        gpus = len(metrics)
         rows.append(dict(layout=name, gpus=gpus, step_s=step, step_s_std=statistics.pstdev(steps),
                          image_s_50_steps=50 * step, mfu=flops / step / (rate * gpus),
-                         peak_GiB=max(m["peak_memory_bytes"] for m in out["metrics"]) / 2**30))
+                         peak_GiB=max(m["peak_memory_bytes"] for m in metrics) / 2**30))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["step_s"] if rows[0]["gpus"] == 1 else float("nan")
     for r in rows:

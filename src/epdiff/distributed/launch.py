@@ -195,12 +195,15 @@ class WorkerGroup:
             deadline = time.time() + 1.0
             while time.time() < deadline and not self.errors:
                 self.next_event(0.1)
-        if self.errors:  # the first to fail is the cause; peers then fail on broken connections
-            rank = next(iter(self.errors))
-            return f"worker rank {rank} failed:\n{self.errors[rank]}"
-        rank, p = dead[0]
-        how = f"signal {signal_name(-p.exitcode)}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-        return f"worker rank {rank} died ({how})"
+        # A worker killed by a signal (the OOM killer, a user) said nothing: it is the cause, and
+        # its peers' errors are only broken connections to it. Otherwise the first error is.
+        killed = [(rank, p) for rank, p in dead if p.exitcode < 0 and rank not in self.errors]
+        if killed or not self.errors:
+            rank, p = (killed or dead)[0]
+            how = f"signal {signal_name(-p.exitcode)}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            return f"worker rank {rank} died ({how})"
+        rank = next(iter(self.errors))
+        return f"worker rank {rank} failed: {self.errors[rank]}"
 
     def all_exited(self) -> bool:
         return all(p.exitcode is not None for p in self.context.processes)

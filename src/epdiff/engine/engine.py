@@ -96,7 +96,7 @@ class _InProcessWorker:
             try:
                 target(self.channel)
             except BaseException as e:  # noqa: BLE001 - reported to the driver, which fails loudly
-                self.error = f"worker rank 0 failed:\n{type(e).__name__}: {e}"
+                self.error = f"worker rank 0 failed: {type(e).__name__}: {e}"
                 self.channel._events.put(pickle.dumps(("error", 0, self.error)))
 
         self.thread = threading.Thread(target=run, daemon=True, name="epdiff-rank0")

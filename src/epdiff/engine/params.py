@@ -41,6 +41,9 @@ def default_model_dir() -> str:
 
 
 def read_generation_config(model_dir: str) -> dict:
+    """generation_config.json over the defaults; fields epdiff does not implement are refused."""
+    from ..models.hunyuan_image3.config import check_generation_config
+
     path = os.path.join(model_dir, "generation_config.json")
     out = dict(DEFAULT_GENERATION)
     if os.path.isfile(path):
@@ -49,6 +52,7 @@ def read_generation_config(model_dir: str) -> dict:
                 out.update(json.load(f))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
+        check_generation_config(out, path)
     return out
 
 

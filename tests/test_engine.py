@@ -1,0 +1,128 @@
+"""The persistent engine: batch planning over DP groups, one load for many requests, lockstep DP
+batches, and a worker's death failing every waiting request loudly."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from epdiff.config import ParallelConfig
+from epdiff.engine import EngineConfig, EngineDeadError, ImageGenerator, SamplingParams
+from epdiff.engine.scheduler import BatchPlanner
+
+
+def params(prompt="p", n=1, steps=3, size=128, guidance=4.0, seed=0):
+    return SamplingParams(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                          seed=seed, n=n)
+
+
+def ids(batch):
+    return [[(i.request_id, i.image_index) for i in g] for g in batch.groups]
+
+
+def test_a_requests_images_spread_over_dp_groups_before_they_batch():
+    planner = BatchPlanner(dp_size=2, max_batch_size=2)
+    planner.add(0, params(n=3))
+    assert ids(planner.next_batch()) == [[(0, 0), (0, 2)], [(0, 1)]]
+    assert planner.next_batch() is None
+
+
+def test_other_requests_fill_idle_groups_then_batch_with_the_same_prompt():
+    planner = BatchPlanner(dp_size=3, max_batch_size=2)
+    planner.add(0, params("a"))
+    planner.add(1, params("b", size=256))  # another prompt and size: its own group
+    planner.add(2, params("a"))
+    planner.add(3, params("c"))  # no idle group, no group with its prompt: waits
+    planner.add(4, params("a"))  # joins a group denoising "a"
+    assert ids(planner.next_batch()) == [[(0, 0), (4, 0)], [(1, 0)], [(2, 0)]]
+    assert ids(planner.next_batch()) == [[(3, 0)], [(None, 0)], [(None, 0)]]  # filler elsewhere
+    assert len(planner) == 0
+
+
+def test_the_oldest_request_fixes_the_steps_and_never_starves():
+    planner = BatchPlanner(dp_size=2, max_batch_size=4)
+    planner.add(0, params(steps=3))
+    planner.add(1, params(steps=5))
+    planner.add(2, params(steps=3))
+    first = planner.next_batch()
+    assert {i.request_id for i in first.images} == {0, 2} and first.num_inference_steps == 3
+    second = planner.next_batch()
+    assert [i.request_id for i in second.images] == [1] and second.num_inference_steps == 5
+
+
+def test_an_idle_group_runs_filler_that_is_not_reported():
+    planner = BatchPlanner(dp_size=4, max_batch_size=4)
+    planner.add(7, params(n=2))
+    batch = planner.next_batch()
+    assert all(len(g) == 1 for g in batch.groups)
+    assert [g[0].request_id for g in batch.groups] == [7, 7, None, None]
+    assert [i.image_index for i in batch.images] == [0, 1]
+
+
+def test_a_cancelled_request_is_not_run():
+    planner = BatchPlanner(dp_size=1, max_batch_size=4)
+    planner.add(0, params("a"))
+    planner.add(1, params("b"))
+    planner.cancel(0)
+    assert [i.request_id for i in planner.next_batch().images] == [1]
+
+
+@pytest.fixture(scope="module")
+def generator():
+    with ImageGenerator(data_parallel_size=2, enable_expert_parallel=True) as g:
+        yield g
+
+
+def test_generate_twice_loads_once_and_dp_groups_run_different_prompts_together(generator):
+    pids = list(generator.engine._workers.pids)
+    load = [m["load_seconds"] for m in generator.rank_metrics]
+    first = generator.generate_outputs(["a small red circle on the left", "a large blue square at the top"],
+                                       num_inference_steps=3, seed=11)
+    # Both prompts in one batch, one on each DP group: each rank ran 3 steps, not 6.
+    assert [len(m["step_seconds"]) for m in generator.rank_metrics] == [3, 3]
+    again = generator.generate_outputs("a small red circle on the left", num_inference_steps=3, seed=11)
+    assert generator.engine._workers.pids == pids and [m["load_seconds"] for m in generator.rank_metrics] == load
+    assert np.abs(first[0].images[0].pixels.astype(int) - again[0].images[0].pixels.astype(int)).max() <= 1
+    assert first[1].images[0].seed == 12 and first[0].params.num_inference_steps == 3
+
+
+def test_concurrent_submissions_all_complete(generator):
+    engine = generator.engine
+    futures = [engine.submit(params(f"a small {c} circle on the left", seed=i))
+               for i, c in enumerate(["red", "green", "blue", "yellow", "purple"])]
+    outs = [f.result(timeout=300) for f in futures]
+    assert [o.images[0].seed for o in outs] == [0, 1, 2, 3, 4]
+    assert all(o.inference_seconds > 0 and o.images[0].pixels.shape == (128, 128, 3) for o in outs)
+
+
+def test_a_dead_worker_fails_waiting_requests_naming_its_rank():
+    engine = ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True).engine
+    try:
+        futures = [engine.submit(params(steps=30, seed=i)) for i in range(3)]
+        time.sleep(1.0)
+        os.kill(engine._workers.pids[1], signal.SIGKILL)
+        for f in futures:
+            with pytest.raises(EngineDeadError, match="worker rank 1"):
+                f.result(timeout=60)
+        assert not engine.alive
+        with pytest.raises(EngineDeadError, match="worker rank 1"):
+            engine.submit(params())
+    finally:
+        engine.close()
+    deadline = time.time() + 15
+    while not engine._workers.all_exited() and time.time() < deadline:
+        time.sleep(0.2)
+    assert engine._workers.all_exited()
+
+
+def test_engine_config_refuses_bad_fields():
+    from epdiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown quantization 'int3'"):
+        EngineConfig(quantization="int3").resolve()
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        EngineConfig(device="tpu").resolve()
+    with pytest.raises(ConfigError, match="experts cannot be split evenly over EP size 3"):
+        EngineConfig(parallel=ParallelConfig(data_parallel_size=3, enable_expert_parallel=True)).resolve()
