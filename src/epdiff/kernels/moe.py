@@ -5,42 +5,100 @@ SwiGLU + routing weight in eager PyTorch took 2.7 ms and the per-slot combine 1.
 ~1.2 GB and ~0.6 GB of necessary traffic. Each kernel here reads its inputs once and writes its
 output once. Elsewhere (CPU, no Triton) the eager versions in experts.py run. `swiglu` without a
 weight also serves the dense and shared-expert MLPs.
+
+The FP8 expert path quantizes its two GEMM inputs in the passes that already touch them:
+`gather_quant_rows` gathers a token row and writes it as float8 with its per-row scale, and
+`swiglu_quant` writes the activation the same way (quantization/fp8.py has the arithmetic and
+the eager reference). Both keep a whole row in registers, which the row's scale needs.
+
+Row counts that only the device knows (how many (token, expert) pairs are local) arrive as a
+1-element device tensor. The row kernels are persistent (a fixed grid striding over rows up to
+that count), so a launch over a mostly empty buffer costs one wave, not one program per row:
+the expert path runs its buffer in chunks, and the last chunks are often empty.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import tl, triton
+from ..quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 BLOCK = 1024
+PROGRAMS_PER_SM = 8
 
 if triton is not None:
+    # Globals a Triton kernel reads must be compile-time constants.
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
     @triton.jit
     def _swiglu_kernel(fused_ptr, weight_ptr, out_ptr, count_ptr, width, fused_stride, out_stride,
-                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = (cols < width) & (row < tl.load(count_ptr))
-        up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
-        y = up * gate * tl.sigmoid(gate)
-        if HAS_WEIGHT:
-            y = y * tl.load(weight_ptr + row).to(tl.float32)
-        tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+                       HAS_WEIGHT: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+        count = tl.load(count_ptr)
+        for i in range(tl.program_id(0), count, PROGRAMS):
+            row = tl.cast(i, tl.int64)
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + row).to(tl.float32)
+            for start in range(0, width, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < width
+                up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
+                y = up * gate * tl.sigmoid(gate) * w
+                tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, count_ptr, width, x_stride, out_stride, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = row < tl.load(count_ptr)
-        mask = (cols < width) & live
-        src = tl.load(rows_ptr + row, mask=live, other=0).to(tl.int64)
-        tl.store(out_ptr + row * out_stride + cols, tl.load(x_ptr + src * x_stride + cols, mask=mask), mask=mask)
+    def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, count_ptr, width, x_stride, out_stride,
+                            PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+        count = tl.load(count_ptr)
+        for i in range(tl.program_id(0), count, PROGRAMS):
+            row = tl.cast(i, tl.int64)
+            src = tl.load(rows_ptr + row).to(tl.int64)
+            for start in range(0, width, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < width
+                tl.store(out_ptr + row * out_stride + cols, tl.load(x_ptr + src * x_stride + cols, mask=mask),
+                         mask=mask)
 
     @triton.jit
-    def _combine_kernel(rows_ptr, slot_ptr, out_ptr, width, rows_stride, out_stride, K: tl.constexpr,
+    def _quantize_row(x, q_row_ptr, scale_ptr, row, mask):
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.maximum(amax, _MIN_AMAX) / _FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX)
+        tl.store(q_row_ptr, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _gather_quant_rows_kernel(x_ptr, rows_ptr, q_ptr, scale_ptr, count_ptr, width, x_stride, q_stride,
+                                  PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+        count = tl.load(count_ptr)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        for i in range(tl.program_id(0), count, PROGRAMS):
+            row = tl.cast(i, tl.int64)
+            src = tl.load(rows_ptr + row).to(tl.int64)
+            x = tl.load(x_ptr + src * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            _quantize_row(x, q_ptr + row * q_stride + cols, scale_ptr, row, mask)
+
+    @triton.jit
+    def _swiglu_quant_kernel(fused_ptr, weight_ptr, q_ptr, scale_ptr, count_ptr, width, fused_stride, q_stride,
+                             PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+        count = tl.load(count_ptr)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        for i in range(tl.program_id(0), count, PROGRAMS):
+            row = tl.cast(i, tl.int64)
+            up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
+            y = up * gate * tl.sigmoid(gate) * tl.load(weight_ptr + row).to(tl.float32)
+            _quantize_row(y, q_ptr + row * q_stride + cols, scale_ptr, row, mask)
+
+    @triton.jit
+    def _combine_kernel(rows_ptr, slot_ptr, out_ptr, width, rows_stride, out_stride, row_hi, K: tl.constexpr,
                         BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -48,13 +106,55 @@ if triton is not None:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
             src = tl.load(slot_ptr + token * K + j).to(tl.int64)
-            v = tl.load(rows_ptr + src * rows_stride + cols, mask=mask & (src >= 0), other=0.0)
-            acc += v.to(tl.float32)
+            inside = (src >= 0) & (src < row_hi)
+            acc += tl.load(rows_ptr + src * rows_stride + cols, mask=mask & inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_add_kernel(rows_ptr, token_ptr, slot_ptr, out_ptr, count_ptr, width, rows_stride, out_stride,
+                            row_lo, row_hi, K: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+        # Driven by the pair rows of one chunk, so an empty chunk costs one wave. Of a token's
+        # slots inside the chunk, the first one's program sums them all (in slot order, fp32) and
+        # adds the sum to the token's output: deterministic, no atomics.
+        count = tl.minimum(tl.load(count_ptr), row_hi)
+        for i in range(row_lo + tl.program_id(0), count, PROGRAMS):
+            row = tl.cast(i, tl.int64)
+            token = tl.load(token_ptr + row).to(tl.int64)
+            first = row
+            for j in tl.static_range(K):
+                src = tl.load(slot_ptr + token * K + j).to(tl.int64)
+                first = tl.where((src >= row_lo) & (src < count) & (src < first), src, first)
+            if first == row:
+                for start in range(0, width, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < width
+                    acc = tl.zeros([BLOCK], dtype=tl.float32)
+                    for j in tl.static_range(K):
+                        src = tl.load(slot_ptr + token * K + j).to(tl.int64)
+                        inside = (src >= row_lo) & (src < count)
+                        acc += tl.load(rows_ptr + (src - row_lo) * rows_stride + cols, mask=mask & inside,
+                                       other=0.0).to(tl.float32)
+                    dst = out_ptr + token * out_stride + cols
+                    acc += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
+
+
+def _grid(rows: int, device: torch.device) -> tuple[int, int]:
+    programs = min(rows, _programs(device.index if device.index is not None else torch.cuda.current_device()))
+    return programs, programs
 
 
 def _count(count: torch.Tensor | None, rows: int, device) -> torch.Tensor:
     return torch.full((1,), rows, dtype=torch.int32, device=device) if count is None else count
+
+
+def _row_warps(block: int) -> int:
+    return min(16, max(1, block // 512))
 
 
 def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch.Tensor | None = None
@@ -67,32 +167,83 @@ def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch
     out = fused.new_empty(P, width)
     if P:
         fused = fused.contiguous()
-        _swiglu_kernel[(P, triton.cdiv(width, BLOCK))](fused, fused if weight is None else weight.contiguous(), out,
-                                                        _count(count, P, fused.device), width, fused.stride(0),
-                                                        out.stride(0), HAS_WEIGHT=weight is not None, BLOCK=BLOCK)
+        grid, programs = _grid(P, fused.device)
+        _swiglu_kernel[(grid,)](fused, fused if weight is None else weight.contiguous(), out,
+                                _count(count, P, fused.device), width, fused.stride(0), out.stride(0),
+                                HAS_WEIGHT=weight is not None, PROGRAMS=programs, BLOCK=BLOCK)
     return out
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """out[i] = x[rows[i]] for i < count (a 1-element device tensor); rows past it unwritten."""
+    """out[i] = x[rows[i]] for i < count (a 1-element device tensor); rows past it unwritten.
+    Any dtype (float8 rows too)."""
     P, D = rows.shape[0], x.shape[1]
     out = x.new_empty(P, D)
     if P:
         x = x.contiguous()
-        _gather_rows_kernel[(P, triton.cdiv(D, BLOCK))](x, rows.contiguous(), out, count, D, x.stride(0),
-                                                         out.stride(0), BLOCK=BLOCK)
+        grid, programs = _grid(P, x.device)
+        _gather_rows_kernel[(grid,)](x, rows.contiguous(), out, count, D, x.stride(0), out.stride(0),
+                                     PROGRAMS=programs, BLOCK=BLOCK)
     return out
 
 
+def gather_quant_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q[i], scale[i] = quantize_rows(x[rows[i]]) for i < count (a 1-element device tensor), in
+    one pass; rows past count are left unwritten. q [P, D] float8_e4m3fn, scale [P] fp32."""
+    P, D = rows.shape[0], x.shape[1]
+    q = torch.empty(P, D, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(P, dtype=torch.float32, device=x.device)
+    if P:
+        block = triton.next_power_of_2(D)
+        x = x.contiguous()
+        grid, programs = _grid(P, x.device)
+        _gather_quant_rows_kernel[(grid,)](x, rows.contiguous(), q, scale, count, D, x.stride(0), q.stride(0),
+                                           PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+    return q, scale
+
+
+def swiglu_quant(fused: torch.Tensor, weight: torch.Tensor, count: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(up·silu(gate) · weight) of fused [P, 2I] ([up; gate]) for the first count
+    rows, fp32 math: (q [P, I] float8_e4m3fn, scale [P] fp32); later rows unwritten."""
+    P, two_i = fused.shape
+    width = two_i // 2
+    q = torch.empty(P, width, dtype=FP8_DTYPE, device=fused.device)
+    scale = torch.empty(P, dtype=torch.float32, device=fused.device)
+    if P:
+        block = triton.next_power_of_2(width)
+        fused = fused.contiguous()
+        grid, programs = _grid(P, fused.device)
+        _swiglu_quant_kernel[(grid,)](fused, weight.contiguous(), q, scale, count, width, fused.stride(0),
+                                      q.stride(0), PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+    return q, scale
+
+
 def combine(rows: torch.Tensor, slot_to_row: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
-    """rows [P, D]; slot_to_row [num_tokens·k]: the row holding (token, slot)'s output, or -1.
-    Returns [num_tokens, D]: the sum of each token's k slots (fp32 accumulation)."""
+    """rows [C, D]: the outputs of pair rows 0 .. C; slot_to_row [num_tokens·k]: the pair row
+    holding (token, slot)'s output, or -1. Returns [num_tokens, D]: per token, the sum of its
+    slots whose row is below C (fp32 accumulation); later rows are combine_add's."""
     D = rows.shape[1]
-    if rows.shape[0] == 0:
-        return rows.new_zeros(num_tokens, D)
     out = rows.new_empty(num_tokens, D)
+    if rows.shape[0] == 0:
+        return out.zero_()
     if num_tokens:
         rows = rows.contiguous()
         _combine_kernel[(num_tokens, triton.cdiv(D, BLOCK))](rows, slot_to_row, out, D, rows.stride(0),
-                                                             out.stride(0), K=k, BLOCK=BLOCK)
+                                                             out.stride(0), rows.shape[0], K=k, BLOCK=BLOCK)
+    return out
+
+
+def combine_add(out: torch.Tensor, rows: torch.Tensor, row_lo: int, pair_token: torch.Tensor,
+                slot_to_row: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+    """A later chunk: rows [C, D] hold pair rows row_lo .. row_lo + C (those below count, a
+    1-element device tensor, are real); pair_token[r] is pair row r's token. Adds each token's
+    slots in that range (summed in fp32) to out [num_tokens, D] in place."""
+    C, D = rows.shape
+    if C and out.shape[0]:
+        rows = rows.contiguous()
+        grid, programs = _grid(C, rows.device)
+        _combine_add_kernel[(grid,)](rows, pair_token, slot_to_row, out, count, D, rows.stride(0), out.stride(0),
+                                     row_lo, row_lo + C, K=k, PROGRAMS=programs, BLOCK=BLOCK)
     return out

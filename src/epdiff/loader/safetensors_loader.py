@@ -14,7 +14,9 @@ import struct
 import torch
 from safetensors import safe_open
 
-FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+# F8_E4M3: the float8 expert weights of a pre-quantized checkpoint (the model loader decides where
+# float8 may appear).
+FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3"}
 
 
 class CheckpointError(ValueError):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..distributed.collectives import all_reduce
 from ..distributed.parallel_state import ParallelState
-from ..layers.linear import copy_checked, read_col_shard, read_row_shard
+from ..layers.linear import read_col_shard, read_row_shard
 from ..layers.mlp import SwiGLUMLP
 from .dispatch import Placement, make_dispatcher
 from .expert_map import expert_owners
@@ -26,8 +26,9 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  parallel: ParallelState, shared_intermediate_size: int = 0, scoring: str = "softmax",
                  renormalize: bool = True, scaling_factor: float = 1.0, num_groups: int = 1, topk_groups: int = 1,
-                 dtype=torch.float32, device=None, expert_kernel: str = "auto"):
-        """Routing options are the Router's (see there)."""
+                 dtype=torch.float32, device=None, expert_kernel: str = "auto", quant_config=None):
+        """Routing options are the Router's (see there). quant_config: an `Fp8Config` makes the
+        routed experts FP8 (and the tokens travel to them in FP8); None keeps them in dtype."""
         super().__init__()
         config = parallel.config
         config.validate(num_experts=num_experts)
@@ -47,8 +48,9 @@ class MoELayer(nn.Module):
         self.shared_expert = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
                                         dtype=dtype, device=device) if shared_intermediate_size else None)
         self.experts = GroupedExperts(len(self.placement.global_ids), hidden_size,
-                                      intermediate_size // self.expert_tp, dtype, device, expert_kernel)
-        self.dispatch = make_dispatcher(parallel)
+                                      intermediate_size // self.expert_tp, dtype, device, expert_kernel,
+                                      num_experts=num_experts, quant_config=quant_config)
+        self.dispatch = make_dispatcher(parallel, fp8_tokens=quant_config is not None)
         # (token, expert) pairs this rank computed, per global expert, since the last reset.
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
@@ -78,21 +80,25 @@ class MoELayer(nn.Module):
     def owns_expert(self, expert: int) -> bool:
         return bool(self.placement.expert_map[expert] >= 0)
 
-    def load_expert_weight(self, expert: int, kind: str, source):
+    def load_expert_weight(self, expert: int, kind: str, source, scale=None):
         """kind: 'w13' (fused [up; gate], [2I, D]) or 'w2' (down, [D, I]), unsharded in `source`
-        (a tensor or a safetensors slice). Call only for experts this rank owns."""
+        (a tensor or a safetensors slice); `scale`: its per-output-channel weight scale where the
+        source holds float8 codes. Call only for experts this rank owns."""
         local = int(self.placement.expert_map[expert])
         if local < 0:
             raise ValueError(f"expert {expert} is not held by this rank (holds {self.local_expert_ids})")
         t = self.parallel.tp
         shards, rank = (t.size, t.rank) if self.expert_tp > 1 else (1, 0)
         if kind == "w13":
-            copy_checked(self.experts.w13[local], read_row_shard(source, rank, shards, parts=2),
-                         f"experts.{expert}.{kind}")
+            value = read_row_shard(source, rank, shards, parts=2)
+            # One scale per output row: the rows' scales shard with them.
+            scale = None if scale is None else read_row_shard(scale, rank, shards, parts=2)
         elif kind == "w2":
-            copy_checked(self.experts.w2[local], read_col_shard(source, rank, shards), f"experts.{expert}.{kind}")
+            value = read_col_shard(source, rank, shards)  # its output rows (and scales) are whole
+            scale = None if scale is None else scale[:]
         else:
             raise ValueError(f"unknown expert weight {kind!r}; expected 'w13' or 'w2'")
+        self.experts.load_expert(local, kind, value, scale, f"experts.{expert}.{kind}")
 
     def reset_routing_stats(self):
         self.expert_load.zero_()

@@ -108,7 +108,8 @@ class UNetUp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: HunyuanImage3Config, index: int, parallel: ParallelState, dtype, device):
+    def __init__(self, config: HunyuanImage3Config, index: int, parallel: ParallelState, dtype, device,
+                 quant_config=None):
         super().__init__()
         c, kw = config, dict(dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
@@ -118,7 +119,7 @@ class DecoderLayer(nn.Module):
         if c.is_moe_layer(index):
             self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.mlp_width(index),
                                 parallel, shared_intermediate_size=c.shared_intermediate_size(index),
-                                **c.router_options(index), **kw)
+                                **c.router_options(index), quant_config=quant_config, **kw)
         else:
             self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, **kw)
 
@@ -138,15 +139,19 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """The `model.` part of the checkpoint: embeddings and this stage's decoder layers."""
 
-    def __init__(self, config, parallel, layer_ids, first_stage: bool, dtype, device):
+    def __init__(self, config, parallel, layer_ids, first_stage: bool, dtype, device, quant_config=None):
         super().__init__()
         if first_stage:
             self.wte = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, parallel, dtype, device) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, parallel, dtype, device, quant_config)
+                                     for i in layer_ids})
 
 
 class HunyuanImage3Transformer(nn.Module):
-    def __init__(self, config: HunyuanImage3Config, parallel: ParallelState, dtype=torch.float32, device=None):
+    def __init__(self, config: HunyuanImage3Config, parallel: ParallelState, dtype=torch.float32, device=None,
+                 quant_config=None):
+        """quant_config: from epdiff.quantization (None: every weight in dtype); the layers with a
+        quantized form (the routed experts) take it."""
         super().__init__()
         c, kw = config, dict(dtype=dtype, device=device)
         parallel.config.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
@@ -155,7 +160,8 @@ class HunyuanImage3Transformer(nn.Module):
         self.link = StageLink(parallel.pp)
         self._step_counts = None  # (step tokens, token-group counts), set on the first step after prefill()
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
-        self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device)
+        self.quant_config = quant_config
+        self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device, quant_config)
         # The UNet convolutions keep channels-last weights: cuDNN then runs Hopper NHWC kernels, and
         # the image's [B, C, h, w] <-> [B, h·w, C] token views need no transposing copies.
         if self.link.is_first:

@@ -19,11 +19,17 @@ from ...layers.norm import RMSNorm
 from ...layers.linear import ColumnParallelLinear, RowParallelLinear, copy_checked
 from ...loader.safetensors_loader import CheckpointError, SafetensorsCheckpoint
 from ...moe import MoELayer, Router
+from ...moe.experts import GroupedExperts
+from ...quantization import Fp8Config, get_quantization_config
+from ...quantization import fp8
 
 # Not used by text-to-image: never read.
 SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.", "guidance_emb.",
                     "timestep_r_emb.")
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
+# A pre-quantized (FP8) checkpoint stores each expert weight's per-output-channel scale beside it.
+EXPERT_SCALE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight_scale$")
+SCALE_SUFFIX = "_scale"
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Module-path segment -> the release's name for it (the router's weight sits one level deeper,
 # in `gate.wg`; see ROUTER_WEIGHT).
@@ -62,8 +68,8 @@ def weight_specs(model) -> dict[str, WeightSpec]:
             w = module.weight
             specs[f"{dot}{ROUTER_WEIGHT}"] = WeightSpec(tuple(w.shape), lambda src, w=w: copy_checked(w, src[:].float()))
             covered.add(id(w))
-        elif isinstance(module, MoELayer):
-            covered.update({id(module.experts.w13), id(module.experts.w2)})
+        elif isinstance(module, MoELayer):  # routed experts (and their FP8 scales): expert_spec
+            covered.update(id(p) for p in module.experts.parameters())
     for name, p in model.named_parameters():
         if id(p) not in covered:
             name = release_name(name)
@@ -81,15 +87,44 @@ def expert_spec(model, layer: int, expert: int, kind: str) -> WeightSpec | None:
         return None
     two_i, d = moe.experts.w13.shape[1] * moe.expert_tp, moe.experts.w13.shape[2]
     shape = (two_i, d) if kind == "gate_and_up_proj" else (d, two_i // 2)
-    return WeightSpec(shape, lambda src: moe.load_expert_weight(expert, EXPERT_KIND_OF_RELEASE[kind], src))
+    return WeightSpec(shape, lambda src, scale=None: moe.load_expert_weight(expert, EXPERT_KIND_OF_RELEASE[kind],
+                                                                            src, scale))
 
 
 def _num_layers(model) -> int:
     return model.config.num_hidden_layers
 
 
-def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
-    """Loads this rank's share; raises CheckpointError naming the file and tensor on any problem."""
+def checkpoint_quantization(config, model_dir: str) -> Fp8Config | None:
+    """The `quantization_config` of a pre-quantized checkpoint's config.json (validated), or None."""
+    qc = config.raw.get("quantization_config")
+    if qc is None:
+        return None
+    try:
+        return Fp8Config.from_checkpoint_config(qc, f"{model_dir}/config.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _expert_scale(checkpoint: SafetensorsCheckpoint, name: str, rows: int):
+    """The per-channel scale stored beside FP8 expert weight `name`, checked."""
+    scale_name = name + SCALE_SUFFIX
+    file = checkpoint.weight_map[name]
+    if scale_name not in checkpoint:
+        raise CheckpointError(f"{file}: float8 tensor {name} has no {scale_name} (its per-output-channel scale)")
+    scale = checkpoint.get(scale_name)
+    if scale.get_shape() not in ((rows,), (rows, 1)):
+        raise CheckpointError(f"{scale.file}: tensor {scale_name} has shape {scale.get_shape()}, expected ({rows}, 1) "
+                              "(one scale per output channel)")
+    if scale.get_dtype() != "F32":
+        raise CheckpointError(f"{scale.file}: tensor {scale_name} has dtype {scale.get_dtype()}, expected F32")
+    return scale
+
+
+def load_checkpoint(model, checkpoint: SafetensorsCheckpoint, quantized: bool = False) -> None:
+    """Loads this rank's share; raises CheckpointError naming the file and tensor on any problem.
+    quantized: the checkpoint is pre-quantized (float8 routed experts with `weight_scale`s);
+    otherwise FP8 experts are quantized here, expert by expert, as they are read."""
     specs = weight_specs(model)
     pending = set(specs)
     pending_experts = {(int(i), e, kind) for i in model.model.layers for moe in [model.model.layers[i].mlp]
@@ -108,6 +143,14 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
                 raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} is for layer {layer}, but "
                                       f"config.json has num_hidden_layers={_num_layers(model)}")
             spec, key = expert_spec(model, layer, expert, kind), (layer, expert, kind)
+        elif EXPERT_SCALE.match(name):
+            if not quantized:
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} is an FP8 weight scale, but "
+                                      "config.json has no quantization_config")
+            if name[:-len(SCALE_SUFFIX)] not in checkpoint:
+                raise CheckpointError(f"{checkpoint.weight_map[name]}: tensor {name} scales "
+                                      f"{name[:-len(SCALE_SUFFIX)]}, which the checkpoint lacks")
+            continue  # read together with its weight
         else:
             spec, key = specs.get(name), name
             layer_m = LAYER.match(name)
@@ -123,8 +166,18 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint) -> None:
         if source.get_shape() != spec.shape:
             raise CheckpointError(f"{source.file}: tensor {name} has shape {source.get_shape()}, but config.json "
                                   f"implies {spec.shape}")
+        is_fp8 = source.get_dtype() == fp8.SAFETENSORS_FP8
+        scale = None
+        if m and quantized:
+            if not is_fp8:
+                raise CheckpointError(f"{source.file}: tensor {name} has dtype {source.get_dtype()}, but config.json's "
+                                      f"quantization_config says fp8 (expected {fp8.SAFETENSORS_FP8})")
+            scale = _expert_scale(checkpoint, name, spec.shape[0])
+        elif is_fp8:
+            why = ("only routed experts are quantized" if quantized else "config.json has no quantization_config")
+            raise CheckpointError(f"{source.file}: tensor {name} is float8 ({fp8.SAFETENSORS_FP8}), but {why}")
         try:
-            spec.load(source)
+            spec.load(source) if scale is None else spec.load(source, scale)
         except ValueError as e:
             raise CheckpointError(f"{source.file}: tensor {name}: {e}") from None
         pending.discard(key)
@@ -145,10 +198,21 @@ def _belongs_elsewhere(model, name: str) -> bool:
 
 
 def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
-    """--load-format dummy: random weights of the real shapes, made on the device, local experts only."""
+    """--load-format dummy: random weights of the real shapes, made on the device, local experts only.
+    FP8 experts are the quantization of the very values a model without quantization draws (one
+    layer's experts at a time in the model dtype), so the two can be compared."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, GroupedExperts) and module.fp8:
+                for kind in ("w13", "w2"):
+                    param = getattr(module, kind)
+                    value = torch.empty(param.shape, dtype=module.dtype, device=param.device)
+                    value.normal_(0.0, std, generator=g)
+                    for e in range(param.shape[0]):
+                        module.load_expert(e, kind, value[e])
+                    del value
+                continue
             is_norm = isinstance(module, (RMSNorm, nn.GroupNorm))
             for name, p in module.named_parameters(recurse=False):
                 if is_norm:
@@ -160,15 +224,21 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
 
 
 def export_state_dict(model) -> dict[str, torch.Tensor]:
-    """Release-named full tensors of a single-process model (for writing tiny checkpoints)."""
+    """Release-named full tensors of a single-process model (for writing tiny checkpoints). FP8
+    experts export as float8 weights with their `weight_scale` [N, 1]."""
     if model.parallel.config.world_size != 1:
         raise ValueError("export_state_dict needs the whole model in one process")
     out = {}
     for name, p in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
-        if prefix.endswith(".experts") and leaf in RELEASE_EXPERT_KINDS:
+        kind = leaf[:-len(SCALE_SUFFIX)] if leaf.endswith(SCALE_SUFFIX) else leaf
+        if prefix.endswith(".experts") and kind in RELEASE_EXPERT_KINDS:
             for e in range(p.shape[0]):
-                out[f"{release_name(prefix)}.{e}.{RELEASE_EXPERT_KINDS[leaf]}.weight"] = p[e].clone()
+                tensor_name = f"{release_name(prefix)}.{e}.{RELEASE_EXPERT_KINDS[kind]}.weight"
+                if kind == leaf:
+                    out[tensor_name] = p[e].clone()
+                else:
+                    out[tensor_name + SCALE_SUFFIX] = p[e][:, None].clone()
         elif isinstance(model.get_submodule(prefix), Router):
             out[f"{release_name(prefix)}.{ROUTER_WEIGHT}"] = p.clone()
         elif not name.endswith("expert_load"):
@@ -206,21 +276,89 @@ def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encod
 
 
 def load_model(model_dir: str, parallel, dtype=torch.float32, device="cpu", load_format: str = "safetensors",
-               config=None):
+               config=None, quantization: str | None = None):
     """Builds this rank's part of the model and fills it: from the checkpoint (reading only this
-    rank's share) or, with load_format='dummy', with random weights made on the device."""
+    rank's share) or, with load_format='dummy', with random weights made on the device.
+
+    quantization: 'fp8' makes the routed experts float8 (quantized as a bf16 checkpoint is read,
+    or read as stored from a pre-quantized one); None keeps them in dtype, except that a
+    pre-quantized checkpoint (config.json with `quantization_config`) always loads as stored."""
     from .config import HunyuanImage3Config
     from .model import HunyuanImage3Transformer
 
     if load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load format {load_format!r}; choose 'safetensors' or 'dummy'")
+    quant_config = get_quantization_config(quantization)
     config = config or HunyuanImage3Config.from_pretrained(model_dir)
+    stored = checkpoint_quantization(config, model_dir)
+    quant_config = quant_config or stored
     checkpoint = SafetensorsCheckpoint(model_dir) if load_format == "safetensors" else None
     with torch.device(device):
-        model = HunyuanImage3Transformer(config, parallel, dtype=dtype, device=device)
+        model = HunyuanImage3Transformer(config, parallel, dtype=dtype, device=device, quant_config=quant_config)
     if checkpoint is None:
         init_dummy_weights(model)
     else:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, quantized=stored is not None)
     model.eval()
     return model, checkpoint
+
+
+def write_quantized_checkpoint(model_dir: str, out_dir: str, quantization: str = "fp8", device="cpu") -> dict:
+    """`epdiff quantize`: a pre-quantized copy of a checkpoint. Routed expert weights become
+    float8 with a per-output-channel `weight_scale` [N, 1] beside each; every other tensor and
+    file is copied, and config.json gains `quantization_config`. Shard by shard, tensor by
+    tensor: memory holds one shard's output, never the model. Returns a summary."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .config import HunyuanImage3Config
+
+    quant_config = get_quantization_config(quantization)
+    if quant_config is None:
+        raise ValueError("give --quantization (supported: fp8)")
+    config = HunyuanImage3Config.from_pretrained(model_dir)
+    if checkpoint_quantization(config, model_dir) is not None:
+        raise ValueError(f"{model_dir}: already quantized (config.json has a quantization_config)")
+    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
+        raise ValueError(f"output folder {out_dir!r} is the model folder: write the quantized copy elsewhere")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"output folder {out_dir!r} exists and is not empty")
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    weight_map, quantized, bytes_in, bytes_out = {}, 0, 0, 0
+    for file in sorted(set(checkpoint.weight_map.values())):
+        tensors = {}
+        for name in sorted(n for n, f in checkpoint.weight_map.items() if f == file):
+            t = checkpoint.get(name).full()
+            bytes_in += t.numel() * t.element_size()
+            if EXPERT.match(name):
+                if t.dim() != 2:
+                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, expected a matrix")
+                q, scale = fp8.quantize_weight(t.to(device))
+                tensors[name], tensors[name + SCALE_SUFFIX] = q.cpu(), scale[:, None].cpu()
+                quantized += 1
+            else:
+                tensors[name] = t
+        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = file
+            bytes_out += t.numel() * t.element_size()
+        del tensors
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    for entry in sorted(os.listdir(model_dir)):
+        src = os.path.join(model_dir, entry)
+        if entry.endswith(".safetensors") or entry == "model.safetensors.index.json" or not os.path.isfile(src):
+            continue
+        if entry == "config.json":
+            with open(src) as f:
+                raw = json.load(f)
+            raw["quantization_config"] = quant_config.checkpoint_config()
+            with open(os.path.join(out_dir, entry), "w") as f:
+                json.dump(raw, f, indent=2)
+        else:
+            shutil.copy2(src, os.path.join(out_dir, entry))
+    return dict(out_dir=out_dir, quantized_tensors=quantized, bytes_in=bytes_in, bytes_out=bytes_out)
