@@ -212,6 +212,16 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """Write a pre-quantized copy of a checkpoint (float8 routed experts + weight_scale)."""
+    from .models.hunyuan_image3.weights import write_quantized_checkpoint
+
+    summary = write_quantized_checkpoint(args.model, args.out_dir, args.quantization, args.device)
+    print(f"wrote {summary['out_dir']}: {summary['quantized_tensors']} expert tensors in {args.quantization}, "
+          f"{summary['bytes_in'] / 1e9:.2f} GB -> {summary['bytes_out'] / 1e9:.2f} GB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     add_parallel_args(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint (FP8 routed experts)",
+                       description="Quantize a bf16 checkpoint's routed experts to float8_e4m3fn with one scale "
+                                   "per output channel; the copy loads directly (generate --model OUT_DIR).")
+    p.add_argument("model", help="the bf16 model folder")
+    p.add_argument("out_dir", help="new folder for the quantized copy (must not exist or be empty)")
+    p.add_argument("--quantization", required=True, choices=("fp8",), help="the method (vLLM's name)")
+    p.add_argument("--device", default="cpu", help="where the quantization arithmetic runs (e.g. cuda)")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 
