@@ -1,6 +1,6 @@
 import pytest
 
-from epdiff.pipeline.resolution import ResolutionGroup, snap
+from epdiff.sampling.resolution import ResolutionGroup, snap
 
 
 def test_base_1024_buckets():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from epdiff.pipeline.scheduler import FlowMatchEulerScheduler, guidance
+from epdiff.sampling.scheduler import FlowMatchEulerScheduler, guidance
 
 
 def test_four_step_timesteps_with_shift_3():

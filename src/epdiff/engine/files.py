@@ -74,20 +74,24 @@ def image_metadata(image, params, layout: str, model: str) -> dict[str, str]:
             "parallel_layout": layout, "model": os.path.basename(os.path.normpath(model)), "software": "epdiff"}
 
 
-def save_image(path: str, pixels, metadata: dict[str, str]) -> None:
-    """PNG carries the metadata as text chunks; JPEG and WebP as a JSON comment/none."""
-    fmt = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
+def write_image(target, fmt: str, pixels, metadata: dict[str, str]) -> None:
+    """Encodes pixels as fmt (PNG, JPEG or WEBP) into target (a path or a binary file). PNG
+    carries the metadata as text chunks, JPEG as a JSON comment, WebP none."""
     image = Image.fromarray(pixels)
     if fmt == "PNG":
         info = PngInfo()
         for key, value in metadata.items():
             info.add_text(key, value)
-        write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        image.save(target, format="PNG", pnginfo=info)
     elif fmt == "JPEG":
-        comment = json.dumps(metadata).encode()
-        write_atomically(path, lambda tmp: image.save(tmp, format="JPEG", quality=95, comment=comment))
+        image.save(target, format="JPEG", quality=95, comment=json.dumps(metadata).encode())
     else:
-        write_atomically(path, lambda tmp: image.save(tmp, format=fmt))
+        image.save(target, format=fmt)
+
+
+def save_image(path: str, pixels, metadata: dict[str, str]) -> None:
+    fmt = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
+    write_atomically(path, lambda tmp: write_image(tmp, fmt, pixels, metadata))
 
 
 def save_json(path: str, obj) -> None:

@@ -161,7 +161,7 @@ class SamplingParams:
 
     def resolve(self, engine: EngineConfig) -> "SamplingParams":
         """Defaults filled from the model, every field checked; raises RequestError."""
-        from ..pipeline.resolution import snap
+        from ..sampling.resolution import snap
 
         info, layout = engine.model_info, engine.parallel
         if not isinstance(self.prompt, str) or not self.prompt.strip():

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from ...distributed.collectives import all_gather_tensor
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
-from ...pipeline.resolution import snap
-from ...pipeline.scheduler import FlowMatchEulerScheduler, guidance
+from ...sampling.resolution import snap
+from ...sampling.scheduler import FlowMatchEulerScheduler, guidance
 from .tokenizer import HunyuanTokenizer
 from .vae import AutoencoderKLConv3D, to_uint8
 from .weights import load_model, load_vae
