@@ -18,6 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 from ..config import ConfigError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def check_writable(path: str, what: str = "output") -> None:
@@ -49,6 +51,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to their writer
         os.replace(tmp, path)
     except BaseException:
         try:
