@@ -1,0 +1,76 @@
+"""FP8 cases run inside the world's workers (see world.py): the MoE layer and the whole
+transformer with FP8 experts on a parallel layout against one rank with FP8 experts."""
+
+from __future__ import annotations
+
+from epdiff.config import ParallelConfig
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.quantization import get_quantization_config
+from moe_cases import build_layer, make_tokens, make_weights, token_counts
+
+FP8 = get_quantization_config("fp8")
+
+
+def moe_equivalence(rank: int, layouts, tokens: int = 12):
+    """Per layout (tp, sp, cfg, dp, ep, backend): this rank's FP8 MoE output against the same FP8
+    layer on one process (and the grouped path against the per-expert loop)."""
+    rows = []
+    single = ParallelState.single()
+    for tp, sp, cfg, dp, ep, backend in layouts:
+        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                                data_parallel_size=dp, enable_expert_parallel=ep, all2all_backend=backend)
+        state = ParallelState.build(config, "cpu")
+        for routing, kernel in (("random", "loop"), ("skewed", "grouped_mm")):
+            w, common = make_weights(11, routing, True, config.ep_size)
+            counts = token_counts(state.token.size, tokens, empty_rank=routing == "skewed")
+            x_all = make_tokens(11, counts, routing, common)
+            start = sum(counts[: state.token.rank])
+            x = x_all[start: start + counts[state.token.rank]]
+            out = _fp8_layer(state, w, kernel)(x)
+            one = _fp8_layer(single, w, "loop")(x)
+            err = float((out - one).abs().max()) if x.numel() else 0.0
+            rows.append(dict(layout=config.describe(), ep=ep, backend=backend, routing=routing, kernel=kernel,
+                             rank=rank, err=err, scale=float(one.abs().max()) if x.numel() else 1.0))
+    return rows
+
+
+def _fp8_layer(state, w, kernel):
+    from epdiff.moe import MoELayer
+    from epdiff.models.hunyuan_image3.weights import load_moe_block
+    from moe_cases import SMALL as d
+
+    layer = MoELayer(d.hidden, d.experts, d.top_k, d.inter, state, shared_intermediate_size=d.shared_inter,
+                     expert_kernel=kernel, device=state.device, quant_config=FP8)
+    load_moe_block(layer, w)
+    return layer
+
+
+_reference = {}
+
+
+def transformer_equivalence(rank, model_dir, layout, ep_modes):
+    """Prefill + one step of the whole transformer with FP8 experts (quantized while read) on
+    layout (tp, sp, cfg, dp, pp), against one rank with FP8 experts."""
+    from epdiff.models.hunyuan_image3.weights import load_model
+    from model_cases import PROMPTS, run_step, sequences
+
+    tp, sp, cfg, dp, pp = layout
+    rows = []
+    for ep, backend in ep_modes:
+        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
+                                data_parallel_size=dp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
+                                all2all_backend=backend)
+        state = ParallelState.build(config, "cpu")
+        model, _ = load_model(model_dir, state, quantization="fp8")
+        prompt = state.dp.rank % len(PROMPTS)
+        seqs = sequences(model_dir, PROMPTS[prompt])
+        branches = [state.cfg.rank] if cfg == 2 else [0, 1]
+        out = run_step(model, [seqs[b] for b in branches], prompt)
+        if (model_dir, prompt) not in _reference:
+            one, _ = load_model(model_dir, ParallelState.single(), quantization="fp8")
+            _reference[(model_dir, prompt)] = run_step(one, seqs, prompt)
+        ref = _reference[(model_dir, prompt)][branches]
+        rows.append(dict(layout=config.describe(), ep=ep, backend=backend, rank=rank,
+                         err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
+    return rows
+
