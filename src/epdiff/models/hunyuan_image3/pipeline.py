@@ -71,9 +71,8 @@ class HunyuanImage3Pipeline:
         info = engine.model_info
         self.config, self.generation, self.context = info.config, info.generation, info.context
         self.tokenizer = HunyuanTokenizer.from_pretrained(engine.model)
-        quantization = {"quantization": engine.quantization} if engine.quantization else {}
         self.transformer, checkpoint = load_model(engine.model, parallel, self.dtype, self.device,
-                                                  engine.load_format, self.config, **quantization)
+                                                  engine.load_format, self.config, engine.quantization)
         self.decodes = parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
         self.vae = self._load_vae(checkpoint) if self.decodes and decode else None
         moe = self.transformer.moe_layers
