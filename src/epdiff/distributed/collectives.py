@@ -11,8 +11,10 @@ import torch.distributed as dist
 
 from .parallel_state import Group
 
-# torch 2.13 renamed all_gather_into_tensor (same arguments); older releases only have the old name.
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (same arguments); older releases
+# only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def reduce_scatter_rows(y: torch.Tensor, group: Group, counts: list[int]) -> tor
     if any(c != most for c in counts):
         y = torch.cat([_pad_rows(part, most) for part in torch.split(y, counts)])
     out = y.new_empty((most,) + tuple(y.shape[1:]))
-    dist.reduce_scatter_tensor(out, y.contiguous(), group=group.group)
+    _reduce_scatter_single(out, y.contiguous(), group=group.group)
     return out[: counts[group.rank]]
 
 
