@@ -8,11 +8,13 @@ timeout to hit; NCCL collectives then only ever wait for peers that are computin
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..distributed.parallel_state import ParallelState
 from ..moe.stats import collect_routing_stats
@@ -71,6 +73,9 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
     """Runs on every rank; channel is rank 0's line to the driver (None elsewhere)."""
     from ..models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
 
+    # tqdm's default lock is a multiprocessing semaphore; a worker leaves with os._exit, so the
+    # resource tracker would report it as leaked. One rank draws the bar: a thread lock will do.
+    tqdm.set_lock(threading.RLock())
     parallel = ParallelState.build(config.parallel, device)
     control = ControlPlane()
     pipe = HunyuanImage3Pipeline(config, parallel, decode=decode)
