@@ -86,7 +86,7 @@ def test_checker_scores_blank_and_wrong_images_low(tmp_path):
     blank = Image.new("RGB", (128, 128), "white")
     assert checker.detect(blank) == []
     result = checker.score("a small red circle on the left", blank)
-    assert result["accuracy"] == 0 and result["missing"] == 1
+    assert result["accuracy"] == 0 and result["missing"] == 1 and not result["exact"]
 
     red_circle = shapes.render(shapes.parse_caption("a large red circle on the left"))
     result = checker.score("a small blue square on the right", red_circle)
@@ -96,26 +96,57 @@ def test_checker_scores_blank_and_wrong_images_low(tmp_path):
     path = tmp_path / "circle.png"
     red_circle.save(path)
     result = checker.score("a large red circle on the left and a small blue square on the right", path)
-    assert result["attributes"] == 3 and result["total"] == 6 and result["missing"] == 1 and not result["exact"]
+    assert result["attributes"] == 4 and result["total"] == 8 and result["missing"] == 1 and not result["exact"]
 
 
-def test_extra_objects_cost_nothing_but_are_reported():
+def test_wrong_size_is_detected():
+    large = shapes.render(shapes.parse_caption("a large red circle on the left"))
+    result = checker.score("a small red circle on the left", large)
+    assert result["accuracy"] == 0.75 and result["per_attribute"]["size"] == 0 and not result["exact"]
+    assert result["extra"] == 0 and result["missing"] == 0
+
+
+def test_extra_object_is_detected():
+    # The asked-for object is drawn right, but a second one is there too: the scene is wrong.
     two = shapes.render(shapes.parse_caption("a small red circle at the top and a large green triangle at the bottom"))
     result = checker.score("a small red circle at the top", two)
     assert result["accuracy"] == 1 and result["extra"] == 1 and not result["exact"]
+    assert result["detected"] == ["a large green triangle at the bottom", "a small red circle at the top"]
+
+
+def test_a_blotch_of_another_colour_is_an_extra_object():
+    scene = shapes.parse_caption("a large red square on the right")
+    image = shapes.render(scene)
+    assert checker.score(scene, image)["exact"]
+    # a 12 x 12 green patch inside the red square (about 1 % of the picture)
+    image.paste(shapes.PALETTE["green"], (96, 58, 108, 70))
+    result = checker.score(scene, image)
+    assert result["extra"] == 1 and not result["exact"], result
+
+
+def test_a_scene_is_right_only_when_every_object_is():
+    image = shapes.render(shapes.parse_caption("a small red circle on the left and a large blue square on the right"))
+    result = checker.score("a small red circle on the left and a large green square on the right", image)
+    assert result["attributes"] == 7 and result["per_attribute"]["colour"] == 1 and not result["exact"]
+    assert checker.score("a small red circle on the left and a large blue square on the right", image)["exact"]
 
 
 def test_score_images_summary():
     pairs = [(shapes.caption(s), shapes.render(s)) for s in SCENES[:4]]
     pairs.append(("a small red circle on the left", Image.new("RGB", (128, 128), "white")))
+    two = shapes.render(shapes.parse_caption("a small red circle at the top and a large green triangle at the bottom"))
+    pairs.append(("a small red circle at the top", two))
     summary = checker.score_images(pairs)
-    assert summary["images"] == 5 and summary["total"] == 15 and summary["attributes"] == 12
-    assert summary["accuracy"] == pytest.approx(0.8) and summary["exact"] == pytest.approx(0.8)
-    assert summary["per_attribute"]["shape"] == pytest.approx(0.8) and "80.0%" in summary["report"]
+    assert summary["images"] == 6 and summary["total"] == 24 and summary["attributes"] == 20
+    assert summary["accuracy"] == pytest.approx(20 / 24) and summary["exact_scenes"] == 4
+    assert summary["exact"] == pytest.approx(4 / 6) and summary["extra"] == 1 and summary["missing"] == 1
+    assert summary["per_attribute"]["shape"] == pytest.approx(5 / 6)
+    assert "83.3% of attributes right (20/24" in summary["report"]
+    assert "66.7% of scenes exactly right (4/6)" in summary["report"] and "1 extra objects" in summary["report"]
 
 
 def test_checker_command_line(tmp_path, capsys):
     shapes.render(SCENES[7]).save(tmp_path / "a.png")
     (tmp_path / "manifest.tsv").write_text(f"{shapes.caption(SCENES[7])}\ta.png\n")
     assert checker.main(["--manifest", str(tmp_path / "manifest.tsv")]) == 0
-    assert "100.0% of shape/colour/position attributes right" in capsys.readouterr().out
+    assert "100.0% of attributes right" in capsys.readouterr().out

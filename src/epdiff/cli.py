@@ -180,7 +180,7 @@ def cmd_train_tiny(args) -> int:
     train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
                args.device, args.seed, pool_size=args.pool_size, lr=args.lr,
                model_size={k: v for k, v in sizes.items() if v is not None}, max_minutes=args.max_minutes,
-               init_from=args.init_from)
+               init_from=args.init_from, vae_from=args.vae_from, one_object_share=args.one_object_share)
     return 0
 
 
@@ -192,20 +192,20 @@ def cmd_score(args) -> int:
     from .engine import ImageGenerator
     from .train.score import score_heldout
 
-    generator = ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args)))
     results = []
-    for steps in args.num_inference_steps or [None]:
-        for guidance in args.guidance_scale or [None]:
-            summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
-            if summary is None:
-                return 0
-            print(f"{summary['num_inference_steps']} steps, guidance {summary['guidance_scale']:g}, "
-                  f"seeds {' '.join(map(str, args.seed))}: {summary['report']}")
-            for seed, per_seed in summary["per_seed"].items():
-                print(f"  seed {seed}: {per_seed['report']}")
-            for stage, idle in summary["idle_experts"].items():
-                print(f"  routing, stage {stage}: {idle} (layer, expert) pairs received no token")
-            results.append(summary)
+    with ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args))) as generator:
+        for steps in args.num_inference_steps or [None]:
+            for guidance in args.guidance_scale or [None]:
+                summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
+                if summary is None:  # not the driving rank
+                    return 0
+                print(f"{summary['num_inference_steps']} steps, guidance {summary['guidance_scale']:g}, "
+                      f"seeds {' '.join(map(str, args.seed))}: {summary['report']}")
+                for seed, per_seed in summary["per_seed"].items():
+                    print(f"  seed {seed}: {per_seed['report']}")
+                for stage, idle in summary["idle_experts"].items():
+                    print(f"  routing, stage {stage}: {idle} (layer, expert) pairs received no token")
+                results.append(summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
     p.add_argument("--init-from", default=None,
                    help="a trained shapes model: keep its VAE (no VAE training) and continue its transformer")
+    p.add_argument("--vae-from", default=None,
+                   help="a trained shapes model: keep its VAE (no VAE training), train a new transformer")
+    p.add_argument("--one-object-share", type=float, default=None,
+                   help="fraction of training images with one object (default: scenes drawn uniformly, 7 %%)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="cap the whole run: the transformer takes as many of its steps as fit")
     for flag in ("hidden-size", "num-hidden-layers", "num-attention-heads", "moe-intermediate-size"):

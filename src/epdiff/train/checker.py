@@ -1,4 +1,4 @@
-"""Reads a picture of coloured shapes back into objects, and scores it against a caption.
+"""Reads a picture of coloured shapes back into objects, and scores it against a caption, strictly.
 
 Pixels are sorted by hue into the palette colours (white, grey and black are background), each
 colour's mask is opened (3x3) to drop specks and whiskers and split into 8-connected components,
@@ -12,6 +12,11 @@ and each component of at least MIN_AREA of the image is read as one object:
 
 The bounding-box centre, not the pixel centroid, gives the position: it is where the renderer
 puts the shape, and a triangle's centroid sits a sixth of its height below it.
+
+Scoring is strict: every asked-for object has four attributes (shape, colour, position, size),
+each right or wrong; an object drawn that was not asked for (a second shape, a blotch of another
+colour) is an extra, an error of its own; a scene is exactly right only when every attribute of
+every object is right and nothing else is drawn.
 
     python -m epdiff.train.checker --pair "a small red circle on the left" image.png
 """
@@ -33,7 +38,10 @@ from .shapes import COLOURS, PALETTE, Scene, ShapeObject, caption, object_phrase
 WORK_SIDE = 128  # larger images are box-downscaled to this first: detail enough, bounded cost
 MIN_CHROMA = 60.0  # max - min over RGB (0-255); white, greys, black and faint noise fall below
 MIN_HUE_COSINE = 0.85  # a pixel whose hue is far from every palette colour is background
-MIN_AREA = 0.01  # of the image: smaller components are specks
+# Of the image: smaller components are specks. 0.4 % is an 8 x 8 blotch at 128 x 128, a quarter of
+# the smallest drawn shape (a small triangle, 1.7 %): a patch of another colour that size inside a
+# shape is plain to see, and is read as an object of its own (an extra).
+MIN_AREA = 0.004
 LARGE_EXTENT = 0.3  # small shapes are drawn at 0.2 (+-8 %) of the side, large ones at 0.4
 # Shape thresholds. Drawn shapes read: fill square 1.0, circle 0.78-0.79, triangle 0.54-0.61 (the
 # opening blunts its apex); centroid drop triangle 0.13-0.15, others 0. Blur and noise pull square
@@ -41,7 +49,7 @@ LARGE_EXTENT = 0.3  # small shapes are drawn at 0.2 (+-8 %) of the side, large o
 SQUARE_FILL = 0.86  # fill above: square
 CIRCLE_FILL = 0.64  # fill below: triangle
 TRIANGLE_DROP = 0.05  # centroid below the box centre by more than this many box heights: triangle
-ATTRIBUTES = ("shape", "colour", "position")  # what accuracy counts; size is reported beside it
+ATTRIBUTES = ("shape", "colour", "position", "size")  # what accuracy counts, per asked-for object
 
 
 def _hue_directions(rgb: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -188,72 +196,78 @@ def detect(image) -> list[ShapeObject]:
 
 
 def _agreement(expected: ShapeObject, seen: ShapeObject | None) -> dict[str, bool]:
-    names = ATTRIBUTES + ("size",)
-    return {n: seen is not None and getattr(expected, n) == getattr(seen, n) for n in names}
+    return {n: seen is not None and getattr(expected, n) == getattr(seen, n) for n in ATTRIBUTES}
 
 
 def score(scene_or_caption: Scene | str, image) -> dict:
-    """How much of the scene the image shows.
+    """How well the image shows the scene, strictly.
 
-    Each expected object is paired with a different detected object (or none), choosing the
-    pairing that gets most shape/colour/position attributes right, then most sizes, then the
-    largest detections. A missing object gets all its attributes wrong; extra detections cost
-    nothing but are reported. accuracy = right shape/colour/position attributes / 3 per object.
+    Each asked-for object is paired with a different detected object (or none), choosing the
+    pairing that gets most attributes right, then the largest detections. A missing object gets
+    all its attributes wrong; every detection left unpaired is an extra object. accuracy = right
+    attributes / (4 per asked-for object); exact = all of them right and no extra object.
     """
     scene = parse_caption(scene_or_caption) if isinstance(scene_or_caption, str) else scene_or_caption
     detected = detect(image)
     expected = scene.objects
-    # Beyond a few detections the best pairing is all but certainly among the largest ones.
+    # Beyond a few detections the best pairing is all but certainly among the largest ones; the
+    # others are extras whatever the pairing.
     candidates = detected[:8] + [None] * len(expected)
     best = None
     for pairing in itertools.permutations(range(len(candidates)), len(expected)):
         agreements = [_agreement(e, candidates[i]) for e, i in zip(expected, pairing)]
-        key = (sum(a[n] for a in agreements for n in ATTRIBUTES), sum(a["size"] for a in agreements))
-        if best is None or key > best[0]:  # strict: earlier (larger) detections win ties
-            best = (key, agreements, pairing)
-    (right, sizes_right), agreements, pairing = best
+        right = sum(a[n] for a in agreements for n in ATTRIBUTES)
+        if best is None or right > best[0]:  # strict: earlier (larger) detections win ties
+            best = (right, agreements, pairing)
+    right, agreements, pairing = best
     matched = sum(candidates[i] is not None for i in pairing)
     total = len(ATTRIBUTES) * len(expected)
+    extra = len(detected) - matched
     return {
         "caption": caption(scene),
         "attributes": right,
         "total": total,
         "accuracy": right / total,
-        "per_attribute": {n: sum(a[n] for a in agreements) for n in ATTRIBUTES + ("size",)},
+        "per_attribute": {n: sum(a[n] for a in agreements) for n in ATTRIBUTES},
         "objects": len(expected),
         "missing": len(expected) - matched,
-        "extra": len(detected) - matched,
-        "exact": right == total and sizes_right == len(expected) and len(detected) == len(expected),
+        "extra": extra,
+        "exact": right == total and extra == 0,
         "detected": [object_phrase(o) for o in detected],
     }
 
 
-def score_images(pairs: Iterable[tuple[Scene | str, object]]) -> dict:
-    """Totals of `score` over (caption or scene, image or path) pairs, with a printable "report"."""
-    scores = [score(expected, image) for expected, image in pairs]
+def summarize(scores: list[dict]) -> dict:
+    """Totals of `score` results, with a printable one-line "report"."""
     objects = sum(s["objects"] for s in scores)
     attributes = sum(s["attributes"] for s in scores)
     total = sum(s["total"] for s in scores)
+    exact = sum(s["exact"] for s in scores)
     summary = {
         "images": len(scores),
         "attributes": attributes,
         "total": total,
         "accuracy": attributes / total if total else 0.0,
-        # each attribute's share right, over expected objects
-        "per_attribute": {n: sum(s["per_attribute"][n] for s in scores) / max(objects, 1)
-                          for n in ATTRIBUTES + ("size",)},
-        "exact": sum(s["exact"] for s in scores) / max(len(scores), 1),
+        # each attribute's share right, over asked-for objects
+        "per_attribute": {n: sum(s["per_attribute"][n] for s in scores) / max(objects, 1) for n in ATTRIBUTES},
+        "exact_scenes": exact,
+        "exact": exact / max(len(scores), 1),
         "missing": sum(s["missing"] for s in scores),
         "extra": sum(s["extra"] for s in scores),
         "scores": scores,
     }
     per = "  ".join(f"{n} {v:.1%}" for n, v in summary["per_attribute"].items())
     summary["report"] = (
-        f"{len(scores)} images: {summary['accuracy']:.1%} of shape/colour/position attributes right "
-        f"({attributes}/{total}); {per}; {summary['exact']:.1%} exactly right; "
-        f"{summary['missing']} objects missing, {summary['extra']} extra"
+        f"{len(scores)} images: {summary['accuracy']:.1%} of attributes right ({attributes}/{total}; {per}); "
+        f"{summary['exact']:.1%} of scenes exactly right ({exact}/{len(scores)}); "
+        f"{summary['extra']} extra objects, {summary['missing']} missing"
     )
     return summary
+
+
+def score_images(pairs: Iterable[tuple[Scene | str, object]]) -> dict:
+    """`summarize` of `score` over (caption or scene, image or path) pairs."""
+    return summarize([score(expected, image) for expected, image in pairs])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, build_tiny_token
 from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, vae_config_tiny
 from ..models.hunyuan_image3.weights import init_dummy_weights, load_model, load_vae
 from ..moe import Router
-from ..pipeline.resolution import snap
+from ..sampling.resolution import snap
 from . import shapes
 
 IMAGE_SIZE = 128
@@ -43,10 +43,21 @@ GENERATION = {"diff_infer_steps": 30, "diff_guidance_scale": 4.0, "flow_shift": 
 
 class ImagePool:
     """Jittered renders made once (PIL drawing per step would dominate a GPU step), uint8 on the
-    training device, with their scenes; batches are drawn from it."""
+    training device, with their scenes; batches are drawn from it.
 
-    def __init__(self, scenes, size: int, rng: random.Random, device):
-        self.scenes = [rng.choice(scenes) for _ in range(size)]
+    one_object_share: the fraction of images that hold one object (None: scenes drawn uniformly,
+    which makes it 126 / 1746 = 7 %, too few for the model to learn that a one-object prompt
+    means nothing else in the picture)."""
+
+    def __init__(self, scenes, size: int, rng: random.Random, device, one_object_share: float | None = None):
+        if one_object_share is None:
+            self.scenes = [rng.choice(scenes) for _ in range(size)]
+        else:
+            if not 0 <= one_object_share <= 1:
+                raise ValueError(f"one_object_share={one_object_share}: give a fraction in [0, 1]")
+            ones = [s for s in scenes if len(s.objects) == 1]
+            twos = [s for s in scenes if len(s.objects) == 2]
+            self.scenes = [rng.choice(ones if rng.random() < one_object_share else twos) for _ in range(size)]
         pixels = [torch.frombuffer(bytearray(shapes.render(s, IMAGE_SIZE, rng=rng).tobytes()), dtype=torch.uint8)
                   for s in self.scenes]
         self.images = torch.stack(pixels).view(size, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).to(device)
@@ -135,37 +146,32 @@ def load_balance_loss(model) -> tuple[list, callable]:
 def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: ImagePool, tokenizer, steps: int,
                       batch: int, device, rng, log, lr: float = 3e-4, deadline: float | None = None,
                       init_from: str | None = None):
-    """Flow-matching training; with a deadline (time.time() value), the step count is cut, once
-    the first steps are timed, to what fits before it (the schedule follows the new count).
-    init_from: a checkpoint of this config to continue from (else random weights)."""
+    """Flow-matching training for `steps` steps or, with a deadline (a time.time() value), until
+    then if that comes first. The cosine schedule follows the larger of the step share and the
+    elapsed share of the time left at the start: when several runs share one GPU their step rate
+    changes as the others start and stop, so a step count fitted once from the first steps would
+    miss the deadline or waste the end of it. init_from: a checkpoint of this config to continue
+    from (else random weights). Returns (EMA model, steps taken, seconds per step)."""
     if init_from:
         model, _ = load_model(init_from, ParallelState.single(device), torch.float32, device, config=config)
     else:
         model = HunyuanImage3Transformer(config, ParallelState.single(device), device=device)
         init_dummy_weights(model, seed=rng.randrange(2**31))
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ratio, height, width = snap(IMAGE_SIZE, IMAGE_SIZE, config.image_base_size, config.vae_factor)
     grid = (height // config.vae_factor, width // config.vae_factor)
     balance_terms, _ = load_balance_loss(model)
     groups = prompt_groups(pool, tokenizer, ratio, grid, config.image_base_size, device)
     weights = [len(g.members) for g in groups]
-    timed_from, timed_to = 10, 40
-    step = 0
-    while step < steps:
-        warmup = max(1, steps // 20)
-        if step == timed_from:
-            sync(device)
-            t0 = time.time()
-        if step == timed_to and deadline is not None:
-            sync(device)
-            per_step = (time.time() - t0) / (timed_to - timed_from)
-            fit = max(timed_to + 1, timed_to + int((deadline - time.time()) / per_step))
-            if fit < steps:
-                log(f"{per_step * 1e3:.1f} ms per step: {fit} of {steps} steps fit before the deadline")
-                steps = fit
+    warmup = max(1, min(steps // 20, 500))
+    start = time.time()
+    budget = None if deadline is None else max(deadline - start, 1e-3)
+    step, progress, next_log = 0, 0.0, 0.0
+    while step < steps and progress < 1:
         group = rng.choices(groups, weights=weights)[0]
-        chosen = torch.as_tensor([rng.randrange(len(group.members)) for _ in range(batch)], device=device)
+        chosen = torch.randint(len(group.members), (batch,), device=device)
         x0 = latents[group.members[chosen]]
         dropped = torch.rand(batch, device=device) < 0.1  # the prompt becomes <cfg> tokens
         prefix = torch.where(dropped[:, None], group.uncond[chosen], group.cond[chosen])
@@ -181,18 +187,20 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
         loss = flow + 0.01 * balance
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         opt.step()
         with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            log(f"transformer step {step:6d}/{steps}  flow loss {flow.item():.4f}  balance {balance.item():.3f}")
+            torch._foreach_lerp_(ema_params, params, 1 - min(0.999, (1 + step) / (10 + step)))
         step += 1
-    return ema.eval(), steps
+        progress = step / steps if budget is None else max(step / steps, (time.time() - start) / budget)
+        if progress >= next_log or step == 1:
+            log(f"transformer step {step:6d} ({progress:4.0%})  flow loss {flow.item():.4f}  "
+                f"balance {balance.item():.3f}  {(time.time() - start) / step * 1e3:.1f} ms per step")
+            next_log = progress + 0.05
+    sync(device)
+    return ema.eval(), step, (time.time() - start) / max(step, 1)
 
 
 def sync(device: torch.device):
@@ -203,11 +211,15 @@ def sync(device: torch.device):
 def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
                batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192,
                lr: float = 3e-4, model_size: dict | None = None, max_minutes: float | None = None,
-               init_from: str | None = None) -> str:
+               init_from: str | None = None, vae_from: str | None = None,
+               one_object_share: float | None = None) -> str:
     """Train and write the shapes model. model_size overrides MODEL_SIZE's keys; max_minutes caps
     the whole run (the transformer stage takes as many steps as fit, up to transformer_steps).
     init_from: a trained shapes model whose VAE is kept (no VAE training) and whose transformer
-    training continues (its size wins over model_size)."""
+    training continues (its size wins over model_size). vae_from: a trained shapes model whose
+    VAE is kept, with a new transformer of model_size. one_object_share: see ImagePool."""
+    if init_from and vae_from:
+        raise ValueError(f"give init_from ({init_from!r}) or vae_from ({vae_from!r}), not both")
     start = time.time()
     deadline = None if max_minutes is None else start + 60 * max_minutes - 30  # 30 s to write the files
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,23 +229,29 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     rng = random.Random(seed)
     torch.manual_seed(seed)
     train, _ = shapes.split_scenes()
-    build_tiny_tokenizer(out_dir, IMAGE_SIZE)
+    build_tiny_tokenizer(out_dir, IMAGE_SIZE)  # tokenizer.json and tokenizer_config.json
     tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
-    pool = ImagePool(train, pool_size, rng, device)
-    log(f"rendered {len(pool)} training images in {time.time() - start:.0f} s")
-    if init_from:
-        with open(os.path.join(init_from, "config.json")) as f:
+    pool = ImagePool(train, pool_size, rng, device, one_object_share)
+    log(f"rendered {len(pool)} training images ({sum(len(s.objects) == 1 for s in pool.scenes)} of one object) "
+        f"in {time.time() - start:.0f} s")
+    size = {**MODEL_SIZE, **(model_size or {})}
+    if init_from or vae_from:
+        with open(os.path.join(init_from or vae_from, "config.json")) as f:
             cfg = json.load(f)
-        vae, vae_steps = load_vae(SafetensorsCheckpoint(init_from), cfg["vae"], device, with_encoder=True), 0
+        vae = load_vae(SafetensorsCheckpoint(init_from or vae_from), cfg["vae"], device, with_encoder=True)
+        vae_steps = 0
+        if vae_from:
+            cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=cfg["vae"], **size)
     else:
         vae = train_vae(vae_config_tiny(**VAE_SIZE), vae_steps, vae_batch, device, pool, rng, log)
-        cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **{**MODEL_SIZE, **(model_size or {})})
+        cfg = tiny_config(vocab_size=tokenizer.vocab_size, vae=dict(vae.config), **size)
     config = HunyuanImage3Config.from_dict(cfg)
     latents = encode_pool(vae, pool)
-    model, steps = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device, rng, log,
-                                     lr=lr, deadline=deadline, init_from=init_from)
+    model, steps, per_step = train_transformer(config, latents, pool, tokenizer, transformer_steps, batch, device,
+                                               rng, log, lr=lr, deadline=deadline, init_from=init_from)
     # 4 shards: each under the 16 MiB a device run can send back
     save_release_format(out_dir, cfg, model.cpu(), vae.cpu(), num_shards=4, seed=seed, generation=GENERATION)
     log(f"trained in {time.time() - start:.0f} s on {device} ({vae_steps} VAE steps at batch {vae_batch}, "
-        f"{steps} transformer steps at batch {batch}, lr {lr}, model {model_size or 'default'}); wrote {out_dir}")
+        f"{steps} transformer steps at batch {batch}, {per_step * 1e3:.1f} ms per step, lr {lr}, "
+        f"model {model_size or 'default'}, one-object share {one_object_share}); wrote {out_dir}")
     return out_dir
