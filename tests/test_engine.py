@@ -29,14 +29,15 @@ def test_a_requests_images_spread_over_dp_groups_before_they_batch():
     assert planner.next_batch() is None
 
 
-def test_other_requests_fill_idle_groups_then_batch_with_the_same_prompt():
+def test_other_requests_fill_idle_groups_then_batch_by_size_and_guidance():
     planner = BatchPlanner(dp_size=3, max_batch_size=2)
     planner.add(0, params("a"))
-    planner.add(1, params("b", size=256))  # another prompt and size: its own group
-    planner.add(2, params("a"))
-    planner.add(3, params("c"))  # no idle group, no group with its prompt: waits
-    planner.add(4, params("a"))  # joins a group denoising "a"
-    assert ids(planner.next_batch()) == [[(0, 0), (4, 0)], [(1, 0)], [(2, 0)]]
+    planner.add(1, params("b", size=256))  # another size: its own group
+    planner.add(2, params("c"))
+    planner.add(3, params("d", guidance=2.0))  # no idle group, no group with its guidance: waits
+    planner.add(4, params("e"))  # joins the least-filled group of its size and guidance
+    planner.add(5, params("f"))  # and the next one the other group
+    assert ids(planner.next_batch()) == [[(0, 0), (4, 0)], [(1, 0)], [(2, 0), (5, 0)]]
     assert ids(planner.next_batch()) == [[(3, 0)], [(None, 0)], [(None, 0)]]  # filler elsewhere
     assert len(planner) == 0
 
@@ -95,6 +96,17 @@ def test_concurrent_submissions_all_complete(generator):
     outs = [f.result(timeout=300) for f in futures]
     assert [o.images[0].seed for o in outs] == [0, 1, 2, 3, 4]
     assert all(o.inference_seconds > 0 and o.images[0].pixels.shape == (128, 128, 3) for o in outs)
+
+
+def test_prompts_of_different_lengths_share_a_batch_and_give_their_own_images():
+    prompts = ["a small red circle on the left", "a large green triangle at the bottom and a small blue square"]
+    with ImageGenerator(max_batch_size=4) as g:
+        together = g.generate_outputs(prompts, num_inference_steps=3, seed=21)
+        assert len(g.rank_metrics[0]["step_seconds"]) == 3  # one batch
+        alone = [g.generate_outputs(p, num_inference_steps=3, seed=21 + i)[0] for i, p in enumerate(prompts)]
+    for a, b in zip(together, alone):
+        ref = b.images[0].latents
+        assert (a.images[0].latents - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_a_dead_worker_fails_waiting_requests_naming_its_rank():

@@ -106,6 +106,18 @@ def test_more_ranks_than_gpus_is_refused(capsys, monkeypatch):
     assert "the layout needs 8 ranks on this machine, one GPU each, but it has 4 GPUs" in capsys.readouterr().err
 
 
+MIXED = ["--prompt", "a small red circle on the left",
+         "--prompt", "a large green triangle at the bottom and a small blue square at the top"]
+
+
+@pytest.mark.parametrize("layout", [["-sp", "2"], ["-tp", "2", "--cfg-parallel-size", "2"]])
+def test_prompts_of_different_lengths_batched_on_a_layout_give_the_single_rank_latents(tmp_path, layout):
+    _, ref = generate(tmp_path, "mixed-single", ["--latents-only"], MIXED)
+    _, got = generate(tmp_path, "mixed", ["--latents-only", *layout, *EP], MIXED)
+    for key in ref:
+        assert (got[key] - ref[key]).abs().max() <= 1e-5 * ref[key].abs().max(), key
+
+
 def test_torchrun_runs_the_same_command(tmp_path, single):
     import subprocess
     import sys

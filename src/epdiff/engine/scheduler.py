@@ -2,14 +2,14 @@
 
 The MoE layer couples the DP groups of an EP group layer by layer, so every DP group runs the
 same number of forward passes: one batch is one prefill and N denoising steps on every group.
-A group denoises images of one prompt, size and guidance together (they share the text prefix);
-different groups may run different prompts and sizes. A group with nothing to do repeats
-another group's first image as filler and drops the result.
+A group denoises images of one size and guidance together, whatever their prompts (prefixes of
+different lengths are padded and masked); different groups may run different sizes. A group
+with nothing to do repeats another group's first image as filler and drops the result.
 
 Policy: the oldest waiting request always runs in the next batch (no request starves) and fixes
 the step count; its images spread over the groups first (parallel beats batched), then the other
 waiting requests with that step count fill what is left, in arrival order: an empty group first,
-else a group already denoising the same prompt, size and guidance, up to max_batch_size images.
+else the least-filled group already denoising that size and guidance, up to max_batch_size images.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class WorkItem:
     @property
     def batch_key(self) -> tuple:
         """Images that can share one prefill and one denoising batch."""
-        return self.prompt, self.height, self.width, self.num_inference_steps, self.guidance_scale
+        return self.height, self.width, self.num_inference_steps, self.guidance_scale
 
 
 @dataclass(frozen=True)

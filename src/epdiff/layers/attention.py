@@ -30,11 +30,19 @@ from .rotary import apply_rope
 class KVCache:
     k: torch.Tensor  # [B, L, KV_local, D]
     v: torch.Tensor
+    key_mask: torch.Tensor | None = None  # [B, L], False at padding (prompts of different lengths)
 
 
-def sdpa(q, k, v, causal: bool = False) -> torch.Tensor:
-    """q [B, S, Hq, D], k/v [B, L, Hkv, D] -> [B, S, Hq, D]; Hq a multiple of Hkv (GQA)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, L, Hkv, D] -> [B, S, Hq, D]; Hq a multiple of Hkv (GQA).
+    key_mask [B, L]: keys each query may see (None: all)."""
+    group = q.shape[2] // k.shape[2]
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+        if group > 1:  # the fused kernels that take a mask do not take GQA: expand the KV heads
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          is_causal=causal, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
@@ -83,12 +91,17 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         k_prefix = torch.cat([cache.k, k[:, :1]], dim=1)  # prefix + <timestep>
         v_prefix = torch.cat([cache.v, v[:, :1]], dim=1)
-        timestep_out = sdpa(q[:, :1], k_prefix, v_prefix)
+        prefix_mask = image_mask = None
+        if cache.key_mask is not None:
+            prefix_mask = F.pad(cache.key_mask, (0, 1), value=True)
+        timestep_out = sdpa(q[:, :1], k_prefix, v_prefix, key_mask=prefix_mask)
 
         # Image tokens: the whole image for 1/SP of the heads.
         q_img, k_img, v_img = (scatter_heads(t[:, 1:], self.sp) for t in (q, k, v))
         heads = slice(self.sp.rank * k_img.shape[2], (self.sp.rank + 1) * k_img.shape[2])
+        if prefix_mask is not None:
+            image_mask = F.pad(prefix_mask, (0, k_img.shape[1]), value=True)
         image_out = sdpa(q_img, torch.cat([k_prefix[:, :, heads], k_img], dim=1),
-                         torch.cat([v_prefix[:, :, heads], v_img], dim=1))
+                         torch.cat([v_prefix[:, :, heads], v_img], dim=1), key_mask=image_mask)
         image_out = gather_heads(image_out, self.sp)
         return self._out(torch.cat([timestep_out, image_out], dim=1))

@@ -179,22 +179,32 @@ class HunyuanImage3Transformer(nn.Module):
         return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoELayer)]
 
     def _rope(self, positions):
-        return rope_2d(positions.to(self.device), self.config.head_dim, self.config.rope_theta)
+        """positions [L, 2] (shared by the batch) or [B, L, 2] -> cos, sin [1 or B, L, head_dim]."""
+        cos, sin = rope_2d(positions.to(self.device), self.config.head_dim, self.config.rope_theta)
+        return (cos[None], sin[None]) if positions.dim() == 2 else (cos, sin)
 
     def _receive_or(self, make, shape):
         return make() if self.link.is_first else self.link.recv(shape, self.dtype, self.device)
 
-    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor) -> list[KVCache]:
-        """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2].
-        (No inference_mode here, so the model trains; the pipeline runs it under inference_mode.)
-        Returns this stage's per-layer K/V, reused on every denoising step."""
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                lengths: list[int] | None = None) -> list[KVCache]:
+        """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2]
+        or, for prompts of different lengths, [B, Lp, 2] with each row right-padded to Lp and
+        lengths[b] its real tokens. (Causal attention keeps the padding out of every real token;
+        the caches' key masks keep it out of every later step.) No inference_mode here, so the
+        model trains; the pipeline runs it under inference_mode. Returns this stage's per-layer
+        K/V, reused on every denoising step."""
         B, L = input_ids.shape
         x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
         cos, sin = self._rope(positions)
         counts = token_counts_for(self.parallel, B * L, self.device)
+        key_mask = None
+        if lengths is not None and min(lengths) < L:
+            key_mask = torch.arange(L, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         caches = []
         for layer in self.model.layers.values():
-            x, cache = layer.prefill(x, cos[None], sin[None], counts)
+            x, cache = layer.prefill(x, cos, sin, counts)
+            cache.key_mask = key_mask
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
@@ -214,7 +224,8 @@ class HunyuanImage3Transformer(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
                 caches: list[KVCache]) -> torch.Tensor:
         """One denoising step. latents [B, C, h, w] (whole image on every rank), timesteps [B] on
-        the 0..1000 scale, positions [1 + h·w, 2] of <timestep> and the image tokens.
+        the 0..1000 scale, positions [1 + h·w, 2] of <timestep> and the image tokens ([B, 1 + h·w, 2]
+        when the batch's prompts differ in length).
         Returns the velocity [B, C, h, w] on every rank of every stage."""
         B, C, h, w = latents.shape
         sp = self.parallel.sp
@@ -228,11 +239,11 @@ class HunyuanImage3Transformer(nn.Module):
             return torch.cat([self.timestep_emb(timesteps)[:, None], local_chunk(image, sp, dim=1)], dim=1)
 
         x = self._receive_or(embed, (B, local, self.config.hidden_size))
-        rope_positions = torch.cat([positions[:1], local_chunk(positions[1:], sp, dim=0)])
+        rope_positions = torch.cat([positions[..., :1, :], local_chunk(positions[..., 1:, :], sp, dim=-2)], dim=-2)
         cos, sin = self._rope(rope_positions)
         counts = self._step_token_counts(B * local)
         for layer, cache in zip(self.model.layers.values(), caches):
-            x = layer(x, cos[None], sin[None], cache, counts)
+            x = layer(x, cos, sin, cache, counts)
         velocity = None
         if self.link.is_last:
             image = gather_sequence(x[:, 1:], sp, dim=1)

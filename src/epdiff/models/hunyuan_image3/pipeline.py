@@ -93,25 +93,26 @@ class HunyuanImage3Pipeline:
     @torch.inference_mode()
     def __call__(self, items: Sequence, on_step: Callable[[int, int], None] | None = None,
                  show_progress: bool = False) -> list[DenoisedImage]:
-        """Denoises a batch of images that share prompt, size, steps and guidance (the engine's
-        WorkItems) and decodes them on decode ranks."""
+        """Denoises a batch of images that share size, steps and guidance (the engine's WorkItems;
+        their prompts may differ) and decodes them on decode ranks."""
         first, p, c = items[0], self.parallel, self.config
         ratio, height, width = snap(first.height, first.width, c.image_base_size, c.vae_factor)
         h, w = height // c.vae_factor, width // c.vae_factor
-        ids = self.tokenizer.encode(first.prompt)
-        cond = self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, self.context)
-        uncond = self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, self.context)
         use_cfg = first.guidance_scale > 1.0
-        branches = [cond, uncond] if use_cfg else [cond]
+        sequences = {}  # prompt -> (cond, uncond)
+        for item in items:
+            if item.prompt not in sequences:
+                ids = self.tokenizer.encode(item.prompt)
+                sequences[item.prompt] = (
+                    self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, self.context),
+                    self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, self.context))
+        branches = [0, 1] if use_cfg else [0]
         if p.cfg.size == 2:
             branches = [branches[p.cfg.rank]]
         n = len(items)
-        ts = cond.timestep_index
-        prefix = torch.stack([b.input_ids[:ts] for b in branches]).repeat_interleave(n, dim=0)
-        caches = self.transformer.prefill(prefix, cond.positions[:ts])
-        # Everything a step needs is on the device before the loop: a host-to-device copy
-        # inside it would wait for the GPU.
-        gen_positions = cond.positions[ts: cond.image_start + cond.image_len].to(self.device)
+        # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
+        rows = [sequences[item.prompt][branch] for branch in branches for item in items]
+        caches, gen_positions = self._prefill(rows)
 
         scheduler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.generation.get("flow_shift", 3.0)))
         latents = initial_noise([item.seed for item in items], (c.latent_channels, h, w), self.device)
@@ -120,11 +121,11 @@ class HunyuanImage3Pipeline:
         # once after the loop, so checking costs no host sync inside a step.
         nonfinite_step = torch.full((n,), -1, dtype=torch.long, device=self.device)
         timer = StepTimer(self.device)
-        steps = tqdm(range(len(scheduler)), desc=first.prompt[:40], leave=False,
+        steps = tqdm(range(len(scheduler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
                      disable=not (show_progress and p.global_rank == 0))
         for i in steps:
             timer.start()
-            t = timesteps[i].expand(n * len(branches))
+            t = timesteps[i].expand(len(rows))
             model_in = latents.repeat(len(branches), 1, 1, 1)
             velocity = self.transformer(model_in, t, gen_positions, caches).float()
             if p.cfg.size == 2:
@@ -149,6 +150,26 @@ class HunyuanImage3Pipeline:
         if self.device.type == "cuda":
             self.metrics.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
         return out
+
+    def _prefill(self, rows):
+        """Caches the text prefix of every row; returns the caches and the positions of each
+        step's <timestep> and image tokens (shared when every row's prompt has one length)."""
+        lengths = [seq.timestep_index for seq in rows]
+        longest = max(lengths)
+        if longest == min(lengths):
+            prefix = torch.stack([seq.input_ids[:longest] for seq in rows])
+            caches = self.transformer.prefill(prefix, rows[0].positions[:longest])
+            first = rows[0]
+            return caches, first.positions[longest: first.image_start + first.image_len].to(self.device)
+        pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
+        prefix = torch.full((len(rows), longest), pad, dtype=torch.long)
+        positions = torch.zeros((len(rows), longest, 2), dtype=torch.long)
+        for r, seq in enumerate(rows):
+            prefix[r, :lengths[r]] = seq.input_ids[:lengths[r]]
+            positions[r, :lengths[r]] = seq.positions[:lengths[r]]
+        caches = self.transformer.prefill(prefix, positions, lengths)
+        gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
+        return caches, gen.to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Decoding runs in fp32 on CPU and in the VAE's own dtype on GPU (the reference decodes
