@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..distributed.launch import Channel, WorkerError, WorkerGroup, _run_rank, pick_device, under_torchrun
-from .params import EngineConfig, SamplingParams
+from .params import EngineConfig, SamplingParams, local_ranks
 from .scheduler import BatchPlanner
 from .worker import BatchResult, engine_worker
 
@@ -120,8 +120,8 @@ class Engine:
                  max_waiting: int | None = None):
         """decode=False: latents only (no VAE). max_waiting: submit raises QueueFullError beyond it."""
         torchrun = under_torchrun()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", config.parallel.world_size)) if torchrun else None
-        self.config = config.resolve(local_world)
+        self.config = config.resolve()
+        local_world = local_ranks(self.config.parallel)
         self.max_waiting = max_waiting
         world = self.config.parallel.world_size
         args = (self.config, decode, show_progress)
@@ -131,8 +131,11 @@ class Engine:
                 raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout needs world "
                                   f"size {world}")
             rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-            run = lambda channel: _run_rank(rank, world, local_rank, local_world, engine_worker, (channel, *args),  # noqa: E731
-                                            device_kind=self.config.device)
+
+            def run(channel):
+                _run_rank(rank, world, local_rank, local_world, engine_worker, (channel, *args),
+                          device_kind=self.config.device)
+
             if rank != 0:  # serve rank 0 until it closes the engine
                 self.is_driver, self.alive = False, False
                 run(None)

@@ -62,6 +62,14 @@ def context_length(config, generation: dict) -> int:
     return min(int(generation.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
 
 
+def local_ranks(parallel: ParallelConfig) -> int:
+    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE under torchrun, else the whole world
+    (spawned here)."""
+    from ..distributed.launch import under_torchrun
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size)) if under_torchrun() else parallel.world_size
+
+
 def cuda_device_count() -> int:
     import torch
 
@@ -97,7 +105,7 @@ class EngineConfig:
         return resolved
 
     def _pick_device(self, local_world_size: int | None) -> str:
-        local = self.parallel.world_size if local_world_size is None else local_world_size
+        local = local_ranks(self.parallel) if local_world_size is None else local_world_size
         gpus = cuda_device_count()
         if self.device == "cpu":
             return "cpu"
