@@ -1,38 +1,98 @@
 #!/usr/bin/env bash
-# Train shapes-model variants side by side, one per GPU, score each on 40 held-out prompts, and
-# keep the best under $OUT (the model as a tar in 15 MB pieces, since a device run returns files
-# of at most 16 MiB). Usage (device machine, repo root): scripts/train_tiny_h200.sh MINUTES
+# Train shapes-model variants side by side (all at once, spread over the GPUs: the models are
+# tiny, so several share one GPU), score each on the held-out prompts over a grid of sampling
+# settings, and keep the best KEEP variants under $OUT, each with its best setting written into
+# its generation_config.json, as one tar in 15 MB pieces (a device run returns at most 8 files of
+# at most 16 MiB, 64 MiB in all), beside reports.tar (logs, ranking, every score as JSON). Every
+# variant keeps the VAE of the model in $VAE_FROM (default: the built-in one).
+#
+#   scripts/train_tiny_h200.sh MINUTES [SECONDS]    # device machine, repo root
+#
+# MINUTES: each variant's training time; SECONDS: the whole script's (scoring stops in time for
+# the selection). Environment: DEVICE (cuda; cpu for a dry run), EXTRA_TRAIN_FLAGS and
+# SCORE_FLAGS (appended, so they override), KEEP (1), WORK (/tmp/train_tiny), OUT.
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=2
+started=$(date +%s)
 minutes=${1:-7}
+seconds=${2:-$(awk "BEGIN{print int($minutes * 60 + 120)}")}
+device=${DEVICE:-cuda}
+keep=${KEEP:-1}
 out=${OUT:-/tmp/out}
-work=/tmp/train_tiny
+work=${WORK:-/tmp/train_tiny}
+vae_from=${VAE_FROM:-$PWD/src/epdiff/assets/tiny-hunyuan-image3}
 mkdir -p "$out" "$work"
+common="--device $device --max-minutes $minutes --transformer-steps 100000 --vae-from $vae_from --pool-size 32768
+        --one-object-share 0.15"
 variants=(
-  "default|"
-  "layers6|--num-hidden-layers 6"
-  "lr6e-4|--lr 6e-4"
-  "hidden384|--hidden-size 384 --num-attention-heads 12 --moe-intermediate-size 192"
+  "h256-b128|--batch-size 128 --lr 6e-4"
+  "h256-b256|--batch-size 256 --lr 8e-4"
+  "h384-b128|--batch-size 128 --lr 6e-4 --hidden-size 384 --num-attention-heads 12 --moe-intermediate-size 192"
+  "h256-l6-b128|--batch-size 128 --lr 6e-4 --num-hidden-layers 6"
 )
-gpus=$(nvidia-smi -L | wc -l)
+# Sampling grid: the current default (30 steps, guidance 4) first, so that a cut-short scoring
+# still ranks every variant on it. fp32, as on the CPU where the targets are measured.
+score="--num-prompts 40 --seed 0 1 2 --num-inference-steps 30 20 --guidance-scale 4 3 6 --dtype float32
+       --max-batch-size 40 --device $device"
+gpus=1
+[ "$device" = cuda ] && gpus=$(nvidia-smi -L | wc -l)
 pids=()
 for i in "${!variants[@]}"; do
-  [ "$i" -lt "$gpus" ] || break
   name=${variants[$i]%%|*}; flags=${variants[$i]#*|}
-  (CUDA_VISIBLE_DEVICES=$i python3 -m epdiff.cli train-tiny "$work/$name" --device cuda --max-minutes "$minutes" \
-       --transformer-steps 20000 $flags > "$work/$name.log" 2>&1 &&
-   CUDA_VISIBLE_DEVICES=$i python3 -m epdiff.cli score --model "$work/$name" --num-prompts 40 >> "$work/$name.log" 2>&1) &
+  (
+    export CUDA_VISIBLE_DEVICES=$((i % gpus))
+    python3 -m epdiff.cli train-tiny "$work/$name" $common $flags ${EXTRA_TRAIN_FLAGS:-} > "$work/$name.log" 2>&1 || exit
+    left=$((started + seconds - 20 - $(date +%s)))  # 20 s for the selection and the tars
+    [ "$left" -gt 0 ] && timeout "$left" python3 -m epdiff.cli score --model "$work/$name" $score ${SCORE_FLAGS:-} \
+        --json "$work/$name.score.json" >> "$work/$name.log" 2>&1
+    left=$((started + seconds - 20 - $(date +%s)))
+    if [ ! -s "$work/$name.score.json" ] && [ "$left" -gt 0 ]; then  # fp32 failed: bf16, the default setting only
+      echo "scoring in float32 failed; bfloat16, 30 steps, guidance 4" >> "$work/$name.log"
+      timeout "$left" python3 -m epdiff.cli score --model "$work/$name" $score --dtype bfloat16 \
+          --num-inference-steps 30 --guidance-scale 4 ${SCORE_FLAGS:-} --json "$work/$name.score.json" \
+          >> "$work/$name.log" 2>&1
+    fi
+  ) &
   pids+=($!)
 done
 wait "${pids[@]}"
-best=""; best_acc=-1
 for log in "$work"/*.log; do
-  name=$(basename "$log" .log)
-  echo "== $name"; grep -E "rendered|vae step .*/|ms per step|trained in|images:|routing" "$log" | tail -8
-  acc=$(grep -oE "images: [0-9.]+%" "$log" | grep -oE "[0-9.]+" | tail -1)
-  if [ -n "$acc" ] && awk "BEGIN{exit !($acc > $best_acc)}"; then best=$name; best_acc=$acc; fi
+  echo "== $(basename "$log" .log)"; grep -E "rendered|transformer step .*100%|trained in|steps, guidance|seed [0-9]+:" "$log"
 done
-cat "$work"/*.log > "$out/train_logs.txt"
-echo "best: $best ($best_acc %)"
-[ -n "$best" ] && tar -C "$work" -cf - "$best" | split -b 15M - "$out/$best.tar."
+# Rank (variant, steps, guidance) by exactly-right scenes, then attributes, then fewest extra
+# objects, then fewest steps; keep the best setting of the KEEP best variants.
+python3 - "$work" "$keep" > "$work/selection.txt" <<'EOF'
+import glob, json, os, sys
+work, keep = sys.argv[1], int(sys.argv[2])
+rows = []
+for path in glob.glob(os.path.join(work, "*.score.json")):
+    for s in json.load(open(path)):
+        rows.append(((s["exact"], s["accuracy"], -s["extra"], -s["num_inference_steps"]),
+                     os.path.basename(path)[:-len(".score.json")], s))
+rows.sort(key=lambda r: r[0], reverse=True)
+chosen = {}
+for key, name, s in rows:
+    per_seed = "; ".join(f"seed {k}: {v['accuracy']:.1%} attrs, {v['exact']:.1%} exact, {v['extra']} extra"
+                         for k, v in s["per_seed"].items())
+    print(f"{name:14s} {s['num_inference_steps']:3d} steps, guidance {s['guidance_scale']:g}: {s['report']} [{per_seed}]")
+    if name not in chosen and len(chosen) < keep:
+        chosen[name] = s
+if not chosen:  # nothing scored: keep the first variant that trained, to be scored elsewhere
+    trained = [name for name in sorted(os.listdir(work)) if os.path.isfile(os.path.join(work, name, "config.json"))]
+    chosen = {name: None for name in trained[:keep]}
+for name, s in chosen.items():
+    if s is None:
+        print(f"keep {name}: not scored")
+        continue
+    path = os.path.join(work, name, "generation_config.json")
+    config = json.load(open(path))
+    config.update(diff_infer_steps=s["num_inference_steps"], diff_guidance_scale=float(s["guidance_scale"]))
+    json.dump(config, open(path, "w"), indent=2)
+    print(f"keep {name}: {s['num_inference_steps']} steps, guidance {s['guidance_scale']:g}")
+EOF
+(cd "$work" && tar -cf "$out/reports.tar" selection.txt *.log $(ls *.score.json 2>/dev/null))
+kept=$(grep -oE "^keep [^:]+" "$work/selection.txt" | cut -d' ' -f2)
+[ -n "$kept" ] && tar -C "$work" -cf - $kept | split -b 15M - "$out/models.tar."
+cat "$work/selection.txt"
+echo "script took $(( $(date +%s) - started )) s"
 ls -la "$out"

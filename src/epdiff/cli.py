@@ -193,7 +193,9 @@ def cmd_score(args) -> int:
     from .train.score import score_heldout
 
     results = []
-    with ImageGenerator(args.model, dtype=args.dtype, **vars(parallel_config_from_args(args))) as generator:
+    with ImageGenerator(args.model, dtype=args.dtype, load_format=args.load_format, quantization=args.quantization,
+                        device=args.device, max_batch_size=args.max_batch_size,
+                        **vars(parallel_config_from_args(args))) as generator:
         for steps in args.num_inference_steps or [None]:
             for guidance in args.guidance_scale or [None]:
                 summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
@@ -206,9 +208,9 @@ def cmd_score(args) -> int:
                 for stage, idle in summary["idle_experts"].items():
                     print(f"  routing, stage {stage}: {idle} (layer, expert) pairs received no token")
                 results.append(summary)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+                if args.json:  # after each combination, so that a run stopped early keeps what it scored
+                    with open(args.json, "w") as f:
+                        json.dump(results, f, indent=1)
     return 0
 
 
@@ -299,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")
-    p.add_argument("--model", default=None, help="default: the built-in model")
     p.add_argument("--num-prompts", type=int, default=40, help="the first N held-out prompts")
     p.add_argument("--num-inference-steps", type=int, nargs="+", default=None,
                    help="default: the model's; several: one report each")
@@ -308,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2],
                    help="one request per seed (prompt i uses seed + i); the report counts them all")
     p.add_argument("--json", default=None, help="write the summaries, with every image's reading, here")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    add_parallel_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint (FP8 routed experts)",

@@ -165,7 +165,7 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
     balance_terms, _ = load_balance_loss(model)
     groups = prompt_groups(pool, tokenizer, ratio, grid, config.image_base_size, device)
     weights = [len(g.members) for g in groups]
-    warmup = max(1, min(steps // 20, 500))
+    warmup = max(1, min(steps // 20, 200))
     start = time.time()
     budget = None if deadline is None else max(deadline - start, 1e-3)
     step, progress, next_log = 0, 0.0, 0.0
