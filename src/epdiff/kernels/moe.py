@@ -157,6 +157,12 @@ def _row_warps(block: int) -> int:
     return min(16, max(1, block // 512))
 
 
+def _row_block(width: int) -> int:
+    """Whole rows per loop step up to 8192 elements: 16 elements per thread at 8 warps keeps
+    enough bytes in flight per SM for the memory system (a 1024-wide block left half idle)."""
+    return min(triton.next_power_of_2(width), 8192)
+
+
 def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch.Tensor | None = None
            ) -> torch.Tensor:
     """fused [P, 2I] laid out [up; gate] -> up·silu(gate) [P, I], times weight [P] if given, fp32
@@ -168,9 +174,11 @@ def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch
     if P:
         fused = fused.contiguous()
         grid, programs = _grid(P, fused.device)
+        block = _row_block(width)
         _swiglu_kernel[(grid,)](fused, fused if weight is None else weight.contiguous(), out,
                                 _count(count, P, fused.device), width, fused.stride(0), out.stride(0),
-                                HAS_WEIGHT=weight is not None, PROGRAMS=programs, BLOCK=BLOCK)
+                                HAS_WEIGHT=weight is not None, PROGRAMS=programs, BLOCK=block,
+                                num_warps=_row_warps(block))
     return out
 
 
@@ -182,8 +190,9 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tor
     if P:
         x = x.contiguous()
         grid, programs = _grid(P, x.device)
+        block = _row_block(D)
         _gather_rows_kernel[(grid,)](x, rows.contiguous(), out, count, D, x.stride(0), out.stride(0),
-                                     PROGRAMS=programs, BLOCK=BLOCK)
+                                     PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
     return out
 
 

@@ -60,17 +60,13 @@ def expert_chunks(num_rows: int, top_k: int, num_local_experts: int, num_experts
     return rows, math.ceil(most / rows)
 
 
-def expert_buffer_bytes(num_rows: int, top_k: int, num_local_experts: int, num_experts: int, hidden: int,
-                        inter: int, act_bytes: int = 2, fp8_weights: bool = False) -> int:
-    """Peak bytes of one chunk's buffers on the grouped path (gathered rows, the first GEMM's
-    output, the activation, the second GEMM's output, alive together at the second GEMM), plus
-    the per-pair index tensors (int64) that live for the whole layer."""
-    rows, _ = expert_chunks(num_rows, top_k, num_local_experts, num_experts)
-    gemm_in = 1 if fp8_weights else act_bytes  # FP8 GEMM inputs: 1 byte + a 4-byte scale per row
-    scales = 8 if fp8_weights else 0
-    chunk = rows * (hidden * gemm_in + 2 * inter * act_bytes + inter * gemm_in + hidden * act_bytes + scales)
-    pairs = num_rows * top_k * 8 * 4  # order, its token rows, slot_to_row, sorted weights
-    return chunk + pairs
+def expert_buffer_bytes(chunk_rows: int, hidden: int, inter: int, act_bytes: int = 2, fp8_weights: bool = False) -> int:
+    """Peak bytes of one chunk on the grouped path: the gathered rows and the activation stay
+    alive while the first GEMM's output (during SwiGLU) or the second GEMM's output exists. FP8
+    GEMM inputs are 1 byte per element plus a 4-byte scale per row."""
+    gemm_in, scales = (1, 4) if fp8_weights else (act_bytes, 0)
+    gathered, activation = hidden * gemm_in + scales, inter * gemm_in + scales
+    return chunk_rows * (gathered + activation + max(2 * inter, hidden) * act_bytes)
 
 
 def quantize_tokens(x: torch.Tensor) -> fp8.Fp8Rows:
