@@ -159,6 +159,22 @@ def cmd_generate(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_serve(args) -> int:
+    """The engine behind an OpenAI-style HTTP API and a web page, until SIGTERM or a dead worker."""
+    from .distributed.launch import under_torchrun
+
+    config = engine_config_from_args(args)
+    if under_torchrun() and int(os.environ["RANK"]) != 0:  # serve rank 0's engine until it closes
+        from .engine import Engine
+
+        Engine(config)
+        return 0
+    from .serve import run_server
+
+    return run_server(config, host=args.host, port=args.port, max_queue=args.max_queue,
+                      shutdown_grace_s=args.shutdown_timeout)
+
+
 def cmd_make_tiny(args) -> int:
     from .models.hunyuan_image3.make_tiny import make_tiny
 
@@ -259,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-style image API and a web page over one persistent engine",
+                       description="Load the model once and answer POST /v1/images/generations, GET /v1/models, "
+                                   "/health, /metrics, and a web page at /.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for their first batch beyond this get 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM leaves the requests in flight to finish before they are failed")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny", help="write a small model in the release format")
     p.add_argument("out_dir")

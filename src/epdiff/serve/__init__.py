@@ -1,0 +1,10 @@
+"""`epdiff serve`: one persistent engine behind an OpenAI-style image API and a web page.
+
+`api` maps the API's fields onto the engine's SamplingParams (whose `resolve` is the one
+validation), `service` keeps the engine's life (load, watch, drain, close), `app` has the routes
+and the Prometheus metrics, `server` runs it under uvicorn with the signal and exit handling.
+"""
+
+from .server import run_server
+
+__all__ = ["run_server"]

@@ -1,0 +1,131 @@
+"""The OpenAI image API's request and response, mapped onto the engine's SamplingParams.
+
+Every value a request carries is checked by `SamplingParams.resolve` (the one place the CLI, the
+Python API and the server share); this module only parses what is the API's own (the body, the
+"WxH" size, response_format, output_format) and renames the engine's fields to the API's in the
+error it returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from ..engine import RequestError, RequestOutput, SamplingParams
+from ..engine.files import IMAGE_FORMATS, image_metadata, write_image
+
+# OpenAI's names; "jpg" too, since the CLI takes .jpg.
+OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed")
+API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
+# Sent by OpenAI clients; accepted and ignored (this server serves one model).
+IGNORED_FIELDS = ("model", "user")
+# A seed left out is drawn from this range, so that seed + n - 1 stays far inside the engine's.
+RANDOM_SEED_RANGE = 2**31
+
+
+class ApiError(Exception):
+    """An HTTP error with the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    params: SamplingParams  # resolved by the engine's rules
+    output_format: str  # PIL's name: PNG, JPEG or WEBP
+    size: str | None  # as the client wrote it (for error messages)
+
+
+def parse_size(size) -> tuple[int | None, int | None]:
+    """'WxH' -> (height, width); None or 'auto' -> the model's base size."""
+    if size is None or size == "auto":
+        return None, None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size) if isinstance(size, str) else None
+    if match is None:
+        raise bad_request("size", f"size must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto', got {size!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    return height, width
+
+
+def parse_generation(body, engine_config) -> GenerationRequest:
+    """The request body -> a resolved request; ApiError (400) names the field and the value."""
+    if not isinstance(body, dict):
+        raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(API_FIELDS) - set(IGNORED_FIELDS))
+    if unknown:
+        raise bad_request(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(API_FIELDS)}",
+                          code="unknown_parameter")
+    if "prompt" not in body:
+        raise bad_request("prompt", "prompt is required", code="missing_required_parameter")
+    response_format = body.get("response_format", "b64_json")
+    if response_format != "b64_json":
+        raise bad_request("response_format", f"response_format {response_format!r} is not supported: this server "
+                                             f"returns the images in the response; use 'b64_json'")
+    output_format = body.get("output_format", "png")
+    if output_format not in OUTPUT_FORMATS:
+        raise bad_request("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                                           f"got {output_format!r}")
+    size = body.get("size")
+    height, width = parse_size(size)
+    seed = body.get("seed")
+    params = SamplingParams(
+        prompt=body["prompt"], height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
+        guidance_scale=body.get("guidance_scale"), n=body.get("n", 1),
+        seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed)
+    try:
+        params = params.resolve(engine_config)
+    except RequestError as e:
+        raise request_error(e, size) from None
+    return GenerationRequest(params, OUTPUT_FORMATS[output_format], size)
+
+
+def request_error(error: RequestError, size) -> ApiError:
+    """The engine's error under the API's field name: height and width are the API's size."""
+    message = str(error)
+    if error.field == "size":
+        message = f"size {size!r} (width x height): {message}"
+    elif error.field == "n":
+        message = f"n: {message}"
+    return bad_request(error.field, message)
+
+
+def encode_images(output: RequestOutput, output_format: str, layout: str, model: str) -> list[dict]:
+    """One OpenAI data item per image: its bytes in base64, and its own seed."""
+    items = []
+    for image in output.images:
+        buffer = io.BytesIO()
+        write_image(buffer, output_format, image.pixels, image_metadata(image, output.params, layout, model))
+        items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed})
+    return items
+
+
+def generation_response(output: RequestOutput, data: list[dict], output_format: str) -> dict:
+    params = output.params
+    peak = output.peak_memory_bytes
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "size": f"{params.width}x{params.height}",
+        "output_format": output_format.lower(),
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "inference_time_s": round(output.inference_seconds, 4),
+        "queue_time_s": round(output.queue_seconds, 4),
+        "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
+    }

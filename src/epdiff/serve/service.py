@@ -1,0 +1,167 @@
+"""The engine as the server sees it: loaded in the background, watched, drained, closed.
+
+States: loading -> ready -> draining -> stopped, or -> dead (a worker died, or the model could not
+be loaded). Only `ready` takes requests. `closed` tells a request still waiting after the engine
+was closed that no answer will come (the engine may not finish a batch within the grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+
+from ..engine import Engine, EngineConfig, EngineDeadError, SamplingParams
+
+log = logging.getLogger("epdiff.serve")
+
+# Progress of this many recent requests is kept for the page to read after the fact.
+PROGRESS_KEPT = 512
+
+
+class Progress:
+    """Step progress per client-chosen request id, fed by the engine's on_progress callback
+    (which runs on the engine's driver thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+
+    def update(self, request_id: str, **fields) -> None:
+        with self._lock:
+            entry = self._entries.setdefault(request_id, {"status": "queued", "step": 0, "steps": None})
+            entry.update(fields)
+            self._entries.move_to_end(request_id)
+            while len(self._entries) > PROGRESS_KEPT:
+                self._entries.popitem(last=False)
+
+    def get(self, request_id: str) -> dict | None:
+        with self._lock:
+            entry = self._entries.get(request_id)
+            return None if entry is None else dict(entry)
+
+
+class EngineService:
+    def __init__(self, config: EngineConfig, max_waiting: int | None, *, decode: bool = True):
+        self.config = config
+        self.max_waiting = max_waiting
+        self.decode = decode
+        self.engine: Engine | None = None
+        self.state = "loading"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.progress = Progress()
+        self._lock = threading.Lock()
+        self._stop_requested = threading.Event()
+        self._load_finished = threading.Event()
+        self.closed = threading.Event()  # set once the engine is closed: no future will complete after it
+        self._loader = threading.Thread(target=self._load, daemon=True, name="epdiff-serve-load")
+
+    # -- life ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loader.start()
+
+    def _load(self) -> None:
+        start = time.perf_counter()
+        try:
+            engine = Engine(self.config, decode=self.decode, max_waiting=self.max_waiting)
+        except BaseException as e:  # noqa: BLE001 - the server reports it and exits non-zero
+            with self._lock:
+                self.state, self.error = "dead", f"the engine did not start: {e}"
+            if not self._stop_requested.is_set():  # else its workers were stopped on purpose
+                log.error("epdiff serve: %s", self.error)
+            self._load_finished.set()
+            return
+        with self._lock:
+            self.engine = engine
+            self.load_seconds = time.perf_counter() - start
+            # A shutdown that came while loading is waiting in close(), which closes the engine.
+            self.state = "draining" if self._stop_requested.is_set() else "ready"
+        self._load_finished.set()
+        log.info("epdiff serve: model loaded in %.1f s (%s)", self.load_seconds, self.config.parallel.describe())
+        # torch's spawn gives every worker PR_SET_PDEATHSIG(SIGINT), which fires when the thread
+        # that spawned it ends: this thread lives as long as the engine.
+        self.closed.wait()
+
+    def check(self) -> bool:
+        """Notices a dead engine (called periodically); True when it has just died."""
+        with self._lock:
+            if self.state != "ready" or self.engine is None or self.engine.alive:
+                return False
+            self.state, self.error = "dead", self.engine.error or "the engine stopped"
+        log.error("epdiff serve: %s", self.error)
+        return True
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and self.engine is not None and self.engine.alive
+
+    def drain(self) -> None:
+        """Takes no new requests from now on."""
+        with self._lock:
+            self._stop_requested.set()
+            if self.state in ("loading", "ready"):
+                self.state = "draining"
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Finishes what is in flight within grace_s, fails the rest, stops every worker."""
+        self.drain()
+        if self._loader.is_alive():
+            self._load_finished.wait(grace_s)
+        engine = self.engine
+        if engine is not None:
+            closer = threading.Thread(target=engine.close, args=(grace_s,), daemon=True, name="epdiff-serve-close")
+            closer.start()
+            closer.join(grace_s + 5.0)
+        with self._lock:
+            if self.state != "dead":
+                self.state = "stopped"
+        # Requests the engine could not answer within the grace period see `closed` and get 503.
+        self.closed.set()
+        stop_children()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def submit(self, params: SamplingParams, progress_id: str | None) -> Future:
+        """Raises EngineDeadError (not ready), QueueFullError or RequestError."""
+        with self._lock:
+            if self.state != "ready":
+                raise EngineDeadError(self.unavailable_reason())
+            engine = self.engine
+        on_progress = None
+        if progress_id is not None:
+            self.progress.update(progress_id, status="queued", step=0, steps=params.num_inference_steps)
+
+            def on_progress(step: int, steps: int):
+                self.progress.update(progress_id, status="running", step=step, steps=steps)
+
+        future = engine.submit(params, on_progress=on_progress)
+        if progress_id is not None:
+            future.add_done_callback(lambda f: self.progress.update(
+                progress_id, status="failed" if f.cancelled() or f.exception() is not None else "done"))
+        return future
+
+    def unavailable_reason(self) -> str:
+        if self.state == "loading":
+            return "the model is still loading"
+        if self.state == "dead":
+            return self.error or "the engine stopped"
+        return "the server is shutting down"
+
+
+def stop_children(grace_s: float = 5.0) -> None:
+    """Whatever child process is still running (a worker the engine could not stop) is ended."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.time() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.time()))
+        if child.is_alive():
+            log.warning("epdiff serve: worker process %d did not stop; killing it", child.pid)
+            child.kill()
+            child.join(1.0)
