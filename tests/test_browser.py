@@ -1,0 +1,90 @@
+"""The web page in headless Chromium (Debian's chromium and chromium-driver, driven by selenium):
+a prompt typed, Generate clicked, the image appears with its time; a bad value shows the
+server's error. EPDIFF_SCREENSHOT=path keeps a screenshot of the page (docs/server.png)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from serve_helpers import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ServerProcess(["-dp", "2", "--enable-expert-parallel"], tmp_path_factory.mktemp("browser") / "server.log")
+    try:
+        s.wait_healthy()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,760", "--hide-scrollbars"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(server, browser):
+    browser.get(server.url + "/")
+    WebDriverWait(browser, TIMEOUT_S).until(lambda d: "EP=2" in d.find_element(By.ID, "model").text)
+    return browser
+
+
+def fill(driver, **fields):
+    for field, value in fields.items():
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+
+
+def test_a_prompt_typed_and_generate_clicked_shows_the_image(page, server):
+    fill(page, prompt="a large red circle on the left", steps="30", seed="3", guidance="")
+    page.find_element(By.ID, "generate").click()
+    # The page reads the engine's step progress while the image is being made.
+    WebDriverWait(page, TIMEOUT_S, poll_frequency=0.05).until(
+        lambda d: "of 30" in d.find_element(By.ID, "status").text)
+    WebDriverWait(page, TIMEOUT_S).until(
+        lambda d: d.execute_script("return document.getElementById('image').naturalWidth") > 0)
+    status = page.find_element(By.ID, "status").text
+    assert "128x128, seed 3, 30 steps" in status and "denoise and decode" in status, status
+    assert page.find_element(By.ID, "error").text == ""
+    assert page.find_element(By.ID, "generate").is_enabled()
+    screenshot = os.environ.get("EPDIFF_SCREENSHOT")
+    if screenshot:
+        page.save_screenshot(screenshot)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"steps": "0"}, "num_inference_steps must be at least 1, got 0"),
+    ({"size": "100x1000"}, "size '100x1000' (width x height)"),
+    ({"prompt": "   "}, "prompt is empty"),
+])
+def test_a_bad_value_shows_the_error(page, fields, message):
+    fill(page, **fields)
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, TIMEOUT_S).until(lambda d: d.find_element(By.ID, "error").text)
+    assert message in page.find_element(By.ID, "error").text
