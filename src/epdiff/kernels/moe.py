@@ -66,21 +66,25 @@ if triton is not None:
 
     @triton.jit
     def _quantize_row(x, q_row_ptr, scale_ptr, row, mask):
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.maximum(amax, _MIN_AMAX) / _FP8_MAX
-        q = tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX)
+        scale = amax / _FP8_MAX
+        # A multiply by the reciprocal, not a division per element: codes may differ from the
+        # eager x / scale in a last-ulp tie, which moves a value to the neighbouring code.
+        q = tl.minimum(tl.maximum(x * (_FP8_MAX / amax), -_FP8_MAX), _FP8_MAX)
         tl.store(q_row_ptr, q.to(q_row_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
     def _gather_quant_rows_kernel(x_ptr, rows_ptr, q_ptr, scale_ptr, count_ptr, width, x_stride, q_stride,
-                                  PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                                  HAS_ROWS: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
         count = tl.load(count_ptr)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
         for i in range(tl.program_id(0), count, PROGRAMS):
             row = tl.cast(i, tl.int64)
-            src = tl.load(rows_ptr + row).to(tl.int64)
+            src = row
+            if HAS_ROWS:
+                src = tl.load(rows_ptr + row).to(tl.int64)
             x = tl.load(x_ptr + src * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
             _quantize_row(x, q_ptr + row * q_stride + cols, scale_ptr, row, mask)
 
@@ -208,7 +212,22 @@ def gather_quant_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor
         x = x.contiguous()
         grid, programs = _grid(P, x.device)
         _gather_quant_rows_kernel[(grid,)](x, rows.contiguous(), q, scale, count, D, x.stride(0), q.stride(0),
-                                           PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+                                           HAS_ROWS=True, PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+    return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantization/fp8.quantize_rows of x [M, D] in one pass: (q [M, D] float8_e4m3fn, scale [M])."""
+    M, D = x.shape
+    q = torch.empty(M, D, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block = triton.next_power_of_2(D)
+        x = x.contiguous()
+        grid, programs = _grid(M, x.device)
+        _gather_quant_rows_kernel[(grid,)](x, x, q, scale, _count(None, M, x.device), D, x.stride(0), q.stride(0),
+                                           HAS_ROWS=False, PROGRAMS=programs, BLOCK=block,
+                                           num_warps=_row_warps(block))
     return q, scale
 
 

@@ -52,23 +52,54 @@ def copy_checked(param: torch.Tensor, value: torch.Tensor, name: str = "weight")
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x @ W[rows of this TP rank].T; the output stays sharded."""
+    """y_local = x @ W[rows of this TP rank].T; the output stays sharded.
+
+    With an FP8 quant_config the weight is float8 with one scale per output row (weight_scale),
+    quantized as it is loaded, and x is quantized per row: a TP rank holds whole rows of W and
+    the whole x, so every layout computes the same numbers (quantization/__init__.py)."""
 
     def __init__(self, in_features: int, out_features: int, tp: Group, bias: bool = False,
-                 parts: int = 1, dtype=None, device=None):
+                 parts: int = 1, dtype=None, device=None, quant_config=None):
         super().__init__()
         self.tp, self.parts = tp, parts
         if out_features % (parts * tp.size):
             raise ValueError(f"output size {out_features} cannot be split into {parts} parts × TP {tp.size}")
         local = out_features // tp.size
-        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
+        self.fp8 = quant_config is not None
+        self.dtype = dtype
+        if self.fp8:
+            from ..quantization.fp8 import FP8_DTYPE
+
+            self.weight = nn.Parameter(torch.empty(local, in_features, dtype=FP8_DTYPE, device=device),
+                                       requires_grad=False)
+            self.weight_scale = nn.Parameter(torch.empty(local, dtype=torch.float32, device=device),
+                                             requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(local, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x):
+        if self.fp8:
+            from ..quantization import fp8
+
+            y = fp8.linear(x, self.weight, self.weight_scale, x.dtype)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
     def load_weight(self, source, name: str = "weight"):
-        copy_checked(self.weight, read_row_shard(source, self.tp.rank, self.tp.size, self.parts), name)
+        self.set_weight(read_row_shard(source, self.tp.rank, self.tp.size, self.parts), name)
+
+    def set_weight(self, value: torch.Tensor, name: str = "weight"):
+        """This rank's rows, in high precision (quantized here for FP8)."""
+        if not self.fp8:
+            return copy_checked(self.weight, value, name)
+        from ..quantization import fp8
+
+        if value.dtype == fp8.FP8_DTYPE:
+            raise ValueError(f"{name}: float8 weights without their weight_scale")
+        q, scale = fp8.quantize_weight(value.to(self.weight.device))
+        copy_checked(self.weight, q, name)
+        copy_checked(self.weight_scale, scale, name + "_scale")
 
 
 class RowParallelLinear(nn.Module):

@@ -28,10 +28,11 @@ class SwiGLUMLP(nn.Module):
     terms (the MoE)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: Group, reduce: bool = True,
-                 dtype=None, device=None):
+                 dtype=None, device=None, quant_config=None):
+        """quant_config: an FP8 config makes up_gate_proj FP8 (down_proj, row-parallel, stays in dtype)."""
         super().__init__()
         self.up_gate_proj = ColumnParallelLinear(hidden_size, 2 * intermediate_size, tp, parts=2,
-                                                 dtype=dtype, device=device)
+                                                 dtype=dtype, device=device, quant_config=quant_config)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, reduce=reduce,
                                            dtype=dtype, device=device)
 

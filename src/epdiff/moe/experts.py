@@ -72,13 +72,7 @@ def expert_buffer_bytes(chunk_rows: int, hidden: int, inter: int, act_bytes: int
 def quantize_tokens(x: torch.Tensor) -> fp8.Fp8Rows:
     """Row-wise FP8 of x [T, D] (for FP8 dispatch): the same numbers the expert path computes
     when it gathers and quantizes the rows itself."""
-    if kernels.available(x):
-        rows = torch.arange(x.shape[0], device=x.device)
-        q, scale = moe_kernels.gather_quant_rows(x, rows, torch.full((1,), x.shape[0], dtype=torch.int32,
-                                                                     device=x.device))
-    else:
-        q, scale = fp8.quantize_rows(x)
-    return fp8.Fp8Rows(q, scale, x.dtype)
+    return fp8.Fp8Rows(*fp8.quantize_activation(x), x.dtype)
 
 
 class GroupedExperts(nn.Module):
@@ -190,6 +184,7 @@ class GroupedExperts(nn.Module):
             lo, hi = c * rows, min(P, (c + 1) * rows)
             y = self._chunk(x, token[lo:hi], w[lo:hi], (offs - lo).clamp_(0, hi - lo))
             out = self._combine(out, y, lo, token, slot_to_row, num_pairs, R, k)
+            del y  # before the next chunk allocates its own
         return out
 
     def _chunk(self, x, token, w, offs):

@@ -28,7 +28,8 @@ class MoELayer(nn.Module):
                  renormalize: bool = True, scaling_factor: float = 1.0, num_groups: int = 1, topk_groups: int = 1,
                  dtype=torch.float32, device=None, expert_kernel: str = "auto", quant_config=None):
         """Routing options are the Router's (see there). quant_config: an `Fp8Config` makes the
-        routed experts FP8 (and the tokens travel to them in FP8); None keeps them in dtype."""
+        routed experts FP8 (and the tokens travel to them in FP8) and the shared expert's
+        up_gate_proj; None keeps them in dtype."""
         super().__init__()
         config = parallel.config
         config.validate(num_experts=num_experts)
@@ -46,7 +47,8 @@ class MoELayer(nn.Module):
                            topk_groups)
         self.gate.to(device)
         self.shared_expert = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
-                                        dtype=dtype, device=device) if shared_intermediate_size else None)
+                                        dtype=dtype, device=device, quant_config=quant_config)
+                              if shared_intermediate_size else None)
         self.experts = GroupedExperts(len(self.placement.global_ids), hidden_size,
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel,
                                       num_experts=num_experts, quant_config=quant_config)

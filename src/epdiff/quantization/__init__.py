@@ -2,10 +2,14 @@
 `quant_config` pattern): `get_quantization_config("fp8")` -> an `Fp8Config`, passed down from
 `load_model` to the MoE layers, whose routed experts then hold float8 weights.
 
-Only the routed experts are quantized: they are 96 % of HunyuanImage-3.0's weights and most of
-its FLOPs. Router, norms, embeddings, attention, the shared expert, the UNet blocks and the VAE
-stay in the model dtype (BENCHMARKS.md, "FP8", has the measurement behind keeping the dense
-projections in bf16).
+What FP8 covers: the routed experts (96 % of HunyuanImage-3.0's weights and most of its FLOPs;
+stored as float8 in a pre-quantized checkpoint) and the column-parallel dense projections,
+attention's qkv_proj and the shared (or dense) MLP's up_gate_proj (quantized while loading; a
+checkpoint keeps them in high precision). A column-parallel rank holds whole weight rows and the
+whole input row, so per-channel and per-row scales are the same on every layout. The
+row-parallel o_proj and down_proj stay in the model dtype: a TP rank sees a slice of each row, so
+FP8 there would quantize differently per TP size (and they gain least: BENCHMARKS.md, "FP8").
+Router, norms, embeddings, the UNet blocks and the VAE stay in bf16/fp32.
 """
 
 from __future__ import annotations

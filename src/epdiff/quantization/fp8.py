@@ -67,6 +67,23 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_weight(x)
 
 
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows, in one fused pass where the Triton kernels run (CUDA inference)."""
+    from .. import kernels
+
+    if kernels.available(x):
+        from ..kernels import moe as moe_kernels
+        return moe_kernels.quantize_rows(x)
+    return quantize_rows(x)
+
+
+def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] · wᵀ for FP8 weights w [N, K] (per-channel scales): x quantized per row."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_activation(flat)
+    return scaled_mm(q, scale, w_q, w_scale, out_dtype).view(*x.shape[:-1], w_q.shape[0])
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q [..., N, K], scale [..., N] -> q · scale in `dtype`."""
     return (q.float() * scale.float()[..., None]).to(dtype)
@@ -80,7 +97,8 @@ def scaled_mm_fallback(a_q, a_scale, w_q, w_scale, out_dtype) -> torch.Tensor:
 
 def scaled_mm(a_q, a_scale, w_q, w_scale, out_dtype) -> torch.Tensor:
     """Dense FP8 GEMM with row-wise scales on both sides (a [M, K], w [N, K])."""
-    if scaled_mm_supported(a_q.device):
+    aligned = a_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0  # the fused kernel's 16-byte rows
+    if aligned and out_dtype == torch.bfloat16 and scaled_mm_supported(a_q.device):
         return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale.float()[:, None].contiguous(),
                                 scale_b=w_scale.float()[None, :].contiguous(), out_dtype=out_dtype,
                                 use_fast_accum=True)

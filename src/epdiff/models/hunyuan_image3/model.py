@@ -115,13 +115,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   parallel.tp, parallel.sp, c.rms_norm_eps, **kw)
+                                   parallel.tp, parallel.sp, c.rms_norm_eps, quant_config=quant_config, **kw)
         if c.is_moe_layer(index):
             self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.mlp_width(index),
                                 parallel, shared_intermediate_size=c.shared_intermediate_size(index),
                                 **c.router_options(index), quant_config=quant_config, **kw)
         else:
-            self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, **kw)
+            self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, quant_config=quant_config, **kw)
 
     def _mlp(self, h, token_counts):
         return self.mlp(h, token_counts) if isinstance(self.mlp, MoELayer) else self.mlp(h)

@@ -60,6 +60,8 @@ def weight_specs(model) -> dict[str, WeightSpec]:
             w = module.weight
             specs[f"{dot}weight"] = WeightSpec((w.shape[0] * module.tp.size, w.shape[1]), module.load_weight)
             covered.add(id(w))
+            if module.fp8:  # quantized while loading: the checkpoint holds the high-precision weight
+                covered.add(id(module.weight_scale))
         elif isinstance(module, RowParallelLinear):
             w = module.weight
             specs[f"{dot}weight"] = WeightSpec((w.shape[0], w.shape[1] * module.tp.size), module.load_weight)
@@ -213,6 +215,12 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
                         module.load_expert(e, kind, value[e])
                     del value
                 continue
+            if isinstance(module, ColumnParallelLinear) and module.fp8:
+                value = torch.empty(module.weight.shape, dtype=module.dtype, device=module.weight.device)
+                module.set_weight(value.normal_(0.0, std, generator=g))
+                if module.bias is not None:
+                    module.bias.zero_()
+                continue
             is_norm = isinstance(module, (RMSNorm, nn.GroupNorm))
             for name, p in module.named_parameters(recurse=False):
                 if is_norm:
@@ -224,21 +232,18 @@ def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
 
 
 def export_state_dict(model) -> dict[str, torch.Tensor]:
-    """Release-named full tensors of a single-process model (for writing tiny checkpoints). FP8
-    experts export as float8 weights with their `weight_scale` [N, 1]."""
+    """Release-named full tensors of a single-process model (for writing tiny checkpoints)."""
     if model.parallel.config.world_size != 1:
         raise ValueError("export_state_dict needs the whole model in one process")
+    if model.quant_config is not None:
+        raise ValueError("export_state_dict: the model is quantized; export one loaded without quantization "
+                         "(epdiff quantize writes the FP8 checkpoint)")
     out = {}
     for name, p in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
-        kind = leaf[:-len(SCALE_SUFFIX)] if leaf.endswith(SCALE_SUFFIX) else leaf
-        if prefix.endswith(".experts") and kind in RELEASE_EXPERT_KINDS:
+        if prefix.endswith(".experts") and leaf in RELEASE_EXPERT_KINDS:
             for e in range(p.shape[0]):
-                tensor_name = f"{release_name(prefix)}.{e}.{RELEASE_EXPERT_KINDS[kind]}.weight"
-                if kind == leaf:
-                    out[tensor_name] = p[e].clone()
-                else:
-                    out[tensor_name + SCALE_SUFFIX] = p[e][:, None].clone()
+                out[f"{release_name(prefix)}.{e}.{RELEASE_EXPERT_KINDS[leaf]}.weight"] = p[e].clone()
         elif isinstance(model.get_submodule(prefix), Router):
             out[f"{release_name(prefix)}.{ROUTER_WEIGHT}"] = p.clone()
         elif not name.endswith("expert_load"):
