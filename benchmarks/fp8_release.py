@@ -4,10 +4,11 @@ dummy weights, plus the FP8 model's memory and step time.
     python benchmarks/fp8_release.py --layers 32 --out results/
 
 The bf16 model (150 GiB of weights) does not fit one H200, so the bf16 pass runs on the FP8
-model's own non-expert weights (dummy init draws them identically with and without FP8) and,
-right before each MoE layer runs, redraws that layer's bf16 experts into one shared buffer from
-the generator state dummy init drew them with (init_dummy_weights' order, replayed here and
-checked: the FP8 experts must be exactly the quantized redraw). Both passes run prefill + one step
+model's own non-expert weights (dummy init draws them identically with and without FP8; the FP8
+qkv_proj / up_gate_proj are swapped for their bf16 draws during that pass) and, right before
+each MoE layer runs, redraws that layer's bf16 experts into one shared buffer from the generator
+state dummy init drew them with (init_dummy_weights' order, replayed here and checked: the FP8
+experts must be exactly the quantized redraw). Both passes run prefill + one step
 of both guidance branches, 1024², 'a cup of coffee on the table'.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from epdiff.distributed.parallel_state import ParallelState
+from epdiff.layers.linear import ColumnParallelLinear
 from epdiff.layers.norm import RMSNorm
 from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from epdiff.models.hunyuan_image3.weights import load_model
@@ -36,8 +38,9 @@ STD = 0.02  # init_dummy_weights' default
 
 
 def expert_draw_states(model, seed: int = 0) -> dict[int, torch.Tensor]:
-    """Generator state before each GroupedExperts' draw, replaying init_dummy_weights (same
-    module order, same draw sizes: a CUDA draw advances the generator by its size alone)."""
+    """Generator state before each FP8 module's draw (GroupedExperts, ColumnParallelLinear),
+    replaying init_dummy_weights (same module order, same draw sizes: a draw advances the
+    generator by its size alone)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     states = {}
     with torch.no_grad():
@@ -47,6 +50,11 @@ def expert_draw_states(model, seed: int = 0) -> dict[int, torch.Tensor]:
                 for kind in ("w13", "w2"):
                     torch.empty(getattr(module, kind).shape, dtype=module.dtype, device=model.device).normal_(
                         0.0, STD, generator=g)
+                continue
+            if isinstance(module, ColumnParallelLinear) and module.fp8:  # drawn in the model dtype, quantized
+                states[id(module)] = g.get_state()
+                torch.empty(module.weight.shape, dtype=module.dtype, device=model.device).normal_(
+                    0.0, STD, generator=g)
                 continue
             is_norm = isinstance(module, (RMSNorm, nn.GroupNorm))
             for _, p in module.named_parameters(recurse=False):
@@ -89,6 +97,30 @@ def step(model, prefix_ids, prefix_positions, latents, t, positions, steps=1):
     return v.float(), times
 
 
+def profile_kinds(model, data) -> dict[str, float]:
+    """Kernel milliseconds of one FP8 step by kind (profile_step.py's grouping)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_step import kind_of
+
+    prefix_ids, prefix_positions, latents, t, positions = data
+    with torch.inference_mode():
+        caches = model.prefill(prefix_ids, prefix_positions)
+        model(latents, t, positions, caches)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(latents, t, positions, caches)
+            torch.cuda.synchronize()
+    by_kind = collections.Counter()
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if event.device_type == torch.autograd.DeviceType.CUDA and us:
+            by_kind[kind_of(event.key)] += us / 1e3
+    return dict(by_kind.most_common())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
@@ -111,6 +143,7 @@ def main():
     torch.cuda.reset_peak_memory_stats(device)
     v8, times = step(model, *data, steps=args.steps)
     step_peak = torch.cuda.max_memory_allocated(device)
+    by_kind = profile_kinds(model, data) if device.type == "cuda" else {}
     for layer in model.moe_layers:
         layer.reset_routing_stats()
     step(model, *data)
@@ -128,6 +161,17 @@ def main():
         q, s = fp8.quantize_weight(shared.w2.detach()[5])
         assert torch.equal(q.float(), layer.experts.w2[5].float()) and torch.equal(s, layer.experts.w2_scale[5]), \
             "replaying init_dummy_weights did not reproduce the FP8 experts"
+    bf16_linears = {}
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear) and module.fp8:
+            g.set_state(states[id(module)])
+            w = torch.empty(module.weight.shape, dtype=module.dtype, device=device).normal_(0.0, STD, generator=g)
+            q, s = fp8.quantize_weight(w)
+            assert torch.equal(q.float(), module.weight.float()) and torch.equal(s, module.weight_scale), \
+                "replaying init_dummy_weights did not reproduce an FP8 projection"
+            bf16_linears[module] = w
+    for module, w in bf16_linears.items():  # an instance attribute shadows the class's forward
+        module.forward = lambda x, w=w, b=module.bias: torch.nn.functional.linear(x, w, b)
     own = {}
 
     def swap_in(module, _args):
@@ -143,6 +187,8 @@ def main():
     v16, times16 = step(model, *data, steps=2)
     for h in hooks:
         h.remove()
+    for module in bf16_linears:
+        del module.forward
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
@@ -151,7 +197,7 @@ def main():
     res = dict(layers=args.layers, device=torch.cuda.get_device_name(device),
                weights_GB=weights / 1e9, expert_weights_GB=expert_weights / 1e9, load_s=load_s,
                peak_after_load_GiB=after_load / 2 ** 30, peak_during_steps_GiB=step_peak / 2 ** 30,
-               fp8_step_s=statistics.mean(times[1:]), fp8_step_times=times,
+               fp8_step_s=statistics.mean(times[1:]), fp8_step_times=times, fp8_step_kernel_ms_by_kind=by_kind,
                bf16_redraw_step_s=times16[-1], routing_balance_max=balance,
                velocity_rel_err_cond=rel(v8[0], v16[0]), velocity_rel_err_uncond=rel(v8[1], v16[1]),
                velocity_rel_err=rel(v8, v16), guided_velocity_rel_err=rel(guided(v8), guided(v16)),
