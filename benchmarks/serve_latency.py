@@ -3,14 +3,14 @@
     python benchmarks/serve_latency.py --images 10 --steps 10 -- -dp 2 --enable-expert-parallel   # CPU
     python benchmarks/serve_latency.py --release-width 8 --images 10 --steps 20 --size 1024       # one GPU
 
-Everything after `--` is engine flags, given to both. First --images commands of `epdiff
-generate`, one after another (each starts its workers and loads the model); then one server,
-a warm-up request, and --images requests at each --concurrency (distinct prompts and seeds, so
-that no two share a batch by their prompt). Per run: latency p50/p95 (client side, the whole
-HTTP round trip for the server, the whole command for the CLI) and images per second; at
-concurrency 1 also each request's latency over its own denoise-and-decode time (the response's
-inference_time_s), which the target keeps at or below 1.1. --release-width N: HunyuanImage-3.0 at
-release width cut to N layers, dummy weights. Writes serve_latency.json to --out.
+Everything after `--` is engine flags, given to both. First one server: a warm-up request, then
+--images requests at each --concurrency (distinct prompts and seeds); then --images commands of
+`epdiff generate` one after another, each starting its workers and loading the model (stopped
+early past --cli-budget-s). Per run: latency p50/p95 (client side: the whole HTTP round trip for
+the server, the whole command for the CLI) and images per second; for each request also its
+latency over its own denoise-and-decode time (the response's inference_time_s), which the
+target keeps at or below 1.1 at concurrency 1. --release-width N: HunyuanImage-3.0 at release
+width cut to N layers, dummy weights. Writes serve_latency.json to --out.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def run_cli(args, engine_flags: list[str], folder: str) -> dict:
     latencies = []
     start = time.perf_counter()
     for i in range(args.images):
+        if args.cli_budget_s is not None and i and time.perf_counter() - start > args.cli_budget_s:
+            print(f"  --cli-budget-s {args.cli_budget_s:g} spent: {i} of {args.images} commands ran", flush=True)
+            break
         body = request_body(i, args)
         size = ["--height", str(args.size), "--width", str(args.size)] if args.size else []
         t = time.perf_counter()
@@ -132,6 +135,8 @@ def main():
     p.add_argument("--release-width", type=int, default=None, metavar="LAYERS",
                    help="HunyuanImage-3.0 at release width with this many layers, dummy weights")
     p.add_argument("--skip-cli", action="store_true")
+    p.add_argument("--cli-budget-s", type=float, default=None,
+                   help="start no further `epdiff generate` command once this many seconds are spent")
     p.add_argument("--out", default=".")
     args, engine_flags = p.parse_known_args()
     engine_flags = [f for f in engine_flags if f != "--"]
@@ -143,20 +148,24 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="serve_latency.")
     report = dict(images=args.images, steps=args.steps, size=args.size, engine_flags=engine_flags)
-    print(f"epdiff generate, {args.images} commands one after another:", flush=True)
+    path = os.path.join(args.out, "serve_latency.json")
+    print("epdiff serve:", flush=True)
+    report["server"] = run_server(args, engine_flags, folder)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
     if not args.skip_cli:
+        print(f"epdiff generate, {args.images} commands one after another:", flush=True)
         report["cli"] = run_cli(args, engine_flags, folder)
         print(f"  p50 {report['cli']['p50_s']:.2f} s, p95 {report['cli']['p95_s']:.2f} s, "
               f"{report['cli']['images_per_s']:.3f} images/s", flush=True)
-    print("epdiff serve:", flush=True)
-    report["server"] = run_server(args, engine_flags, folder)
-    with open(os.path.join(args.out, "serve_latency.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
     print("| run | concurrency | latency p50 (s) | latency p95 (s) | images/s | latency / own denoise+decode |")
     print("| --- | --- | --- | --- | --- | --- |")
     if "cli" in report:
         c = report["cli"]
-        print(f"| `epdiff generate` per image | 1 | {c['p50_s']:.2f} | {c['p95_s']:.2f} | {c['images_per_s']:.3f} | |")
+        print(f"| `epdiff generate` per image ({len(c['latencies_s'])} commands) | 1 | {c['p50_s']:.2f} | "
+              f"{c['p95_s']:.2f} | {c['images_per_s']:.3f} | |")
     for concurrency in args.concurrency:
         r = report["server"][f"concurrency_{concurrency}"]
         print(f"| `epdiff serve` | {concurrency} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['images_per_s']:.3f} | "
