@@ -1,13 +1,21 @@
-"""The built-in model draws what held-out prompts say (issue 6's bar), on 2 CPU ranks with EP."""
+"""The built-in model draws exactly what held-out prompts say (issue 11's bar), on 2 CPU ranks with EP.
+
+The full bar (40 held-out prompts x seeds 0, 1, 2: >= 95 % of attributes, >= 80 % of scenes
+exactly right, no extra object) is measured by `epdiff score -tp 2 --enable-expert-parallel`
+(BENCHMARKS.md); this test holds the same three numbers on a subset that fits in a minute."""
 
 from epdiff.engine import ImageGenerator
 from epdiff.train.score import score_heldout
 
 
-def test_builtin_model_draws_held_out_prompts():
-    # The first 8 held-out prompts (one- and two-object scenes never seen in training), the
-    # model's own sampling settings (30 steps, guidance 4); ~45 s on 2 CPU cores.
-    generator = ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True)
-    summary = score_heldout(generator, num_prompts=8)
-    assert summary["accuracy"] >= 0.9, summary["report"]
+def test_builtin_model_draws_held_out_prompts_exactly():
+    # The first 12 held-out prompts (scenes never seen in training) with three seeds, the model's
+    # own sampling settings (generation_config.json: 20 steps, guidance 4), the strict checker;
+    # one batch of 12 per seed (fewer lockstep rounds between the two gloo ranks than batches of 4).
+    with ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True, max_batch_size=12) as generator:
+        summary = score_heldout(generator, num_prompts=12, seeds=(0, 1, 2))
+    assert summary["images"] == 36
+    assert summary["accuracy"] >= 0.95, summary["report"]
+    assert summary["exact"] >= 0.8, summary["report"]
+    assert summary["extra"] == 0, summary["report"]
     assert summary["idle_experts"] == {0: 0}, summary["idle_experts"]  # every expert of every layer is used
