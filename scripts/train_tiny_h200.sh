@@ -60,14 +60,17 @@ for log in "$work"/*.log; do
   echo "== $(basename "$log" .log)"; grep -E "rendered|transformer step .*100%|trained in|steps, guidance|seed [0-9]+:" "$log"
 done
 # Rank (variant, steps, guidance) by exactly-right scenes, then attributes, then fewest extra
-# objects, then fewest steps; keep the best setting of the KEEP best variants.
+# objects; ties go to the variant with more exactly-right scenes over the whole grid (the less
+# sensitive to the setting), then to fewer steps. Keep the best setting of the KEEP best variants.
 python3 - "$work" "$keep" > "$work/selection.txt" <<'EOF'
 import glob, json, os, sys
 work, keep = sys.argv[1], int(sys.argv[2])
 rows = []
 for path in glob.glob(os.path.join(work, "*.score.json")):
-    for s in json.load(open(path)):
-        rows.append(((s["exact"], s["accuracy"], -s["extra"], -s["num_inference_steps"]),
+    summaries = json.load(open(path))
+    over_grid = sum(s["exact_scenes"] for s in summaries)
+    for s in summaries:
+        rows.append(((s["exact"], s["accuracy"], -s["extra"], over_grid, -s["num_inference_steps"]),
                      os.path.basename(path)[:-len(".score.json")], s))
 rows.sort(key=lambda r: r[0], reverse=True)
 chosen = {}

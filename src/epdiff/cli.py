@@ -311,17 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--transformer-steps", type=int, default=8000)
     p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-size", type=int, default=8192, help="jittered training images rendered up front")
-    p.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
+    p.add_argument("--pool-size", type=int, default=32768, help="jittered training images rendered up front")
+    p.add_argument("--lr", type=float, default=6e-4, help="transformer peak learning rate")
     p.add_argument("--init-from", default=None,
                    help="a trained shapes model: keep its VAE (no VAE training) and continue its transformer")
     p.add_argument("--vae-from", default=None,
                    help="a trained shapes model: keep its VAE (no VAE training), train a new transformer")
-    p.add_argument("--one-object-share", type=float, default=None,
-                   help="fraction of training images with one object (default: scenes drawn uniformly, 7 %%)")
+    p.add_argument("--one-object-share", type=float, default=0.15,
+                   help="fraction of training images with one object (scenes drawn uniformly would give 7 %%)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="cap the whole run: the transformer takes as many of its steps as fit")
     for flag in ("hidden-size", "num-hidden-layers", "num-attention-heads", "moe-intermediate-size"):

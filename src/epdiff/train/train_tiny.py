@@ -195,7 +195,7 @@ def train_transformer(config: HunyuanImage3Config, latents: torch.Tensor, pool: 
             torch._foreach_lerp_(ema_params, params, 1 - min(0.999, (1 + step) / (10 + step)))
         step += 1
         progress = step / steps if budget is None else max(step / steps, (time.time() - start) / budget)
-        if progress >= next_log or step == 1:
+        if progress >= next_log or step == 1 or not (step < steps and progress < 1):  # first, every 5 %, last
             log(f"transformer step {step:6d} ({progress:4.0%})  flow loss {flow.item():.4f}  "
                 f"balance {balance.item():.3f}  {(time.time() - start) / step * 1e3:.1f} ms per step")
             next_log = progress + 0.05
@@ -209,10 +209,10 @@ def sync(device: torch.device):
 
 
 def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 8000, vae_batch: int = 32,
-               batch: int = 64, device: str | None = None, seed: int = 0, log=print, pool_size: int = 8192,
-               lr: float = 3e-4, model_size: dict | None = None, max_minutes: float | None = None,
+               batch: int = 128, device: str | None = None, seed: int = 0, log=print, pool_size: int = 32768,
+               lr: float = 6e-4, model_size: dict | None = None, max_minutes: float | None = None,
                init_from: str | None = None, vae_from: str | None = None,
-               one_object_share: float | None = None) -> str:
+               one_object_share: float | None = 0.15) -> str:
     """Train and write the shapes model. model_size overrides MODEL_SIZE's keys; max_minutes caps
     the whole run (the transformer stage takes as many steps as fit, up to transformer_steps).
     init_from: a trained shapes model whose VAE is kept (no VAE training) and whose transformer
