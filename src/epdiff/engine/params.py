@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..config import ConfigError, ParallelConfig
+from ..quantization import QUANTIZATION_METHODS as QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
-QUANTIZATIONS = ("fp8",)
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_GENERATION = {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0, "max_length": 12800}
 # torch.Generator.manual_seed accepts this range; every image's seed must fall in it.
@@ -101,7 +101,14 @@ class EngineConfig:
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         resolved = dataclasses.replace(self, model=model, device=self._pick_device(local_world_size))
-        resolved.model_info.check_layout(resolved.parallel)
+        info = resolved.model_info
+        info.check_layout(resolved.parallel)
+        stored = info.stored_quantization
+        if stored is not None and resolved.load_format == "safetensors":
+            if self.quantization not in (None, stored):
+                raise ConfigError(f"quantization {self.quantization!r} was asked for, but {model} is stored "
+                                  f"pre-quantized as {stored!r}")
+            resolved = dataclasses.replace(resolved, quantization=stored)  # it loads as stored
         return resolved
 
     def _pick_device(self, local_world_size: int | None) -> str:
@@ -138,6 +145,14 @@ class ModelInfo:
         self.generation = read_generation_config(model_dir)
         self.tokenizer = HunyuanTokenizer.from_pretrained(model_dir)
         self.context = context_length(self.config, self.generation)
+
+    @property
+    def stored_quantization(self) -> str | None:
+        """The method of a pre-quantized checkpoint (config.json's quantization_config), or None."""
+        from ..models.hunyuan_image3.weights import checkpoint_quantization
+
+        stored = checkpoint_quantization(self.config, self.model_dir)
+        return None if stored is None else stored.name
 
     def check_layout(self, parallel: ParallelConfig) -> None:
         c = self.config
