@@ -47,6 +47,11 @@ def pick_device(local_rank: int, local_world: int, kind: str = "auto") -> torch.
 def init_distributed(rank: int, world_size: int, local_rank: int, local_world: int,
                      timeout_s: float = DEFAULT_TIMEOUT_S, device_kind: str = "auto") -> torch.device:
     device = pick_device(local_rank, local_world, device_kind)
+    if device.type == "cpu" and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each rank's intra-op threads default to every core: ranks sharing the cores then
+        # oversubscribe them, and every small collective waits on descheduled threads (TP2 on 2
+        # cores ran 25 times slower). Share the cores out, as torchrun's OMP_NUM_THREADS=1 does.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -150,7 +150,6 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._in_flight = None
         self._replies: queue.Queue = queue.Queue()  # answers to commands other than batches
         self._closing = False
@@ -193,7 +192,7 @@ class Engine:
             self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter())
             self._planner.add(request_id, params)
             future.add_done_callback(lambda f, rid=request_id: f.cancelled() and self._cancel(rid))
-        self._wake.set()
+        self._dispatch()  # now, not at the driver's next poll
         return future
 
     def generate(self, params: SamplingParams) -> RequestOutput:
@@ -224,7 +223,7 @@ class Engine:
             if not self.alive:
                 raise EngineDeadError(self.error or "the engine is closed")
             self._pending_command = command
-        self._wake.set()
+        self._dispatch()
         reply = self._replies.get(timeout=timeout)
         if isinstance(reply, EngineDeadError):
             raise reply
