@@ -138,3 +138,31 @@ def test_engine_config_refuses_bad_fields():
         EngineConfig(device="tpu").resolve()
     with pytest.raises(ConfigError, match="experts cannot be split evenly over EP size 3"):
         EngineConfig(parallel=ParallelConfig(data_parallel_size=3, enable_expert_parallel=True)).resolve()
+
+
+def test_an_engine_built_in_a_short_lived_thread_keeps_its_workers():
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(
+        engine=ImageGenerator(data_parallel_size=2, enable_expert_parallel=True).engine))
+    thread.start()
+    thread.join()
+    engine = box["engine"]
+    try:
+        time.sleep(1.0)  # torch's spawn would have the workers signalled as the thread ended
+        out = engine.submit(params(steps=2)).result(timeout=120)
+        assert out.images[0].pixels.shape == (128, 128, 3) and engine.alive
+    finally:
+        engine.close()
+
+
+def test_close_gives_up_on_a_batch_that_outlasts_its_timeout():
+    engine = ImageGenerator().engine
+    future = engine.submit(params(steps=400))
+    while future.running() is False:
+        time.sleep(0.01)
+    engine.close(timeout_s=0.5)
+    with pytest.raises(EngineDeadError, match="closed while a batch ran longer than 0.5 s"):
+        future.result(timeout=30)
+    assert not engine.alive

@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
     with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
         if not engine.is_driver:  # torchrun, rank > 0: it has served rank 0 until the end
             return 0
-        futures = [engine.submit(params) for params in requests]
+        futures = engine.submit_all(requests)
         total, latents, failures, written = len(prompts) * args.num_images_per_prompt, {}, [], []
         layout, model = config.parallel.describe(), config.model
         for i, future in enumerate(futures):
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own seed")
     p.add_argument("--num-images-per-prompt", type=int, default=1,
                    help="images per prompt, spread over the data-parallel groups")
-    p.add_argument("--save-latents", help="write the final latents as safetensors (for comparisons)")
+    p.add_argument("--save-latents", help="write the final latents as safetensors at the end (for comparisons; "
+                                          "held in memory until then: 0.5 MB an image at 1024²)")
     p.add_argument("--metrics-json", help="write per-rank metrics: experts, bytes, memory, times")
     p.add_argument("--routing-stats", action="store_true", help="print per-layer routing statistics")
     p.add_argument("--latents-only", action="store_true",

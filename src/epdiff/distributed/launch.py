@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing import _prctl_pr_set_pdeathsig
 
 # A collective that waits longer than this is a hang (a peer died mid-collective): fail, don't wait.
 DEFAULT_TIMEOUT_S = float(os.environ.get("EPDIFF_COLLECTIVE_TIMEOUT_S", "300"))
@@ -130,6 +131,10 @@ def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn,
 
 def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, commands, events, fn, args,
              device_kind: str, persistent: bool):
+    # torch's spawn asks for SIGINT when the parent *thread* that started us ends (prctl
+    # PR_SET_PDEATHSIG), which would kill an engine built in a short-lived thread; the watch
+    # below ends the worker when the parent *process* is gone instead.
+    _prctl_pr_set_pdeathsig(0)
     _exit_with_parent(parent_pid)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),

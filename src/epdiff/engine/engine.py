@@ -34,6 +34,10 @@ from .scheduler import BatchPlanner
 from .worker import BatchResult, engine_worker
 
 
+# How long the first waiting request may wait for others to fill the idle DP groups.
+BATCH_WINDOW_S = 0.01
+
+
 class EngineDeadError(RuntimeError):
     """The engine can take no more requests: a worker died, or it was closed."""
 
@@ -179,21 +183,29 @@ class Engine:
     def submit(self, params: SamplingParams, on_progress: Callable[[int, int], None] | None = None) -> Future:
         """Queues one request; the future gives its RequestOutput. params are resolved here
         (RequestError names the field). on_progress(step, steps) runs on the driver thread."""
+        return self.submit_all([params], on_progress)[0]
+
+    def submit_all(self, requests: list[SamplingParams],
+                   on_progress: Callable[[int, int], None] | None = None) -> list[Future]:
+        """Queues requests together, so that the next batch can hold all of them."""
         if not self.is_driver:
             raise EngineDeadError("under torchrun only rank 0 submits requests")
-        params = params.resolve(self.config)
+        requests = [params.resolve(self.config) for params in requests]
+        futures = []
         with self._lock:
             if not self.alive:
                 raise EngineDeadError(self.error or "the engine is closed")
-            if self.max_waiting is not None and len(self._planner) >= self.max_waiting:
+            if self.max_waiting is not None and len(self._planner) + len(requests) > self.max_waiting:
                 raise QueueFullError(f"{len(self._planner)} requests are waiting, the limit is {self.max_waiting}")
-            request_id = next(self._ids)
-            future = Future()
-            self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter())
-            self._planner.add(request_id, params)
-            future.add_done_callback(lambda f, rid=request_id: f.cancelled() and self._cancel(rid))
-        self._dispatch()  # now, not at the driver's next poll
-        return future
+            for params in requests:
+                request_id = next(self._ids)
+                future = Future()
+                self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter())
+                self._planner.add(request_id, params)
+                future.add_done_callback(lambda f, rid=request_id: f.cancelled() and self._cancel(rid))
+                futures.append(future)
+        self._dispatch()
+        return futures
 
     def generate(self, params: SamplingParams) -> RequestOutput:
         return self.submit(params).result()
@@ -236,14 +248,14 @@ class Engine:
     def _drive(self):
         while True:
             self._dispatch()
-            event = self._workers.next_event(0.05)
+            event = self._workers.next_event(BATCH_WINDOW_S if self._planner.oldest is not None else 0.05)
             if event is not None:
                 self._handle(event)
             failure = None if event is not None else self._workers.failure()
             if failure is not None:
                 self._die(failure)
                 return
-            if self._closing and self._in_flight is None and self._pending_command is None:
+            if not self.alive or (self._closing and self._in_flight is None and self._pending_command is None):
                 return
 
     def _dispatch(self):
@@ -254,12 +266,16 @@ class Engine:
                 self._in_flight, self._pending_command = self._pending_command, None
                 self._workers.channel.command(self._in_flight)
                 return
-            if self._closing:
-                return
-            batch = self._planner.next_batch()
-            if batch is None:
+            if self._closing or not self.alive or self._planner.oldest is None:
                 return
             now = time.perf_counter()
+            # Requests arriving together share a batch: while some DP group would idle, wait a
+            # moment for more, but never longer than BATCH_WINDOW_S after the oldest arrived.
+            dp = self.config.parallel.data_parallel_size
+            oldest = self._requests[self._planner.oldest].submitted
+            if self._planner.num_images < dp and now - oldest < BATCH_WINDOW_S:
+                return
+            batch = self._planner.next_batch()
             for item in batch.images:
                 request = self._requests.get(item.request_id)
                 if request is not None and request.started is None:
@@ -335,7 +351,9 @@ class Engine:
 
     def _die(self, failure: str):
         with self._lock:
-            self.alive, self.error = False, failure
+            if self.alive:  # the first cause stays the engine's error
+                self.alive, self.error = False, failure
+            failure = self.error
             waiting = list(self._requests.values())
             self._requests.clear()
             has_command = self._in_flight is not None and self._in_flight[0] != "batch"
@@ -363,7 +381,10 @@ class Engine:
         for _, request in waiting:
             request.future.set_exception(EngineDeadError("the engine was closed before this request started"))
         self._driver.join(timeout_s)
-        if self.alive:
+        if self._driver.is_alive():  # the batch in flight outlasted the timeout: give up on it
+            self._die(f"the engine was closed while a batch ran longer than {timeout_s:g} s")
+            self._driver.join(5.0)
+        elif self.alive:  # the driver has left: this thread is the only reader of the events
             self._workers.channel.command(("stop",))
             deadline = time.time() + timeout_s
             while time.time() < deadline:

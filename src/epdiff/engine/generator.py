@@ -46,7 +46,7 @@ class ImageGenerator:
         """One RequestOutput per prompt (images, seeds, latents, times). Empty on ranks other than 0."""
         if not self.engine.is_driver:
             return []
-        futures = [self.engine.submit(params) for params in self.requests(prompts, **kwargs)]
+        futures = self.engine.submit_all(self.requests(prompts, **kwargs))
         return [f.result() for f in futures]
 
     def generate(self, prompts, **kwargs) -> list:

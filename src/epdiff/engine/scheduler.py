@@ -74,6 +74,15 @@ class BatchPlanner:
         """Requests with images still to run."""
         return len(self._waiting)
 
+    @property
+    def num_images(self) -> int:
+        return sum(len(items) for items in self._waiting.values())
+
+    @property
+    def oldest(self) -> int | None:
+        """The request id that the next batch starts with."""
+        return next(iter(self._waiting), None)
+
     def next_batch(self) -> Batch | None:
         if not self._waiting:
             return None
