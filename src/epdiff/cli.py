@@ -1,4 +1,4 @@
-"""The `epdiff` command line: `epdiff layout | generate | make-tiny`."""
+"""The `epdiff` command line: `epdiff layout | generate | serve | quantize | make-tiny | train-tiny | score`."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def image_metadata(image, params, layout: str, model: str) -> dict[str, str]:
     """What regenerates this image alone: its own seed, with the request's prompt, size, steps
     and guidance."""
     return {"prompt": image.prompt, "seed": str(image.seed), "steps": str(params.num_inference_steps),
-            "guidance_scale": str(params.guidance_scale), "size": f"{params.height}x{params.width}",
+            "guidance_scale": str(params.guidance_scale), "width": str(params.width), "height": str(params.height),
             "parallel_layout": layout, "model": os.path.basename(os.path.normpath(model)), "software": "epdiff"}
 
 
