@@ -159,10 +159,10 @@ def test_an_engine_built_in_a_short_lived_thread_keeps_its_workers():
 
 def test_close_gives_up_on_a_batch_that_outlasts_its_timeout():
     engine = ImageGenerator().engine
-    future = engine.submit(params(steps=400))
+    future = engine.submit(params(steps=100))
     while future.running() is False:
         time.sleep(0.01)
-    engine.close(timeout_s=0.5)
-    with pytest.raises(EngineDeadError, match="closed while a batch ran longer than 0.5 s"):
+    engine.close(timeout_s=0.3)
+    with pytest.raises(EngineDeadError, match="closed while a batch ran longer than 0.3 s"):
         future.result(timeout=30)
     assert not engine.alive
