@@ -112,8 +112,9 @@ def test_prompts_of_different_lengths_share_a_batch_and_give_their_own_images():
 def test_a_dead_worker_fails_waiting_requests_naming_its_rank():
     engine = ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True).engine
     try:
-        futures = [engine.submit(params(steps=30, seed=i)) for i in range(3)]
-        time.sleep(1.0)
+        futures = [engine.submit(params(steps=300, seed=i)) for i in range(3)]
+        while not futures[0].running():
+            time.sleep(0.01)
         os.kill(engine._workers.pids[1], signal.SIGKILL)
         for f in futures:
             with pytest.raises(EngineDeadError, match="worker rank 1"):

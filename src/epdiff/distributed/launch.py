@@ -83,6 +83,7 @@ class Channel:
 
     def __init__(self, commands, events):
         self._commands, self._events = commands, events
+        self.abandoned = False  # set by a driver in this process that gave up on the worker
 
     def receive(self, timeout: float | None = None):
         """The next command, or None when none came within timeout seconds."""

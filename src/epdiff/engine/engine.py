@@ -116,6 +116,8 @@ class _InProcessWorker:
         self.thread.join(timeout_s)
 
     def stop(self, grace_s: float = 5.0):
+        """A thread cannot be killed: it leaves at its next step (its channel is abandoned)."""
+        self.channel.abandoned = True
         self.thread.join(grace_s)
 
 
@@ -384,7 +386,8 @@ class Engine:
         if self._driver.is_alive():  # the batch in flight outlasted the timeout: give up on it
             self._die(f"the engine was closed while a batch ran longer than {timeout_s:g} s")
             self._driver.join(5.0)
-        elif self.alive:  # the driver has left: this thread is the only reader of the events
+            return
+        if self.alive:  # the driver has left: this thread is the only reader of the events
             self._workers.channel.command(("stop",))
             deadline = time.time() + timeout_s
             while time.time() < deadline:

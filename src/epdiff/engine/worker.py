@@ -109,6 +109,8 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, batch, chann
     on_step = None
     if channel is not None:
         def on_step(step: int, total: int):
+            if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
+                raise RuntimeError("the engine was closed during this batch")
             channel.send("progress", (batch.batch_id, step, total))
     steps_before = len(pipe.metrics.step_seconds)
     denoised = pipe(items, on_step, show_progress)
