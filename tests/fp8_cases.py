@@ -45,32 +45,3 @@ def _fp8_layer(state, w, kernel):
     return layer
 
 
-_reference = {}
-
-
-def transformer_equivalence(rank, model_dir, layout, ep_modes):
-    """Prefill + one step of the whole transformer with FP8 experts (quantized while read) on
-    layout (tp, sp, cfg, dp, pp), against one rank with FP8 experts."""
-    from epdiff.models.hunyuan_image3.weights import load_model
-    from model_cases import PROMPTS, run_step, sequences
-
-    tp, sp, cfg, dp, pp = layout
-    rows = []
-    for ep, backend in ep_modes:
-        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                                data_parallel_size=dp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
-                                all2all_backend=backend)
-        state = ParallelState.build(config, "cpu")
-        model, _ = load_model(model_dir, state, quantization="fp8")
-        prompt = state.dp.rank % len(PROMPTS)
-        seqs = sequences(model_dir, PROMPTS[prompt])
-        branches = [state.cfg.rank] if cfg == 2 else [0, 1]
-        out = run_step(model, [seqs[b] for b in branches], prompt)
-        if (model_dir, prompt) not in _reference:
-            one, _ = load_model(model_dir, ParallelState.single(), quantization="fp8")
-            _reference[(model_dir, prompt)] = run_step(one, seqs, prompt)
-        ref = _reference[(model_dir, prompt)][branches]
-        rows.append(dict(layout=config.describe(), ep=ep, backend=backend, rank=rank,
-                         err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
-    return rows
-

@@ -45,16 +45,17 @@ def run_step(model, seqs, prompt_index):
     return model(latents.expand(len(seqs), -1, -1, -1), t.expand(len(seqs)), gen_positions, caches)
 
 
-def reference(model_dir, prompt_index):
-    key = (model_dir, prompt_index)
+def reference(model_dir, prompt_index, quantization=None):
+    key = (model_dir, prompt_index, quantization)
     if key not in _reference:
-        model, _ = load_model(model_dir, ParallelState.single())
+        model, _ = load_model(model_dir, ParallelState.single(), quantization=quantization)
         _reference[key] = run_step(model, sequences(model_dir, PROMPTS[prompt_index]), prompt_index)
     return _reference[key]
 
 
-def equivalence(rank, model_dir, layout, ep_modes):
-    """layout (tp, sp, cfg, dp, pp); ep_modes: list of (enable_ep, backend). Returns max errors."""
+def equivalence(rank, model_dir, layout, ep_modes, quantization=None):
+    """layout (tp, sp, cfg, dp, pp); ep_modes: list of (enable_ep, backend). Returns max errors
+    against one rank with the same quantization."""
     tp, sp, cfg, dp, pp = layout
     rows = []
     for ep, backend in ep_modes:
@@ -62,13 +63,14 @@ def equivalence(rank, model_dir, layout, ep_modes):
                                 data_parallel_size=dp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
                                 all2all_backend=backend)
         state = ParallelState.build(config, "cpu")
-        model, _ = load_model(model_dir, state)
+        model, _ = load_model(model_dir, state, quantization=quantization)
         prompt_index = state.dp.rank % len(PROMPTS)
         seqs = sequences(model_dir, PROMPTS[prompt_index])
         branches = [state.cfg.rank] if cfg == 2 else [0, 1]
         out = run_step(model, [seqs[b] for b in branches], prompt_index)
-        ref = reference(model_dir, prompt_index)[branches]
-        rows.append(dict(layout=config.describe(), rank=rank, prompt=prompt_index, branches=branches,
+        ref = reference(model_dir, prompt_index, quantization)[branches]
+        rows.append(dict(layout=config.describe(), ep=ep, backend=backend, rank=rank, prompt=prompt_index,
+                         branches=branches,
                          close=bool((out - ref).abs().max() <= 1e-5 * ref.abs().max()),
                          err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
     return rows

@@ -11,7 +11,8 @@ rank's slice (as vLLM's TP FP8 MoE does): those layouts match one rank within FP
 import pytest
 
 from epdiff.models.hunyuan_image3.make_tiny import make_tiny
-from fp8_cases import moe_equivalence, transformer_equivalence
+from fp8_cases import moe_equivalence
+from model_cases import equivalence
 
 AGRS, A2A = "allgather_reducescatter", "alltoall"
 # (tp, sp, cfg, dp, ep, backend)
@@ -44,6 +45,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("world, layout", [(2, (1, 1, 2, 1, 1)), (4, (2, 1, 2, 1, 1)), (4, (1, 2, 1, 1, 2))])
 def test_fp8_transformer_layouts_match_one_rank(world8, tiny_dir, world, layout):
-    rows = [r for per_rank in world8.run(world, transformer_equivalence, tiny_dir, layout, [(True, AGRS), (True, A2A)])
+    rows = [r for per_rank in world8.run(world, equivalence, tiny_dir, layout, [(True, AGRS), (True, A2A)], "fp8")
             for r in per_rank]
     check(rows)

@@ -1,4 +1,4 @@
-"""Invariants 1 and 3 of DESIGN §3, and the expert kernels against each other."""
+"""Invariants 1 and 3 of docs/architecture.md, "The MoE block", and the expert kernels against each other."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""A pool of gloo worker processes kept alive for a whole test session (DESIGN §7).
+"""A pool of gloo worker processes kept alive for a whole test session (docs/architecture.md, "Testing").
 
 Spawning 8 ranks costs ~11 s on a 2-core machine, so tests don't spawn per case: they send a
 module-level function to every worker of one long-lived world, and each case builds the
