@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 
@@ -64,6 +65,17 @@ class ServerProcess:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self._log.close()
+
+
+@contextmanager
+def healthy_server(engine_flags: list[str], log_path):
+    """A server started with engine_flags, once /health says 200; stopped on leaving."""
+    server = ServerProcess(engine_flags, log_path)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
 
 
 def children(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from serve_helpers import ServerProcess
+from serve_helpers import healthy_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -25,12 +25,8 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerProcess(["-dp", "2", "--enable-expert-parallel"], tmp_path_factory.mktemp("browser") / "server.log")
-    try:
-        s.wait_healthy()
+    with healthy_server(["-dp", "2", "--enable-expert-parallel"], tmp_path_factory.mktemp("browser") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_helpers import ServerProcess, alive
+from serve_helpers import ServerProcess, alive, healthy_server
 
 LAYOUT = ["-dp", "2", "--enable-expert-parallel"]
 STEPS = 3
@@ -34,12 +34,8 @@ GENERATE = "/v1/images/generations"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerProcess([*LAYOUT, "--max-queue", "4"], tmp_path_factory.mktemp("serve") / "server.log")
-    try:
-        s.wait_healthy()
+    with healthy_server([*LAYOUT, "--max-queue", "4"], tmp_path_factory.mktemp("serve") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
