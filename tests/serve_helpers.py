@@ -17,12 +17,14 @@ STARTUP_TIMEOUT_S = 180
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path):
+    def __init__(self, args: list[str], log_path, launcher: list[str] = ()):
+        """launcher: what starts `-m epdiff.cli serve ...` (default: this Python; e.g. torchrun)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "epdiff.cli", "serve", "--port", str(self.port), *args],
+        launcher = list(launcher) or [sys.executable]
+        self.process = subprocess.Popen([*launcher, "-m", "epdiff.cli", "serve", "--port", str(self.port), *args],
                                         stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pid = self.process.pid
 

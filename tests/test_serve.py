@@ -309,3 +309,26 @@ def test_sigterm_finishes_the_request_in_flight_and_exits(tmp_path):
         assert not [p for p in workers if alive(p)], "a worker outlived the server"
     finally:
         s.stop()
+
+
+def test_the_server_runs_under_torchrun(tmp_path):
+    """Every rank runs `epdiff serve`: rank 0 answers HTTP, rank 1 serves rank 0's engine. A
+    SIGTERM to torchrun's agent (which reports it as its own failure) leaves no process behind."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    s = ServerProcess(["-tp", "2", "--enable-expert-parallel"], tmp_path / "server.log", launcher=torchrun)
+    try:
+        s.wait_healthy()
+        r = httpx.post(f"{s.url}/v1/images/generations", timeout=120,
+                       json={"prompt": "a large red circle on the left", "num_inference_steps": 3, "seed": 1})
+        assert r.status_code == 200, r.text
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert image.size == (128, 128) and image.text["seed"] == "1"
+        ranks = s.children()
+        s.process.send_signal(signal.SIGTERM)
+        s.process.wait(60)
+        deadline = time.time() + 15
+        while any(alive(p) for p in ranks) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in ranks), s.log()[-2000:]
+    finally:
+        s.stop()
