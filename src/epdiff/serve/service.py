@@ -83,9 +83,6 @@ class EngineService:
             self.state = "draining" if self._stop_requested.is_set() else "ready"
         self._load_finished.set()
         log.info("epdiff serve: model loaded in %.1f s (%s)", self.load_seconds, self.config.parallel.describe())
-        # torch's spawn gives every worker PR_SET_PDEATHSIG(SIGINT), which fires when the thread
-        # that spawned it ends: this thread lives as long as the engine.
-        self.closed.wait()
 
     def check(self) -> bool:
         """Notices a dead engine (called periodically); True when it has just died."""
