@@ -100,3 +100,23 @@ def test_dp_shares_one_prompts_images_and_each_seed_regenerates_its_image(tmp_pa
     assert np.abs(pixels(second) - pixels(alone)).max() <= 1
     first = pixels(tmp_path / "dp-0-0.png")
     assert np.abs(first - pixels(alone)).max() > 1  # a different seed draws a different image
+
+
+def test_ctrl_c_stops_a_generate_run_and_its_workers(tmp_path):
+    from serve_helpers import alive, children
+
+    cmd = [sys.executable, "-m", "epdiff.cli", "generate", *PROMPT, "--no-progress", "--num-inference-steps", "5000",
+           "-tp", "2", "--enable-expert-parallel", "--output", str(tmp_path / "x.png")]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(children(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children(proc.pid)
+    time.sleep(2.0)  # into the batch
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+    assert proc.wait(30) == 130, proc.stderr.read().decode()[-2000:]
+    deadline = time.time() + 15
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert workers and not any(alive(p) for p in workers)
+    assert not (tmp_path / "x.png").exists()

@@ -102,6 +102,7 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
     ({"prompt": " ".join(["red"] * 13000)}, "prompt", "over the model's context of 12800"),
     ({"prompt": "x", "n": 0}, "n", "got 0"),
     ({"prompt": "x", "n": "2"}, "n", "got '2'"),
+    ({"prompt": "x", "n": 11}, "n", "n must be at most 10, got 11"),
     ({"prompt": "x", "size": "big"}, "size", "got 'big'"),
     ({"prompt": "x", "size": "1024x100"}, "size", "size '1024x100' (width x height)"),
     ({"prompt": "x", "size": "0x128"}, "size", "width must be a positive number"),
@@ -121,6 +122,15 @@ def test_bad_request_gets_400_naming_the_field_and_value(client, body, param, wo
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
     assert words in error["message"], error["message"]
+
+
+def test_an_openai_client_body_with_nulls_and_presets_is_served(client):
+    body = {"prompt": "a large red circle on the left", "num_inference_steps": STEPS, "seed": 4, "n": None,
+            "response_format": None, "output_format": None, "size": None, "quality": "standard", "style": "vivid",
+            "model": "any", "user": "u"}
+    response = client.post(GENERATE, json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1
 
 
 @pytest.mark.parametrize("content", [b"not json", b"[1, 2]"])

@@ -14,6 +14,7 @@ import datetime
 import os
 import pickle
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -147,6 +148,9 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, comma
         events.join_thread()
 
     if persistent:
+        # The driver owns shutdown: Ctrl-C reaches the whole terminal group, and a server drains
+        # on it (the driver stops these workers when it gives up; the parent watch covers the rest).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         args = (Channel(commands, events) if local_rank == 0 else None, *args)
     result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args, report, device_kind)
     if local_rank == 0 and not persistent:
@@ -229,8 +233,6 @@ class WorkerGroup:
 
 
 def signal_name(number: int) -> str:
-    import signal
-
     try:
         return signal.Signals(number).name
     except ValueError:

@@ -16,12 +16,14 @@ rank, and the engine stays dead (`alive` is False).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import pickle
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +38,9 @@ from .worker import BatchResult, engine_worker
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
 BATCH_WINDOW_S = 0.01
+# Each rank's most recent step times kept in rank_metrics (steps_total counts them all).
+STEPS_KEPT = 100_000
+log = logging.getLogger("epdiff.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -157,12 +162,12 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._in_flight = None
-        self._replies: queue.Queue = queue.Queue()  # answers to commands other than batches
+        self._commands: deque[tuple[tuple, Future]] = deque()  # commands other than batches, with their answers
         self._closing = False
         self.error: str | None = None
         self.alive = False
         try:
-            self.rank_metrics = [vars(m) | {"step_seconds": [], "peak_memory_bytes": None}
+            self.rank_metrics = [vars(m) | {"step_seconds": [], "steps_total": 0, "peak_memory_bytes": None}
                                  for m in self._wait_ready()]
         except BaseException:
             self._workers.stop()
@@ -232,41 +237,41 @@ class Engine:
         """Per pipeline stage: tokens per (layer, expert) since the engine started, and a summary."""
         return self._command(("routing",))
 
-    def _command(self, command, timeout: float | None = None):
+    def _command(self, command):
+        """Runs a command on every rank between batches; rank 0's answer."""
+        future = Future()
         with self._lock:
-            if not self.alive:
-                raise EngineDeadError(self.error or "the engine is closed")
-            self._pending_command = command
+            if not self.alive or self._closing:
+                raise EngineDeadError(self.error or "the engine is closing")
+            self._commands.append((command, future))
         self._dispatch()
-        reply = self._replies.get(timeout=timeout)
-        if isinstance(reply, EngineDeadError):
-            raise reply
-        return reply
+        return future.result()
 
     # -- the driver thread -------------------------------------------------------------------------
 
-    _pending_command = None
-
     def _drive(self):
-        while True:
-            self._dispatch()
-            event = self._workers.next_event(BATCH_WINDOW_S if self._planner.oldest is not None else 0.05)
-            if event is not None:
-                self._handle(event)
-            failure = None if event is not None else self._workers.failure()
-            if failure is not None:
-                self._die(failure)
-                return
-            if not self.alive or (self._closing and self._in_flight is None and self._pending_command is None):
-                return
+        try:
+            while True:
+                self._dispatch()
+                event = self._workers.next_event(BATCH_WINDOW_S if self._planner.oldest is not None else 0.05)
+                if event is not None:
+                    self._handle(event)
+                failure = None if event is not None else self._workers.failure()
+                if failure is not None:
+                    self._die(failure)
+                    return
+                if not self.alive or (self._closing and self._in_flight is None and not self._commands):
+                    return
+        except BaseException as e:  # a bug here must not leave an engine that says it is alive
+            self._die(f"the engine's driver failed: {type(e).__name__}: {e}")
 
     def _dispatch(self):
         with self._lock:
             if self._in_flight is not None:
                 return
-            if self._pending_command is not None:
-                self._in_flight, self._pending_command = self._pending_command, None
-                self._workers.channel.command(self._in_flight)
+            if self._commands:
+                self._in_flight = self._commands[0]
+                self._workers.channel.command(self._in_flight[0])
                 return
             if self._closing or not self.alive or self._planner.oldest is None:
                 return
@@ -283,28 +288,32 @@ class Engine:
                 if request is not None and request.started is None:
                     request.started = now
                     request.future.set_running_or_notify_cancel()
-            self._in_flight = ("batch", batch)
-            self._workers.channel.command(self._in_flight)
+            self._in_flight = (("batch", batch), None)
+            self._workers.channel.command(self._in_flight[0])
 
     def _handle(self, event):
+        # "error" events are the workers' failure() business; "stopped" is close()'s.
         kind, _, payload = event
         if kind == "progress":
             batch_id, step, total = payload
             for request in self._requests_in_flight():
                 if request.on_progress is not None:
-                    request.on_progress(step, total)
+                    try:
+                        request.on_progress(step, total)
+                    except Exception as e:  # noqa: BLE001 - a caller's callback must not stop the engine
+                        log.warning("epdiff: a progress callback failed: %s: %s", type(e).__name__, e)
         elif kind == "batch":
             self._finish_batch(payload)
-        elif kind in ("routing",):
+        elif kind == "routing":
             with self._lock:
-                self._in_flight = None
-            self._replies.put(payload)
+                (_, future), self._in_flight = self._commands.popleft(), None
+            future.set_result(payload)
 
     def _requests_in_flight(self) -> list[_Request]:
         with self._lock:
-            if self._in_flight is None or self._in_flight[0] != "batch":
+            if self._in_flight is None or self._in_flight[0][0] != "batch":
                 return []
-            ids = {item.request_id for item in self._in_flight[1].images}
+            ids = {item.request_id for item in self._in_flight[0][1].images}
             return [self._requests[i] for i in ids if i in self._requests]
 
     def _finish_batch(self, result: BatchResult):
@@ -314,6 +323,8 @@ class Engine:
             for rank, (steps, peak) in enumerate(zip(result.step_seconds, result.peak_memory_bytes)):
                 metrics = self.rank_metrics[rank]
                 metrics["step_seconds"] += steps
+                del metrics["step_seconds"][:-STEPS_KEPT]  # a server runs for months
+                metrics["steps_total"] += len(steps)
                 metrics["peak_memory_bytes"] = peak
             peak = max((p for p in result.peak_memory_bytes if p is not None), default=None)
             touched = set()
@@ -358,12 +369,12 @@ class Engine:
             failure = self.error
             waiting = list(self._requests.values())
             self._requests.clear()
-            has_command = self._in_flight is not None and self._in_flight[0] != "batch"
+            commands = list(self._commands)
+            self._commands.clear()
         for request in waiting:
-            if not request.future.done():
-                request.future.set_exception(EngineDeadError(failure))
-        if has_command or self._pending_command is not None:
-            self._replies.put(EngineDeadError(failure))
+            _fail(request.future, EngineDeadError(failure))
+        for _, future in commands:
+            _fail(future, EngineDeadError(failure))
         self._workers.stop()
 
     # -- shutting down -----------------------------------------------------------------------------
@@ -381,7 +392,7 @@ class Engine:
                 self._planner.cancel(request_id)
                 del self._requests[request_id]
         for _, request in waiting:
-            request.future.set_exception(EngineDeadError("the engine was closed before this request started"))
+            _fail(request.future, EngineDeadError("the engine was closed before this request started"))
         self._driver.join(timeout_s)
         if self._driver.is_alive():  # the batch in flight outlasted the timeout: give up on it
             self._die(f"the engine was closed while a batch ran longer than {timeout_s:g} s")
@@ -399,11 +410,23 @@ class Engine:
         with self._lock:
             self.alive = False
             self.error = self.error or "the engine is closed"
+            left, self._requests = list(self._requests.values()), {}  # started, with images not run
+        for request in left:
+            _fail(request.future, EngineDeadError("the engine was closed before every image of this request ran"))
         self._workers.join(10.0)  # they leave by themselves after "stop"
         self._workers.stop()
 
     def __enter__(self) -> "Engine":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # Ctrl-C: stop now rather than finish the batch in flight.
+        self.close(timeout_s=0.0 if exc_type is KeyboardInterrupt else 30.0)
+
+
+def _fail(future: Future, error: Exception) -> None:
+    """Sets error on future unless it is already done (or was just cancelled by its caller)."""
+    try:
+        future.set_exception(error)
+    except InvalidStateError:
+        pass

@@ -112,14 +112,13 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, batch, chann
             if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
                 raise RuntimeError("the engine was closed during this batch")
             channel.send("progress", (batch.batch_id, step, total))
-    steps_before = len(pipe.metrics.step_seconds)
     denoised = pipe(items, on_step, show_progress)
     mine = []
     if pipe.decodes:  # one rank per DP group reports its group's images
         mine = [ImageResult(d.item.request_id, d.item.image_index, d.item.seed, parallel.global_rank, d.latents,
                             None if d.pixels is None else d.pixels.numpy(), d.nonfinite_step)
                 for d in denoised if d.item.request_id is not None]
-    parts = control.gather((mine, pipe.metrics.step_seconds[steps_before:], pipe.metrics.peak_memory_bytes))
+    parts = control.gather((mine, pipe.metrics.step_seconds, pipe.metrics.peak_memory_bytes))
     if parts is None:
         return None
     return BatchResult(batch.batch_id, [image for part in parts for image in part[0]], time.perf_counter() - start,

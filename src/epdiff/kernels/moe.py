@@ -36,9 +36,9 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_kernel(fused_ptr, weight_ptr, out_ptr, count_ptr, width, fused_stride, out_stride,
-                       HAS_WEIGHT: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
         count = tl.load(count_ptr)
-        for i in range(tl.program_id(0), count, PROGRAMS):
+        for i in range(tl.program_id(0), count, tl.num_programs(0)):
             row = tl.cast(i, tl.int64)
             w = 1.0
             if HAS_WEIGHT:
@@ -53,9 +53,9 @@ if triton is not None:
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, count_ptr, width, x_stride, out_stride,
-                            PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr):
         count = tl.load(count_ptr)
-        for i in range(tl.program_id(0), count, PROGRAMS):
+        for i in range(tl.program_id(0), count, tl.num_programs(0)):
             row = tl.cast(i, tl.int64)
             src = tl.load(rows_ptr + row).to(tl.int64)
             for start in range(0, width, BLOCK):
@@ -76,11 +76,11 @@ if triton is not None:
 
     @triton.jit
     def _gather_quant_rows_kernel(x_ptr, rows_ptr, q_ptr, scale_ptr, count_ptr, width, x_stride, q_stride,
-                                  HAS_ROWS: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                                  HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
         count = tl.load(count_ptr)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        for i in range(tl.program_id(0), count, PROGRAMS):
+        for i in range(tl.program_id(0), count, tl.num_programs(0)):
             row = tl.cast(i, tl.int64)
             src = row
             if HAS_ROWS:
@@ -90,11 +90,11 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_quant_kernel(fused_ptr, weight_ptr, q_ptr, scale_ptr, count_ptr, width, fused_stride, q_stride,
-                             PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr):
         count = tl.load(count_ptr)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        for i in range(tl.program_id(0), count, PROGRAMS):
+        for i in range(tl.program_id(0), count, tl.num_programs(0)):
             row = tl.cast(i, tl.int64)
             up = tl.load(fused_ptr + row * fused_stride + cols, mask=mask, other=0.0).to(tl.float32)
             gate = tl.load(fused_ptr + row * fused_stride + width + cols, mask=mask, other=0.0).to(tl.float32)
@@ -116,12 +116,12 @@ if triton is not None:
 
     @triton.jit
     def _combine_add_kernel(rows_ptr, token_ptr, slot_ptr, out_ptr, count_ptr, width, rows_stride, out_stride,
-                            row_lo, row_hi, K: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+                            row_lo, row_hi, K: tl.constexpr, BLOCK: tl.constexpr):
         # Driven by the pair rows of one chunk, so an empty chunk costs one wave. Of a token's
         # slots inside the chunk, the first one's program sums them all (in slot order, fp32) and
         # adds the sum to the token's output: deterministic, no atomics.
         count = tl.minimum(tl.load(count_ptr), row_hi)
-        for i in range(row_lo + tl.program_id(0), count, PROGRAMS):
+        for i in range(row_lo + tl.program_id(0), count, tl.num_programs(0)):
             row = tl.cast(i, tl.int64)
             token = tl.load(token_ptr + row).to(tl.int64)
             first = row
@@ -148,9 +148,10 @@ def _programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
-def _grid(rows: int, device: torch.device) -> tuple[int, int]:
-    programs = min(rows, _programs(device.index if device.index is not None else torch.cuda.current_device()))
-    return programs, programs
+def _grid(rows: int, device: torch.device) -> tuple[int]:
+    """Persistent programs striding over the rows. The count is a launch size, not a constexpr:
+    a kernel compiled per row count would recompile for every new prompt length."""
+    return (min(rows, _programs(device.index if device.index is not None else torch.cuda.current_device())),)
 
 
 def _count(count: torch.Tensor | None, rows: int, device) -> torch.Tensor:
@@ -177,11 +178,11 @@ def swiglu(fused: torch.Tensor, weight: torch.Tensor | None = None, count: torch
     out = fused.new_empty(P, width)
     if P:
         fused = fused.contiguous()
-        grid, programs = _grid(P, fused.device)
+        grid = _grid(P, fused.device)
         block = _row_block(width)
-        _swiglu_kernel[(grid,)](fused, fused if weight is None else weight.contiguous(), out,
+        _swiglu_kernel[grid](fused, fused if weight is None else weight.contiguous(), out,
                                 _count(count, P, fused.device), width, fused.stride(0), out.stride(0),
-                                HAS_WEIGHT=weight is not None, PROGRAMS=programs, BLOCK=block,
+                                HAS_WEIGHT=weight is not None, BLOCK=block,
                                 num_warps=_row_warps(block))
     return out
 
@@ -193,10 +194,10 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tor
     out = x.new_empty(P, D)
     if P:
         x = x.contiguous()
-        grid, programs = _grid(P, x.device)
+        grid = _grid(P, x.device)
         block = _row_block(D)
-        _gather_rows_kernel[(grid,)](x, rows.contiguous(), out, count, D, x.stride(0), out.stride(0),
-                                     PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+        _gather_rows_kernel[grid](x, rows.contiguous(), out, count, D, x.stride(0), out.stride(0),
+                                     BLOCK=block, num_warps=_row_warps(block))
     return out
 
 
@@ -210,9 +211,9 @@ def gather_quant_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor
     if P:
         block = triton.next_power_of_2(D)
         x = x.contiguous()
-        grid, programs = _grid(P, x.device)
-        _gather_quant_rows_kernel[(grid,)](x, rows.contiguous(), q, scale, count, D, x.stride(0), q.stride(0),
-                                           HAS_ROWS=True, PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+        grid = _grid(P, x.device)
+        _gather_quant_rows_kernel[grid](x, rows.contiguous(), q, scale, count, D, x.stride(0), q.stride(0),
+                                           HAS_ROWS=True, BLOCK=block, num_warps=_row_warps(block))
     return q, scale
 
 
@@ -224,9 +225,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if M:
         block = triton.next_power_of_2(D)
         x = x.contiguous()
-        grid, programs = _grid(M, x.device)
-        _gather_quant_rows_kernel[(grid,)](x, x, q, scale, _count(None, M, x.device), D, x.stride(0), q.stride(0),
-                                           HAS_ROWS=False, PROGRAMS=programs, BLOCK=block,
+        grid = _grid(M, x.device)
+        _gather_quant_rows_kernel[grid](x, x, q, scale, _count(None, M, x.device), D, x.stride(0), q.stride(0),
+                                           HAS_ROWS=False, BLOCK=block,
                                            num_warps=_row_warps(block))
     return q, scale
 
@@ -242,9 +243,9 @@ def swiglu_quant(fused: torch.Tensor, weight: torch.Tensor, count: torch.Tensor
     if P:
         block = triton.next_power_of_2(width)
         fused = fused.contiguous()
-        grid, programs = _grid(P, fused.device)
-        _swiglu_quant_kernel[(grid,)](fused, weight.contiguous(), q, scale, count, width, fused.stride(0),
-                                      q.stride(0), PROGRAMS=programs, BLOCK=block, num_warps=_row_warps(block))
+        grid = _grid(P, fused.device)
+        _swiglu_quant_kernel[grid](fused, weight.contiguous(), q, scale, count, width, fused.stride(0),
+                                      q.stride(0), BLOCK=block, num_warps=_row_warps(block))
     return q, scale
 
 
@@ -271,7 +272,7 @@ def combine_add(out: torch.Tensor, rows: torch.Tensor, row_lo: int, pair_token: 
     C, D = rows.shape
     if C and out.shape[0]:
         rows = rows.contiguous()
-        grid, programs = _grid(C, rows.device)
-        _combine_add_kernel[(grid,)](rows, pair_token, slot_to_row, out, count, D, rows.stride(0), out.stride(0),
-                                     row_lo, row_lo + C, K=k, PROGRAMS=programs, BLOCK=BLOCK)
+        grid = _grid(C, rows.device)
+        _combine_add_kernel[grid](rows, pair_token, slot_to_row, out, count, D, rows.stride(0), out.stride(0),
+                                     row_lo, row_lo + C, K=k, BLOCK=BLOCK)
     return out

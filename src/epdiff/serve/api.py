@@ -23,8 +23,11 @@ OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed")
 API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
-# Sent by OpenAI clients; accepted and ignored (this server serves one model).
-IGNORED_FIELDS = ("model", "user")
+# Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
+# DALL-E's quality or style presets, nor moderation).
+IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation")
+# OpenAI's own limit on n; more would hold one client's images in memory and everyone behind them.
+MAX_IMAGES = 10
 # A seed left out is drawn from this range, so that seed + n - 1 stays far inside the engine's.
 RANDOM_SEED_RANGE = 2**31
 
@@ -67,6 +70,7 @@ def parse_generation(body, engine_config) -> GenerationRequest:
     """The request body -> a resolved request; ApiError (400) names the field and the value."""
     if not isinstance(body, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}")
+    body = {key: value for key, value in body.items() if value is not None}  # clients send unset fields as null
     unknown = sorted(set(body) - set(API_FIELDS) - set(IGNORED_FIELDS))
     if unknown:
         raise bad_request(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(API_FIELDS)}",
@@ -81,12 +85,15 @@ def parse_generation(body, engine_config) -> GenerationRequest:
     if output_format not in OUTPUT_FORMATS:
         raise bad_request("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
                                            f"got {output_format!r}")
+    n = body.get("n", 1)
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_IMAGES:
+        raise bad_request("n", f"n must be at most {MAX_IMAGES}, got {n}")
     size = body.get("size")
     height, width = parse_size(size)
     seed = body.get("seed")
     params = SamplingParams(
         prompt=body["prompt"], height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
-        guidance_scale=body.get("guidance_scale"), n=body.get("n", 1),
+        guidance_scale=body.get("guidance_scale"), n=n,
         seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed)
     try:
         params = params.resolve(engine_config)

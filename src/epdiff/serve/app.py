@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import threading
@@ -18,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
 from .api import ApiError, encode_images, generation_response, parse_generation
 from .service import EngineService
+
+log = logging.getLogger("epdiff.serve")
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 PROGRESS_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -59,10 +62,11 @@ class Metrics:
     def observe_steps(self, service: EngineService) -> None:
         """Rank 0's steps since the last look, each counted once (a batch serves several requests)."""
         with self._steps_lock:
-            steps = service.engine.rank_metrics[0]["step_seconds"]
-            for seconds in steps[self._steps_seen:]:
+            metrics = service.engine.rank_metrics[0]
+            new = metrics["steps_total"] - self._steps_seen
+            for seconds in metrics["step_seconds"][-new:] if new > 0 else []:
                 self.steps.observe(seconds)
-            self._steps_seen = len(steps)
+            self._steps_seen = metrics["steps_total"]
 
 
 def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = lambda: None,
@@ -140,6 +144,11 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
             if status in (429, 503):
                 headers["Retry-After"] = "1"
             response = JSONResponse(e.body(), status_code=status, headers=headers)
+        except Exception as e:  # noqa: BLE001 - a bug still answers in the API's error format
+            log.exception("epdiff serve: request failed")
+            status = 500
+            response = JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error",
+                                             "server_error").body(), status_code=500)
         metrics.requests.labels(str(status)).inc()
         if status == 200:
             metrics.latency.observe(time.perf_counter() - start)

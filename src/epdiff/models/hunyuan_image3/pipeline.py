@@ -52,7 +52,7 @@ class RankMetrics:
     parameter_bytes: int = 0
     checkpoint_bytes_read: int = 0
     load_seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # the last batch's
     peak_memory_bytes: int | None = None
 
 
@@ -139,7 +139,7 @@ class HunyuanImage3Pipeline:
             timer.stop()
             if on_step is not None:
                 on_step(i + 1, len(scheduler))
-        self.metrics.step_seconds += timer.seconds()
+        self.metrics.step_seconds = timer.seconds()  # this batch's
         bad = nonfinite_step.tolist()
         latents = latents.float().cpu()
         out = [DenoisedImage(item, latents[k], bad[k] if bad[k] >= 0 else None) for k, item in enumerate(items)]
