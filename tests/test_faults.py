@@ -72,7 +72,7 @@ def test_a_killed_prompt_file_run_keeps_the_finished_images(tmp_path):
     colours = ["red", "green", "blue", "yellow", "purple"] * 3
     prompts.write_text("\n".join(f"a small {c} circle on the left" for c in colours))
     # One image a batch, so that images land one after another while the run goes on.
-    cmd = [sys.executable, "-m", "epdiff.cli", "generate", "--prompt-file", str(prompts), *STEPS,
+    cmd = [sys.executable, "-m", "epdiff.cli", "generate", "--prompt-file", str(prompts), "--no-progress",
            "--num-inference-steps", "40", "--max-batch-size", "1", "--output", str(tmp_path / "img.png")]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240

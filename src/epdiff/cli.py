@@ -104,14 +104,17 @@ def cmd_generate(args) -> int:
     from .engine.files import check_image_path, check_writable, image_metadata, image_path, save_image, save_json, \
         write_atomically
 
+    from .distributed.launch import under_torchrun
+
     config = engine_config_from_args(args).resolve()
     prompts = read_prompts(args)
     output = None if args.latents_only else args.output
-    if output:
-        check_image_path(output)
-    for path, what in ((args.save_latents, "--save-latents"), (args.metrics_json, "--metrics-json")):
-        if path:
-            check_writable(path, what)
+    if not under_torchrun() or os.environ["RANK"] == "0":  # rank 0 writes every output, on its node
+        if output:
+            check_image_path(output)
+        for path, what in ((args.save_latents, "--save-latents"), (args.metrics_json, "--metrics-json")):
+            if path:
+                check_writable(path, what)
     requests = prompt_requests(config, prompts, height=args.height, width=args.width,
                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                seed=args.seed, num_images_per_prompt=args.num_images_per_prompt)
@@ -120,7 +123,7 @@ def cmd_generate(args) -> int:
             return 0
         futures = engine.submit_all(requests)
         total, latents, failures, written = len(prompts) * args.num_images_per_prompt, {}, [], []
-        layout, model = config.parallel.describe(), config.model
+        layout = config.parallel.describe()
         for i, future in enumerate(futures):
             try:
                 out = future.result()
@@ -133,7 +136,7 @@ def cmd_generate(args) -> int:
                 if output:
                     path = image_path(output, i, image.index, total)
                     try:
-                        save_image(path, image.pixels, image_metadata(image, out.params, layout, model))
+                        save_image(path, image.pixels, image_metadata(image, out.params, config))
                         written.append(path)
                     except OSError as e:
                         failures.append(f"cannot write image {path!r}: {e.strerror or e}")

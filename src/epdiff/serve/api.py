@@ -112,12 +112,12 @@ def request_error(error: RequestError, size) -> ApiError:
     return bad_request(error.field, message)
 
 
-def encode_images(output: RequestOutput, output_format: str, layout: str, model: str) -> list[dict]:
+def encode_images(output: RequestOutput, output_format: str, engine_config) -> list[dict]:
     """One OpenAI data item per image: its bytes in base64, and its own seed."""
     items = []
     for image in output.images:
         buffer = io.BytesIO()
-        write_image(buffer, output_format, image.pixels, image_metadata(image, output.params, layout, model))
+        write_image(buffer, output_format, image.pixels, image_metadata(image, output.params, engine_config))
         items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed})
     return items
 

@@ -173,8 +173,7 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
         except EngineDeadError as e:
             raise unavailable(str(e)) from None
         output = await wait_for(future, request)
-        data = await asyncio.to_thread(encode_images, output, parsed.output_format, layout,
-                                       service.config.model)
+        data = await asyncio.to_thread(encode_images, output, parsed.output_format, service.config)
         metrics.images.inc(len(data))
         metrics.inference.observe(output.inference_seconds)
         metrics.queue.observe(output.queue_seconds)
