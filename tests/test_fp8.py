@@ -220,6 +220,9 @@ def edit(d, name, value=None):
     ("bf16 weight", f"tensor {EXPERT_W13} has dtype F32, but config.json's quantization_config says fp8"),
     ("fp8 dense", "tensor model.layers.0.self_attn.o_proj.weight is float8 \\(F8_E4M3\\), but only routed experts"),
     ("method", "quantization_config.quant_method 'gptq' is not supported"),
+    ("zero scale", f"tensor {EXPERT_W13}: .*weight_scale has 1 entries that are not finite and positive \\(first: 0.0\\)"),
+    ("bf16 scale", f"tensor {EXPERT_W13}_scale has dtype BF16, expected F32"),
+    ("orphan scale", f"tensor {EXPERT_W13.replace('.3.', '.5.')}_scale scales {EXPERT_W13.replace('.3.', '.5.')}, which"),
 ])
 def test_bad_fp8_checkpoints_are_refused(quantized, tmp_path, case, message):
     d = str(tmp_path / "bad")
@@ -232,6 +235,12 @@ def test_bad_fp8_checkpoints_are_refused(quantized, tmp_path, case, message):
         edit(d, EXPERT_W13, torch.zeros(128, 127).to(torch.float8_e4m3fn))
     elif case == "bf16 weight":
         edit(d, EXPERT_W13, torch.zeros(128, 128))
+    elif case == "zero scale":
+        edit(d, EXPERT_W13 + "_scale", torch.ones(128, 1).index_fill_(0, torch.tensor([5]), 0.0))
+    elif case == "bf16 scale":
+        edit(d, EXPERT_W13 + "_scale", torch.ones(128, 1, dtype=torch.bfloat16))
+    elif case == "orphan scale":
+        edit(d, EXPERT_W13.replace(".3.", ".5."))  # the weight goes, its scale stays
     elif case == "fp8 dense":
         name = "model.layers.0.self_attn.o_proj.weight"
         edit(d, name, load_file(os.path.join(d, index(d)["weight_map"][name]))[name].to(torch.float8_e4m3fn))

@@ -87,6 +87,17 @@ def test_tensor_listed_but_not_in_its_shard(ckpt):
         load(ckpt)
 
 
+def test_an_unknown_tensor_in_a_held_layer_is_refused(ckpt):
+    name = "model.layers.0.self_attn.qkv_proj.bias"
+    listed = index(ckpt)
+    listed["weight_map"][name] = listed["weight_map"]["model.layers.0.self_attn.qkv_proj.weight"]
+    with open(os.path.join(ckpt, "model.safetensors.index.json"), "w") as f:
+        json.dump(listed, f)
+    rewrite(ckpt, name, torch.zeros(8))
+    with pytest.raises(CheckpointError, match=f"unexpected tensor {name}"):
+        load(ckpt)
+
+
 def test_wrong_shape(ckpt):
     file = rewrite(ckpt, "model.layers.0.self_attn.qkv_proj.weight", torch.zeros(10, 128, dtype=torch.bfloat16))
     with pytest.raises(CheckpointError, match=rf"{file}: tensor model\.layers\.0\.self_attn\.qkv_proj\.weight has "

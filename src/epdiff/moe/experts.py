@@ -114,7 +114,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit parameter {tuple(param.shape)}")
         with torch.no_grad():
             if not self.fp8:
-                if scale is not None:
+                if scale is not None or value.dtype == fp8.FP8_DTYPE:
                     raise ValueError(f"{name}: a float8 checkpoint tensor needs --quantization fp8")
                 param.copy_(value)
                 return
@@ -129,13 +129,12 @@ class GroupedExperts(nn.Module):
             if scale.shape != target_scale.shape:
                 raise ValueError(f"{name}: weight_scale has {scale.numel()} entries, expected {target_scale.numel()} "
                                  "(one per output channel)")
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bad.any():  # a zero, negative or NaN scale would silently zero or poison the expert
+                raise ValueError(f"{name}: weight_scale has {int(bad.sum())} entries that are not finite and "
+                                 f"positive (first: {scale[bad][0].item()})")
             param.copy_(value)
             target_scale.copy_(scale)
-
-    def expert_weight(self, local: int, kind: str) -> torch.Tensor:
-        """Expert `local`'s w13 or w2 in the model dtype (dequantized for FP8)."""
-        w = getattr(self, kind)[local]
-        return fp8.dequantize(w, getattr(self, f"{kind}_scale")[local], self.dtype) if self.fp8 else w
 
     # -- compute ------------------------------------------------------------------------------
 

@@ -23,15 +23,18 @@ ACTIVATION_SCHEMES = ("dynamic",)
 
 @dataclass(frozen=True)
 class Fp8Config:
-    """float8_e4m3fn routed experts, one fp32 scale per output channel per expert; activations
-    quantized per token in the pass that gathers the expert rows."""
+    """float8_e4m3fn routed experts (one fp32 scale per output channel per expert) and
+    column-parallel dense projections (one per output channel); activations quantized per token
+    on the fly (for the experts, in the pass that gathers their rows)."""
 
     activation_scheme: str = "dynamic"
     name: str = "fp8"
 
     def checkpoint_config(self) -> dict:
-        """`quantization_config` of a pre-quantized checkpoint's config.json, in the keys vLLM's
-        fp8 loader reads (plus which modules hold float8 tensors and how their scales run)."""
+        """`quantization_config` of a pre-quantized checkpoint's config.json: vLLM's keys for its
+        fp8 method (quant_method, activation_scheme), plus which modules hold float8 tensors and
+        how their scales run. vLLM's fp8 method itself expects per-tensor or block scales, so it
+        would not load these per-channel ones as they are."""
         return {"quant_method": "fp8", "activation_scheme": self.activation_scheme, "fmt": "e4m3",
                 "weight_scale_granularity": "channel", "quantized_modules": ["mlp.experts"]}
 

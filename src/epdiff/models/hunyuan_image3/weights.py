@@ -191,9 +191,11 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint, quantized: bool = 
 
 
 def _belongs_elsewhere(model, name: str) -> bool:
-    """A tensor of this model that another pipeline stage holds."""
-    if LAYER.match(name):
-        return True
+    """A tensor of this model that another pipeline stage holds (a tensor of a layer held here
+    that no parameter wants is unexpected)."""
+    layer = LAYER.match(name)
+    if layer:
+        return layer[1] not in model.model.layers
     first_stage = ("model.wte.", "timestep_emb.", "time_embed.", "patch_embed.")
     last_stage = ("time_embed_2.", "final_layer.")
     return name.startswith(first_stage + last_stage)
