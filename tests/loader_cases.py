@@ -22,4 +22,4 @@ def _nbytes(ckpt, name):
     n = 1
     for d in s.get_shape():
         n *= d
-    return n * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[s.get_dtype()]
+    return n * {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8}[s.get_dtype()]

@@ -206,9 +206,8 @@ def cmd_train_tiny(args) -> int:
 def cmd_score(args) -> int:
     """Generate the held-out prompts with each seed and check each image; one report per
     (steps, guidance) combination asked for."""
-    import json
-
     from .engine import ImageGenerator
+    from .engine.files import save_json
     from .train.score import score_heldout
 
     results = []
@@ -228,8 +227,7 @@ def cmd_score(args) -> int:
                     print(f"  routing, stage {stage}: {idle} (layer, expert) pairs received no token")
                 results.append(summary)
                 if args.json:  # after each combination, so that a run stopped early keeps what it scored
-                    with open(args.json, "w") as f:
-                        json.dump(results, f, indent=1)
+                    save_json(args.json, results)
     return 0
 
 

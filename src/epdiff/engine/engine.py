@@ -66,6 +66,8 @@ class GeneratedImage:
     def to_pil(self):
         from PIL import Image
 
+        if self.pixels is None:
+            raise ValueError("this engine does not decode (decode=False): the image has latents only")
         return Image.fromarray(self.pixels)
 
 

@@ -38,6 +38,10 @@ class Progress:
             while len(self._entries) > PROGRESS_KEPT:
                 self._entries.popitem(last=False)
 
+    def discard(self, request_id: str) -> None:
+        with self._lock:
+            self._entries.pop(request_id, None)
+
     def get(self, request_id: str) -> dict | None:
         with self._lock:
             entry = self._entries.get(request_id)
@@ -136,7 +140,12 @@ class EngineService:
             def on_progress(step: int, steps: int):
                 self.progress.update(progress_id, status="running", step=step, steps=steps)
 
-        future = engine.submit(params, on_progress=on_progress)
+        try:
+            future = engine.submit(params, on_progress=on_progress)
+        except BaseException:
+            if progress_id is not None:  # a refused request leaves no entry
+                self.progress.discard(progress_id)
+            raise
         if progress_id is not None:
             future.add_done_callback(lambda f: self.progress.update(
                 progress_id, status="failed" if f.cancelled() or f.exception() is not None else "done"))
