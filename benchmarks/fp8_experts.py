@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -34,22 +33,14 @@ from epdiff.moe import experts as experts_module
 from epdiff.moe.dispatch import _pack, _token_rows
 from epdiff.moe.experts import GroupedExperts, _grouped_mm, quantize_tokens
 from epdiff.quantization import fp8, get_quantization_config
+from moe_layer import cuda_time  # same folder: one timer for the benchmarks
 
 FP8 = get_quantization_config("fp8")
 
 
 def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.mean(times)
+    """Mean ms of fn() by CUDA events (moe_layer's timer)."""
+    return cuda_time(fn, iters)[0]
 
 
 def routing(tokens: int, experts: int, top_k: int, skewed: bool, device, seed: int = 0):
