@@ -28,7 +28,6 @@ from epdiff.layers.linear import ColumnParallelLinear
 from epdiff.layers.norm import RMSNorm
 from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from epdiff.models.hunyuan_image3.weights import load_model
-from epdiff.moe import MoELayer
 from epdiff.moe.experts import GroupedExperts
 from epdiff.quantization import fp8
 from epdiff.sampling.resolution import snap

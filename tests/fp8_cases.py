@@ -6,7 +6,7 @@ from __future__ import annotations
 from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.quantization import get_quantization_config
-from moe_cases import build_layer, make_tokens, make_weights, token_counts
+from moe_cases import make_tokens, make_weights, token_counts
 
 FP8 = get_quantization_config("fp8")
 

@@ -99,17 +99,16 @@ def cmd_generate(args) -> int:
     as they are done; latents and metrics are written at the end, also when an image failed."""
     from safetensors.torch import save_file
 
+    from .distributed.launch import is_rank_zero
     from .engine import Engine, ImageFailedError
-    from .engine.params import prompt_requests
     from .engine.files import check_image_path, check_writable, image_metadata, image_path, save_image, save_json, \
         write_atomically
-
-    from .distributed.launch import under_torchrun
+    from .engine.params import prompt_requests
 
     config = engine_config_from_args(args).resolve()
     prompts = read_prompts(args)
     output = None if args.latents_only else args.output
-    if not under_torchrun() or os.environ["RANK"] == "0":  # rank 0 writes every output, on its node
+    if is_rank_zero():  # rank 0 writes every output, on its node
         if output:
             check_image_path(output)
         for path, what in ((args.save_latents, "--save-latents"), (args.metrics_json, "--metrics-json")):
@@ -164,10 +163,10 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
     """The engine behind an OpenAI-style HTTP API and a web page, until SIGTERM or a dead worker."""
-    from .distributed.launch import under_torchrun
+    from .distributed.launch import is_rank_zero
 
     config = engine_config_from_args(args)
-    if under_torchrun() and int(os.environ["RANK"]) != 0:  # serve rank 0's engine until it closes
+    if not is_rank_zero():  # torchrun: serve rank 0's engine until it closes
         from .engine import Engine
 
         Engine(config)

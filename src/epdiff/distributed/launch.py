@@ -37,6 +37,26 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def is_rank_zero() -> bool:
+    """True in a process started here, and in torchrun's rank 0."""
+    return not under_torchrun() or os.environ["RANK"] == "0"
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE under torchrun, else the whole world
+    (spawned here)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if under_torchrun() else world_size
+
+
+def torchrun_ranks(world_size: int) -> tuple[int, int, int]:
+    """(rank, local rank, local world size) of this torchrun worker; WorkerError when torchrun
+    started a world of another size than the layout's."""
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout "
+                          f"needs world size {world_size}")
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), local_world_size(world_size)
+
+
 def pick_device(local_rank: int, local_world: int, kind: str = "auto") -> torch.device:
     """kind: cuda, cpu, or auto (CUDA when every local rank has a GPU). The engine checks the GPU
     count against the layout before any worker starts (EngineConfig.resolve)."""
@@ -242,11 +262,8 @@ def signal_name(number: int) -> str:
 def launch(world_size: int, fn, *args, device_kind: str = "auto"):
     """Runs fn(device, *args) on every rank; returns rank 0's return value (None elsewhere)."""
     if under_torchrun():
-        if int(os.environ["WORLD_SIZE"]) != world_size:
-            raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout "
-                              f"needs world size {world_size}")
-        return _run_rank(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)),
-                         int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), fn, args, device_kind=device_kind)
+        rank, local_rank, local_world = torchrun_ranks(world_size)
+        return _run_rank(rank, world_size, local_rank, local_world, fn, args, device_kind=device_kind)
     if world_size == 1:
         return fn(pick_device(0, 1, device_kind), *args)
     group = WorkerGroup(world_size, fn, args, device_kind, persistent=False)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import pickle
 import queue
 import threading
 import time
@@ -30,8 +28,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..distributed.launch import Channel, WorkerError, WorkerGroup, _run_rank, pick_device, under_torchrun
-from .params import EngineConfig, SamplingParams, local_ranks
+from ..distributed.launch import (Channel, WorkerError, WorkerGroup, _run_rank, pick_device, torchrun_ranks,
+                                  under_torchrun)
+from .params import EngineConfig, SamplingParams
 from .scheduler import BatchPlanner
 from .worker import BatchResult, engine_worker
 
@@ -108,7 +107,7 @@ class _InProcessWorker:
                 target(self.channel)
             except BaseException as e:  # noqa: BLE001 - reported to the driver, which fails loudly
                 self.error = f"worker rank 0 failed: {type(e).__name__}: {e}"
-                self.channel._events.put(pickle.dumps(("error", 0, self.error)))
+                self.channel.send("error", self.error)
 
         self.thread = threading.Thread(target=run, daemon=True, name="epdiff-rank0")
         self.thread.start()
@@ -132,18 +131,13 @@ class Engine:
     def __init__(self, config: EngineConfig, *, decode: bool = True, show_progress: bool = False,
                  max_waiting: int | None = None):
         """decode=False: latents only (no VAE). max_waiting: submit raises QueueFullError beyond it."""
-        torchrun = under_torchrun()
         self.config = config.resolve()
-        local_world = local_ranks(self.config.parallel)
         self.max_waiting = max_waiting
         world = self.config.parallel.world_size
         args = (self.config, decode, show_progress)
         self.is_driver = True
-        if torchrun:
-            if int(os.environ["WORLD_SIZE"]) != world:
-                raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout needs world "
-                                  f"size {world}")
-            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        if under_torchrun():
+            rank, local_rank, local_world = torchrun_ranks(world)
 
             def run(channel):
                 _run_rank(rank, world, local_rank, local_world, engine_worker, (channel, *args),

@@ -73,10 +73,9 @@ def image_metadata(image, params, engine) -> dict[str, str]:
     """What regenerates this image alone: its own seed, with the request's prompt, size, steps
     and guidance, and the engine's device kind, dtype and quantization (the noise is drawn on the
     device, and each dtype rounds differently). engine: a resolved EngineConfig."""
-    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if engine.device == "cuda" else "float32")
     return {"prompt": image.prompt, "seed": str(image.seed), "steps": str(params.num_inference_steps),
             "guidance_scale": str(params.guidance_scale), "width": str(params.width), "height": str(params.height),
-            "device": engine.device, "dtype": dtype, "quantization": engine.quantization or "none",
+            "device": engine.device, "dtype": engine.dtype, "quantization": engine.quantization or "none",
             "parallel_layout": engine.parallel.describe(), "model": os.path.basename(os.path.normpath(engine.model)),
             "software": "epdiff"}
 

@@ -62,14 +62,6 @@ def context_length(config, generation: dict) -> int:
     return min(int(generation.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
 
 
-def local_ranks(parallel: ParallelConfig) -> int:
-    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE under torchrun, else the whole world
-    (spawned here)."""
-    from ..distributed.launch import under_torchrun
-
-    return int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size)) if under_torchrun() else parallel.world_size
-
-
 def cuda_device_count() -> int:
     import torch
 
@@ -79,16 +71,16 @@ def cuda_device_count() -> int:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the built-in model
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU (resolve() names the one chosen)
     load_format: str = "safetensors"
     quantization: str | None = None
     device: str = "auto"  # auto: CUDA when there is a GPU for every local rank, CPU when there is none
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_batch_size: int = 4  # images one rank denoises together
 
-    def resolve(self, local_world_size: int | None = None) -> "EngineConfig":
-        """Fills the model path and the device, checks every field against the model. Raises
-        ConfigError naming the field and the value."""
+    def resolve(self) -> "EngineConfig":
+        """Fills the model path, the device and the dtype, checks every field against the model.
+        Raises ConfigError naming the field and the value."""
         model = default_model_dir() if self.model is None else self.model
         if not os.path.isdir(model):
             raise ConfigError(f"model path {model!r} is not a folder")
@@ -100,7 +92,9 @@ class EngineConfig:
             raise ConfigError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
-        resolved = dataclasses.replace(self, model=model, device=self._pick_device(local_world_size))
+        device = self._pick_device()
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        resolved = dataclasses.replace(self, model=model, device=device, dtype=dtype)
         info = resolved.model_info
         info.check_layout(resolved.parallel)
         stored = info.stored_quantization
@@ -111,8 +105,10 @@ class EngineConfig:
             resolved = dataclasses.replace(resolved, quantization=stored)  # it loads as stored
         return resolved
 
-    def _pick_device(self, local_world_size: int | None) -> str:
-        local = local_ranks(self.parallel) if local_world_size is None else local_world_size
+    def _pick_device(self) -> str:
+        from ..distributed.launch import local_world_size
+
+        local = local_world_size(self.parallel.world_size)
         gpus = cuda_device_count()
         if self.device == "cpu":
             return "cpu"

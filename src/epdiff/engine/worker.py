@@ -94,9 +94,9 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
             if channel is not None:
                 channel.send("batch", result)
         elif kind == "routing":
-            channel_reply = routing_summary(pipe, parallel, control)
+            reply = routing_summary(pipe, parallel, control)
             if channel is not None:
-                channel.send("routing", channel_reply)
+                channel.send("routing", reply)
         else:
             raise ValueError(f"unknown engine command {kind!r}")
     if channel is not None:

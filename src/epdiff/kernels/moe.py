@@ -205,30 +205,25 @@ def gather_quant_rows(x: torch.Tensor, rows: torch.Tensor, count: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """q[i], scale[i] = quantize_rows(x[rows[i]]) for i < count (a 1-element device tensor), in
     one pass; rows past count are left unwritten. q [P, D] float8_e4m3fn, scale [P] fp32."""
-    P, D = rows.shape[0], x.shape[1]
+    return _quantize(x, rows.contiguous(), count, rows.shape[0])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantization/fp8.quantize_rows of x [M, D] in one pass: (q [M, D] float8_e4m3fn, scale [M])."""
+    return _quantize(x, None, _count(None, x.shape[0], x.device), x.shape[0])
+
+
+def _quantize(x: torch.Tensor, rows: torch.Tensor | None, count: torch.Tensor, P: int):
+    """Row i of the output quantizes x[rows[i]] (x[i] when rows is None), for i < count."""
+    D = x.shape[1]
     q = torch.empty(P, D, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(P, dtype=torch.float32, device=x.device)
     if P:
         block = triton.next_power_of_2(D)
         x = x.contiguous()
-        grid = _grid(P, x.device)
-        _gather_quant_rows_kernel[grid](x, rows.contiguous(), q, scale, count, D, x.stride(0), q.stride(0),
-                                           HAS_ROWS=True, BLOCK=block, num_warps=_row_warps(block))
-    return q, scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantization/fp8.quantize_rows of x [M, D] in one pass: (q [M, D] float8_e4m3fn, scale [M])."""
-    M, D = x.shape
-    q = torch.empty(M, D, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M:
-        block = triton.next_power_of_2(D)
-        x = x.contiguous()
-        grid = _grid(M, x.device)
-        _gather_quant_rows_kernel[grid](x, x, q, scale, _count(None, M, x.device), D, x.stride(0), q.stride(0),
-                                           HAS_ROWS=False, BLOCK=block,
-                                           num_warps=_row_warps(block))
+        _gather_quant_rows_kernel[_grid(P, x.device)](x, x if rows is None else rows, q, scale, count, D, x.stride(0),
+                                                      q.stride(0), HAS_ROWS=rows is not None, BLOCK=block,
+                                                      num_warps=_row_warps(block))
     return q, scale
 
 

@@ -56,18 +56,12 @@ class RankMetrics:
     peak_memory_bytes: int | None = None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class HunyuanImage3Pipeline:
     def __init__(self, engine, parallel: ParallelState, decode: bool = True):
-        """engine: a resolved EngineConfig. decode=False skips the VAE (latents only)."""
+        """engine: a resolved EngineConfig (its dtype named). decode=False skips the VAE (latents only)."""
         start = time.perf_counter()
         self.parallel, self.device = parallel, parallel.device
-        self.dtype = resolve_dtype(engine.dtype, self.device)
+        self.dtype = getattr(torch, engine.dtype)
         info = engine.model_info
         self.config, self.generation, self.context = info.config, info.generation, info.context
         self.tokenizer = HunyuanTokenizer.from_pretrained(engine.model)
