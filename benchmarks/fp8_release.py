@@ -30,7 +30,7 @@ from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from epdiff.models.hunyuan_image3.weights import load_model
 from epdiff.moe.experts import GroupedExperts
 from epdiff.quantization import fp8
-from epdiff.sampling.resolution import snap
+from epdiff.models.hunyuan_image3.resolution import snap
 from step_scaling import release_width_model
 
 STD = 0.02  # init_dummy_weights' default

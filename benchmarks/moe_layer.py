@@ -36,7 +36,7 @@ def cuda_time(fn, iters: int, group=None, warmup: int = 3) -> tuple[float, float
     times = []
     for _ in range(iters):
         if group is not None and group.size > 1:
-            dist.barrier(group=group.group)
+            dist.barrier(group=group.process_group)
         if not torch.cuda.is_available():  # CPU dry run of the script itself: wall clock
             start = time.perf_counter()
             fn()
@@ -122,8 +122,8 @@ def case(device, args, config: ParallelConfig | None):
             moved = n * x_bytes  # all-gather output = reduce-scatter input
             out = torch.empty(n * args.tokens, args.hidden, device=device, dtype=x.dtype)
             x = x.contiguous()
-            raw_d = cuda_time(lambda: C._all_gather_single(out, x, group=group.group), args.iters, sync)
-            raw_c = cuda_time(lambda: dist.reduce_scatter_tensor(torch.empty_like(x), out, group=group.group),
+            raw_d = cuda_time(lambda: C._all_gather_single(out, x, group=group.process_group), args.iters, sync)
+            raw_c = cuda_time(lambda: dist.reduce_scatter_tensor(torch.empty_like(x), out, group=group.process_group),
                               args.iters)
             names = ("all_gather", "reduce_scatter")
             moved_d = moved_c = moved

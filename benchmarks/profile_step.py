@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine import EngineConfig, SamplingParams
-from epdiff.engine.scheduler import work_items
+from epdiff.engine.planner import work_items
 from epdiff.models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
 from step_scaling import release_width_model  # same folder
 

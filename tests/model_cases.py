@@ -8,7 +8,7 @@ from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from epdiff.models.hunyuan_image3.weights import load_model
-from epdiff.sampling.resolution import snap
+from epdiff.models.hunyuan_image3.resolution import snap
 
 PROMPTS = ["a small red circle on the left", "two large blue squares at the top of a very wide green field"]
 _reference = {}

@@ -15,7 +15,7 @@ import epdiff
 from epdiff.config import ConfigError
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.layers.mlp import SwiGLUMLP
-from epdiff.layers.rotary import rope_2d
+from epdiff.models.hunyuan_image3.rotary import rope_2d
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config, check_generation_config
 from epdiff.models.hunyuan_image3.make_tiny import GENERATION_CONFIG, make_tiny, save_release_format, tiny_config
 from epdiff.models.hunyuan_image3.model import HunyuanImage3Transformer

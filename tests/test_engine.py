@@ -10,7 +10,7 @@ import pytest
 
 from epdiff.config import ParallelConfig
 from epdiff.engine import EngineConfig, EngineDeadError, ImageGenerator, SamplingParams
-from epdiff.engine.scheduler import BatchPlanner
+from epdiff.engine.planner import BatchPlanner
 
 
 def params(prompt="p", n=1, steps=3, size=128, guidance=4.0, seed=0):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.layers.attention import Attention
+from epdiff.models.hunyuan_image3.attention import Attention
 from epdiff.layers.mlp import SwiGLUMLP
-from epdiff.layers.rotary import apply_rope, rope_2d
+from epdiff.models.hunyuan_image3.rotary import apply_rope, rope_2d
 from epdiff.moe.experts import GroupedExperts
 
 D, H, KV, HD = 64, 8, 2, 8  # 4 query heads per KV head

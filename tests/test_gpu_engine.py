@@ -7,7 +7,7 @@ import torch
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine import EngineConfig, SamplingParams
-from epdiff.engine.scheduler import work_items
+from epdiff.engine.planner import work_items
 from epdiff.models.hunyuan_image3.make_tiny import make_tiny
 from epdiff.models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
 

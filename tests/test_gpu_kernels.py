@@ -97,7 +97,7 @@ def test_rms_norm_with_and_without_residual_matches_eager():
 def test_rope_qk_norm_matches_eager():
     from epdiff.kernels import norm as norm_kernels
     from epdiff.layers.norm import RMSNorm
-    from epdiff.layers.rotary import apply_rope, rope_2d
+    from epdiff.models.hunyuan_image3.rotary import apply_rope, rope_2d
 
     B, S, kv, group, D = 2, 37, 4, 3, 128
     qkv = torch.randn(B, S, kv, group + 2, D, device="cuda", dtype=torch.bfloat16)

@@ -1,6 +1,6 @@
 import pytest
 
-from epdiff.sampling.resolution import ResolutionGroup, snap
+from epdiff.models.hunyuan_image3.resolution import ResolutionGroup, snap
 
 
 def test_base_1024_buckets():

@@ -3,38 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from .config import ALL2ALL_BACKENDS, EXPERT_PLACEMENTS, ConfigError, ParallelConfig
+from .config import ConfigError, ParallelConfig
+
+
+def _flag_type(annotation) -> type | None:
+    """int, float or str from a field's annotation ("int", "str | None", ...); None for bool."""
+    kinds = [k.strip() for k in str(annotation).split("|") if k.strip() != "None"]
+    return None if kinds == ["bool"] else {"int": int, "float": float, "str": str}[kinds[0]]
+
+
+def add_dataclass_args(p, cls, *, skip: tuple[str, ...] = ()):
+    """One flag per field of a config dataclass: `--field-name`, with the field's `option`
+    metadata for help, short flag and choices (a bool field is a switch)."""
+    add_field_args(p, [f for f in dataclasses.fields(cls) if f.name not in skip])
+
+
+def add_field_args(p, fields, *, defaults: bool = True):
+    """add_dataclass_args for these fields; defaults=False: an absent flag is None, so the caller
+    knows which were given."""
+    for f in fields:
+        names = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        help_text = f.metadata.get("help", "")
+        kind = _flag_type(f.type)
+        default = f.default if defaults else None
+        if kind is None:
+            p.add_argument(*names, action="store_true", default=default, help=help_text)
+            continue
+        if defaults and f.default is not None:
+            help_text += " (default: %(default)s)"
+        p.add_argument(*names, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def add_parallel_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("parallelism (world size = PP × DP × CFG × SP × TP)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="shard attention heads and MLP widths over this many ranks")
-    g.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
-                   help="split the image tokens over this many ranks (Ulysses)")
-    g.add_argument("--cfg-parallel-size", type=int, default=1,
-                   help="2: conditional and unconditional branches on different ranks")
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="different prompts on different ranks")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                   help="split the layers into this many consecutive stages")
-    g.add_argument("--enable-expert-parallel", action="store_true",
-                   help="spread the experts over all TP×SP×CFG×DP ranks of a stage (EP size is computed)")
-    g.add_argument("--all2all-backend", default="allgather_reducescatter", choices=ALL2ALL_BACKENDS,
-                   help="how tokens reach the ranks holding their experts (default: %(default)s)")
-    g.add_argument("--expert-placement", default="linear", choices=EXPERT_PLACEMENTS,
-                   help="linear: rank r holds a contiguous block of experts; round_robin: e %% EP")
+    add_dataclass_args(p.add_argument_group("parallelism (world size = PP × DP × CFG × SP × TP)"), ParallelConfig)
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
-    return ParallelConfig(
-        tensor_parallel_size=args.tensor_parallel_size, sequence_parallel_size=args.sequence_parallel_size,
-        cfg_parallel_size=args.cfg_parallel_size, data_parallel_size=args.data_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        all2all_backend=args.all2all_backend, expert_placement=args.expert_placement)
+    return ParallelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ParallelConfig)})
 
 
 def cmd_layout(args) -> int:
@@ -59,26 +68,17 @@ def cmd_layout(args) -> int:
 
 def add_engine_args(p: argparse.ArgumentParser):
     """What the engine is, fixed for its life: shared by generate, score and serve."""
-    from .engine.params import DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS
+    from .engine import EngineConfig
 
-    p.add_argument("--model", default=None, help="model folder (default: the small model shipped with epdiff)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--load-format", default="safetensors", choices=LOAD_FORMATS,
-                   help="dummy: random weights of the real shapes, made on the device (for benchmarks)")
-    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="fp8: routed experts in float8 with per-channel scales (quantized while loading)")
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: CUDA when there is a GPU for every local rank, CPU when there is no GPU")
-    p.add_argument("--max-batch-size", type=int, default=4, help="images one rank denoises together")
+    add_dataclass_args(p, EngineConfig, skip=("parallel",))
     add_parallel_args(p)
 
 
 def engine_config_from_args(args):
     from .engine import EngineConfig
 
-    return EngineConfig(model=args.model, dtype=args.dtype, load_format=args.load_format,
-                        quantization=args.quantization, device=args.device, parallel=parallel_config_from_args(args),
-                        max_batch_size=args.max_batch_size)
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                           if f.name != "parallel"}, parallel=parallel_config_from_args(args))
 
 
 def read_prompts(args) -> list[str]:
@@ -177,28 +177,30 @@ def cmd_serve(args) -> int:
                       shutdown_grace_s=args.shutdown_timeout)
 
 
-def cmd_make_tiny(args) -> int:
-    from .models.hunyuan_image3.make_tiny import make_tiny
+def family_tools() -> dict[str, dict]:
+    """Every registered family's tools, by command: {command: {family name: FamilyTool}}."""
+    from .models.registry import family_names, get_family
 
-    out = make_tiny(args.out_dir, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                    num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
-                    num_experts=args.num_experts, moe_topk=args.moe_topk,
-                    moe_intermediate_size=args.moe_intermediate_size, image_base_size=args.image_base_size,
-                    patch_embed_hidden_dim=args.patch_embed_hidden_dim, seed=args.seed, vocab_size=args.vocab_size,
-                    vae="release" if args.release_vae else None, config_only=args.config_only)
-    print(f"wrote a tiny HunyuanImage-3.0 checkpoint to {out}")
-    return 0
+    tools: dict[str, dict] = {}
+    for name in family_names():
+        for command, tool in get_family(name).tools.items():
+            tools.setdefault(command, {})[name] = tool
+    return tools
 
 
-def cmd_train_tiny(args) -> int:
-    from .train.train_tiny import train_tiny
-
-    sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
-             "num_attention_heads": args.num_attention_heads, "moe_intermediate_size": args.moe_intermediate_size}
-    train_tiny(args.out_dir, args.vae_steps, args.transformer_steps, args.vae_batch_size, args.batch_size,
-               args.device, args.seed, pool_size=args.pool_size, lr=args.lr,
-               model_size={k: v for k, v in sizes.items() if v is not None}, max_minutes=args.max_minutes,
-               init_from=args.init_from, vae_from=args.vae_from, one_object_share=args.one_object_share)
+def cmd_family_tool(args) -> int:
+    """A family's tool: its options are the flags given (the others keep the options' defaults)."""
+    tool = args.tools.get(args.family)
+    if tool is None:
+        raise ConfigError(f"the {args.family} family has no {args.command} command; "
+                          f"families with one: {', '.join(args.tools)}")
+    fields = {f.name for f in dataclasses.fields(tool.options)}
+    given = {name: value for name, value in vars(args).items() if name in args.tool_flags and value is not None}
+    foreign = sorted(set(given) - fields)
+    if foreign:
+        raise ConfigError(f"--{foreign[0].replace('_', '-')} is not an option of the {args.family} family's "
+                          f"{args.command}")
+    print(tool.run(args.out_dir, tool.options(**given)))
     return 0
 
 
@@ -210,9 +212,7 @@ def cmd_score(args) -> int:
     from .train.score import score_heldout
 
     results = []
-    with ImageGenerator(args.model, dtype=args.dtype, load_format=args.load_format, quantization=args.quantization,
-                        device=args.device, max_batch_size=args.max_batch_size,
-                        **vars(parallel_config_from_args(args))) as generator:
+    with ImageGenerator.from_config(engine_config_from_args(args)) as generator:
         for steps in args.num_inference_steps or [None]:
             for guidance in args.guidance_scale or [None]:
                 summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
@@ -231,10 +231,10 @@ def cmd_score(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    """Write a pre-quantized copy of a checkpoint (float8 routed experts + weight_scale)."""
-    from .models.hunyuan_image3.weights import write_quantized_checkpoint
+    """Write a pre-quantized copy of a checkpoint (its family's quantized tensors + their scales)."""
+    from .models.registry import family_for_folder
 
-    summary = write_quantized_checkpoint(args.model, args.out_dir, args.quantization, args.device)
+    summary = family_for_folder(args.model).quantize(args.model, args.out_dir, args.quantization, args.device)
     print(f"wrote {summary['out_dir']}: {summary['quantized_tensors']} expert tensors in {args.quantization}, "
           f"{summary['bytes_in'] / 1e9:.2f} GB -> {summary['bytes_out'] / 1e9:.2f} GB")
     return 0
@@ -289,45 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("make-tiny", help="write a small model in the release format")
-    p.add_argument("out_dir")
-    p.add_argument("--hidden-size", type=int, default=128, help="config.json hidden_size")
-    p.add_argument("--num-hidden-layers", type=int, default=2, help="config.json num_hidden_layers")
-    p.add_argument("--num-attention-heads", type=int, default=8, help="config.json num_attention_heads")
-    p.add_argument("--num-key-value-heads", type=int, default=4, help="config.json num_key_value_heads")
-    p.add_argument("--num-experts", type=int, default=8, help="config.json num_experts")
-    p.add_argument("--moe-topk", type=int, default=2, help="config.json moe_topk (every layer)")
-    p.add_argument("--moe-intermediate-size", type=int, default=64, help="config.json moe_intermediate_size (experts and the shared expert)")
-    p.add_argument("--image-base-size", type=int, default=256, help="config.json image_base_size (the square bucket's side)")
-    p.add_argument("--patch-embed-hidden-dim", type=int, default=64, help="config.json patch_embed_hidden_dim")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
-    p.add_argument("--release-vae", action="store_true", help="the release's VAE config instead of a tiny one")
-    p.add_argument("--config-only", action="store_true",
-                   help="write configs and tokenizer but no weights (for --load-format dummy at full size)")
-    p.set_defaults(func=cmd_make_tiny)
+    from .quantization import QUANTIZATION_METHODS
 
-    p = sub.add_parser("train-tiny", help="train the small shapes model (GPU if present, slowly on CPU)")
-    p.add_argument("out_dir")
-    p.add_argument("--vae-steps", type=int, default=2000)
-    p.add_argument("--transformer-steps", type=int, default=8000)
-    p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-size", type=int, default=32768, help="jittered training images rendered up front")
-    p.add_argument("--lr", type=float, default=6e-4, help="transformer peak learning rate")
-    p.add_argument("--init-from", default=None,
-                   help="a trained shapes model: keep its VAE (no VAE training) and continue its transformer")
-    p.add_argument("--vae-from", default=None,
-                   help="a trained shapes model: keep its VAE (no VAE training), train a new transformer")
-    p.add_argument("--one-object-share", type=float, default=0.15,
-                   help="fraction of training images with one object (scenes drawn uniformly would give 7 %%)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="cap the whole run: the transformer takes as many of its steps as fit")
-    for flag in ("hidden-size", "num-hidden-layers", "num-attention-heads", "moe-intermediate-size"):
-        p.add_argument(f"--{flag}", type=int, default=None, help="transformer size (default: train_tiny.MODEL_SIZE)")
-    p.set_defaults(func=cmd_train_tiny)
+    for command, tools in family_tools().items():
+        p = sub.add_parser(command, help=next(iter(tools.values())).help,
+                           description=f"{command}, for the families {', '.join(tools)}; each flag is an option "
+                                       "of the family's (absent: its default).")
+        p.add_argument("out_dir")
+        p.add_argument("--family", default=next(iter(tools)), choices=list(tools),
+                       help="the model family (default: %(default)s)")
+        flags = set()
+        for tool in tools.values():  # families share a flag where their options share a name
+            new = [f for f in dataclasses.fields(tool.options) if f.name not in flags]
+            flags.update(f.name for f in new)
+            add_field_args(p, new, defaults=False)
+        p.set_defaults(func=cmd_family_tool, tools=tools, tool_flags=flags)
 
     p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")
     p.add_argument("--num-prompts", type=int, default=40, help="the first N held-out prompts")
@@ -346,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per output channel; the copy loads directly (generate --model OUT_DIR).")
     p.add_argument("model", help="the bf16 model folder")
     p.add_argument("out_dir", help="new folder for the quantized copy (must not exist or be empty)")
-    p.add_argument("--quantization", required=True, choices=("fp8",), help="the method (vLLM's name)")
+    p.add_argument("--quantization", required=True, choices=tuple(QUANTIZATION_METHODS), help="the method (vLLM's name)")
     p.add_argument("--device", default="cpu", help="where the quantization arithmetic runs (e.g. cuda)")
     p.set_defaults(func=cmd_quantize)
     return parser

@@ -7,10 +7,11 @@ layout costs nothing but an error message.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
-EXPERT_PLACEMENTS = ("linear", "round_robin")
+from .moe.backends import DEFAULT_DISPATCH_BACKEND, DISPATCH_BACKENDS
+from .moe.expert_map import DEFAULT_PLACEMENT, PLACEMENTS
+
 # Mesh dimension order, outermost first. TP varies fastest (docs/architecture.md,
 # 'Ranks and groups').
 MESH_DIMS = ("pp", "dp", "cfg", "sp", "tp")
@@ -20,32 +21,45 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the offending values."""
 
 
+def option(default, help: str, *, short: str | None = None, choices=None):
+    """A config field that is also a command-line flag (`--field-name`, cli.add_config_args) and a
+    keyword of the Python API: its help, short flag and choices live here, once."""
+    return field(default=default, metadata={"help": help, "short": short, "choices": choices})
+
+
+def check_choices(config) -> None:
+    """Every `option` field with choices holds one of them (or None, where None is its default)."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value not in choices and not (value is None and f.default is None):
+            raise ConfigError(f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-    sequence_parallel_size: int = 1
-    cfg_parallel_size: int = 1
-    data_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    all2all_backend: str = "allgather_reducescatter"
-    expert_placement: str = "linear"
+    tensor_parallel_size: int = option(1, "shard attention heads and MLP widths over this many ranks", short="-tp")
+    sequence_parallel_size: int = option(1, "split the image tokens over this many ranks (Ulysses)", short="-sp")
+    cfg_parallel_size: int = option(1, "2: conditional and unconditional branches on different ranks")
+    data_parallel_size: int = option(1, "different prompts on different ranks", short="-dp")
+    pipeline_parallel_size: int = option(1, "split the layers into this many consecutive stages", short="-pp")
+    enable_expert_parallel: bool = option(
+        False, "spread the experts over all TP×SP×CFG×DP ranks of a stage (EP size is computed)")
+    all2all_backend: str = option(DEFAULT_DISPATCH_BACKEND, "how tokens reach the ranks holding their experts",
+                                  choices=tuple(DISPATCH_BACKENDS))
+    expert_placement: str = option(DEFAULT_PLACEMENT, "linear: rank r holds a contiguous block of experts; "
+                                                      "round_robin: expert e on EP rank e mod EP",
+                                   choices=tuple(PLACEMENTS))
 
     def __post_init__(self):
-        for field in ("tensor_parallel_size", "sequence_parallel_size", "cfg_parallel_size",
-                      "data_parallel_size", "pipeline_parallel_size"):
-            value = getattr(self, field)
+        for name in ("tensor_parallel_size", "sequence_parallel_size", "cfg_parallel_size",
+                     "data_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.cfg_parallel_size not in (1, 2):
             raise ConfigError(
                 f"cfg_parallel_size must be 1 or 2 (one rank per guidance branch), got {self.cfg_parallel_size}")
-        if self.all2all_backend not in ALL2ALL_BACKENDS:
-            raise ConfigError(
-                f"unknown all2all_backend {self.all2all_backend!r}; choose one of {', '.join(ALL2ALL_BACKENDS)}")
-        if self.expert_placement not in EXPERT_PLACEMENTS:
-            raise ConfigError(
-                f"unknown expert_placement {self.expert_placement!r}; choose one of {', '.join(EXPERT_PLACEMENTS)}")
+        check_choices(self)
 
     # Sizes in mesh order, so code that builds groups and code that prints them agree.
     @property

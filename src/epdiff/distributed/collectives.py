@@ -27,7 +27,7 @@ def even_chunk(n: int, rank: int, shards: int) -> tuple[int, int]:
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size > 1:
-        dist.all_reduce(x, group=group.group)
+        dist.all_reduce(x, group=group.process_group)
     return x
 
 
@@ -37,7 +37,7 @@ def gather_counts(n: int, group: Group, device: torch.device) -> list[int]:
         return [n]
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     out = torch.empty(group.size, dtype=torch.int64, device=device)
-    _all_gather_single(out, mine, group=group.group)
+    _all_gather_single(out, mine, group=group.process_group)
     return out.tolist()
 
 
@@ -71,7 +71,7 @@ def all_gather_rows_async(x: torch.Tensor, group: Group, counts: list[int]) -> P
         return Pending.done(x)
     most = max(counts)
     out = x.new_empty((group.size * most,) + tuple(x.shape[1:]))
-    work = _all_gather_single(out, _pad_rows(x, most), group=group.group, async_op=True)
+    work = _all_gather_single(out, _pad_rows(x, most), group=group.process_group, async_op=True)
     if all(c == most for c in counts):
         return Pending(work, lambda: out)
     return Pending(work, lambda: torch.cat([out[i * most: i * most + c] for i, c in enumerate(counts)]))
@@ -90,7 +90,7 @@ def reduce_scatter_rows(y: torch.Tensor, group: Group, counts: list[int]) -> tor
     if any(c != most for c in counts):
         y = torch.cat([_pad_rows(part, most) for part in torch.split(y, counts)])
     out = y.new_empty((most,) + tuple(y.shape[1:]))
-    _reduce_scatter_single(out, y.contiguous(), group=group.group)
+    _reduce_scatter_single(out, y.contiguous(), group=group.process_group)
     return out[: counts[group.rank]]
 
 
@@ -101,7 +101,7 @@ def all_to_all_rows_async(x: torch.Tensor, send_counts: list[int], recv_counts: 
         return Pending.done(x)
     out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts,
-                                  input_split_sizes=send_counts, group=group.group, async_op=True)
+                                  input_split_sizes=send_counts, group=group.process_group, async_op=True)
     return Pending(work, lambda: out)
 
 
@@ -116,7 +116,7 @@ def exchange_counts(send_counts: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size == 1:
         return send_counts
     out = torch.empty_like(send_counts)
-    dist.all_to_all_single(out, send_counts.contiguous(), group=group.group)
+    dist.all_to_all_single(out, send_counts.contiguous(), group=group.process_group)
     return out
 
 
@@ -125,5 +125,5 @@ def all_gather_tensor(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size == 1:
         return x.unsqueeze(0)
     out = x.new_empty(group.size * x.numel())
-    _all_gather_single(out, x.reshape(-1).contiguous(), group=group.group)
+    _all_gather_single(out, x.reshape(-1).contiguous(), group=group.process_group)
     return out.view((group.size,) + tuple(x.shape))

@@ -48,12 +48,12 @@ def rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
 
 @dataclass
 class Group:
-    """One process group as seen by this rank. `group` is None when size == 1."""
+    """One process group as seen by this rank. `process_group` is None when size == 1."""
 
     name: str
     ranks: list[int]
     rank: int  # position of this process in `ranks`
-    group: dist.ProcessGroup | None
+    process_group: dist.ProcessGroup | None
 
     @property
     def size(self) -> int:
@@ -92,7 +92,8 @@ class ParallelState:
         from torch.distributed.device_mesh import DeviceMesh
 
         world = dist.get_world_size() if dist.is_initialized() else 1
-        config.validate(world_size=world)
+        if world != config.world_size:  # the launcher starts config.world_size ranks; anything else is a bug
+            raise ValueError(f"{world} ranks started for a layout of {config.world_size} ({config.describe()})")
         if world == 1:
             return cls.single(device, config)
         device = torch.device(device)

@@ -32,11 +32,11 @@ class StageLink:
 
     def recv(self, shape, dtype, device) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(x, src=self.pp.ranks[self.pp.rank - 1], group=self.pp.group)
+        dist.recv(x, src=self.pp.ranks[self.pp.rank - 1], group=self.pp.process_group)
         return x
 
     def send(self, x: torch.Tensor):
-        dist.send(x.contiguous(), dst=self.pp.ranks[self.pp.rank + 1], group=self.pp.group)
+        dist.send(x.contiguous(), dst=self.pp.ranks[self.pp.rank + 1], group=self.pp.process_group)
 
     def broadcast_from_last(self, x: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
         """The last stage's tensor on every stage."""
@@ -44,5 +44,5 @@ class StageLink:
             return x
         # Contiguous on every stage: a conv output may be channels-last, and the bytes travel as they lie.
         x = x.contiguous() if self.is_last else torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(x, src=self.pp.ranks[-1], group=self.pp.group)
+        dist.broadcast(x, src=self.pp.ranks[-1], group=self.pp.process_group)
         return x

@@ -16,7 +16,7 @@ from .parallel_state import Group
 def _all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
     x = x.contiguous()  # the collective reads and writes raw memory: no permuted strides
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group.group)
+    dist.all_to_all_single(out, x, group=group.process_group)
     return out
 
 

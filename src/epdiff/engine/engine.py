@@ -31,8 +31,8 @@ import torch
 from ..distributed.launch import (Channel, WorkerError, WorkerGroup, _run_rank, pick_device, torchrun_ranks,
                                   under_torchrun)
 from .params import EngineConfig, SamplingParams
-from .scheduler import BatchPlanner
-from .worker import BatchResult, engine_worker
+from .planner import BatchPlanner
+from .worker import BatchResult, CollectRoutingStats, Command, RunBatch, Stop, engine_worker
 
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
@@ -158,7 +158,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._in_flight = None
-        self._commands: deque[tuple[tuple, Future]] = deque()  # commands other than batches, with their answers
+        self._commands: deque[tuple[Command, Future]] = deque()  # commands other than batches, with their answers
         self._closing = False
         self.error: str | None = None
         self.alive = False
@@ -231,9 +231,9 @@ class Engine:
 
     def routing_stats(self) -> list[dict]:
         """Per pipeline stage: tokens per (layer, expert) since the engine started, and a summary."""
-        return self._command(("routing",))
+        return self._command(CollectRoutingStats())
 
-    def _command(self, command):
+    def _command(self, command: Command):
         """Runs a command on every rank between batches; rank 0's answer."""
         future = Future()
         with self._lock:
@@ -284,7 +284,7 @@ class Engine:
                 if request is not None and request.started is None:
                     request.started = now
                     request.future.set_running_or_notify_cancel()
-            self._in_flight = (("batch", batch), None)
+            self._in_flight = (RunBatch(batch), None)
             self._workers.channel.command(self._in_flight[0])
 
     def _handle(self, event):
@@ -298,18 +298,19 @@ class Engine:
                         request.on_progress(step, total)
                     except Exception as e:  # noqa: BLE001 - a caller's callback must not stop the engine
                         log.warning("epdiff: a progress callback failed: %s: %s", type(e).__name__, e)
-        elif kind == "batch":
-            self._finish_batch(payload)
-        elif kind == "routing":
-            with self._lock:
-                (_, future), self._in_flight = self._commands.popleft(), None
-            future.set_result(payload)
+        elif kind == "done":  # the answer to the command in flight (only this thread clears it)
+            if isinstance(self._in_flight[0], RunBatch):
+                self._finish_batch(payload)
+            else:
+                with self._lock:
+                    (_, future), self._in_flight = self._commands.popleft(), None
+                future.set_result(payload)
 
     def _requests_in_flight(self) -> list[_Request]:
         with self._lock:
-            if self._in_flight is None or self._in_flight[0][0] != "batch":
+            if self._in_flight is None or not isinstance(self._in_flight[0], RunBatch):
                 return []
-            ids = {item.request_id for item in self._in_flight[0][1].images}
+            ids = {item.request_id for item in self._in_flight[0].batch.images}
             return [self._requests[i] for i in ids if i in self._requests]
 
     def _finish_batch(self, result: BatchResult):
@@ -395,7 +396,7 @@ class Engine:
             self._driver.join(5.0)
             return
         if self.alive:  # the driver has left: this thread is the only reader of the events
-            self._workers.channel.command(("stop",))
+            self._workers.channel.command(Stop())
             deadline = time.time() + timeout_s
             while time.time() < deadline:
                 event = self._workers.next_event(0.1)

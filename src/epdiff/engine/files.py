@@ -69,14 +69,14 @@ def image_path(output: str, prompt_index: int, image_index: int, total: int) -> 
     return f"{stem}-{prompt_index}-{image_index}{ext}"
 
 
-def image_metadata(image, params, engine) -> dict[str, str]:
+def image_metadata(image, params, config) -> dict[str, str]:
     """What regenerates this image alone: its own seed, with the request's prompt, size, steps
     and guidance, and the engine's device kind, dtype and quantization (the noise is drawn on the
-    device, and each dtype rounds differently). engine: a resolved EngineConfig."""
+    device, and each dtype rounds differently). config: a resolved EngineConfig."""
     return {"prompt": image.prompt, "seed": str(image.seed), "steps": str(params.num_inference_steps),
             "guidance_scale": str(params.guidance_scale), "width": str(params.width), "height": str(params.height),
-            "device": engine.device, "dtype": engine.dtype, "quantization": engine.quantization or "none",
-            "parallel_layout": engine.parallel.describe(), "model": os.path.basename(os.path.normpath(engine.model)),
+            "device": config.device, "dtype": config.dtype, "quantization": config.quantization or "none",
+            "parallel_layout": config.parallel.describe(), "model": os.path.basename(os.path.normpath(config.model)),
             "software": "epdiff"}
 
 

@@ -13,27 +13,20 @@ it, rank 0 gets the images and the other ranks serve rank 0 until it closes.
 
 from __future__ import annotations
 
-from ..config import ParallelConfig
 from .engine import Engine, RequestOutput
 from .params import EngineConfig, SamplingParams, prompt_requests
 
 
 class ImageGenerator:
-    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
-                 cfg_parallel_size: int = 1, data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, all2all_backend: str = "allgather_reducescatter",
-                 expert_placement: str = "linear", dtype: str = "auto", load_format: str = "safetensors",
-                 quantization: str | None = None, device: str = "auto", max_batch_size: int = 4,
-                 decode: bool = True, show_progress: bool = False):
-        parallel = ParallelConfig(
-            tensor_parallel_size=tensor_parallel_size, sequence_parallel_size=sequence_parallel_size,
-            cfg_parallel_size=cfg_parallel_size, data_parallel_size=data_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size, enable_expert_parallel=enable_expert_parallel,
-            all2all_backend=all2all_backend, expert_placement=expert_placement)
-        self.engine = Engine(EngineConfig(model=model, dtype=dtype, load_format=load_format,
-                                          quantization=quantization, device=device, parallel=parallel,
-                                          max_batch_size=max_batch_size),
-                             decode=decode, show_progress=show_progress)
+    def __init__(self, model: str | None = None, *, decode: bool = True, show_progress: bool = False, **options):
+        """options: any field of EngineConfig and of its ParallelConfig, by name
+        (`tensor_parallel_size=2, enable_expert_parallel=True, quantization="fp8"`, ...)."""
+        self.engine = Engine(EngineConfig.from_options(model=model, **options), decode=decode,
+                             show_progress=show_progress)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, decode: bool = True, show_progress: bool = False):
+        return cls(**config.as_options(), decode=decode, show_progress=show_progress)
 
     @property
     def config(self) -> EngineConfig:

@@ -10,19 +10,18 @@ the field and the value.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from ..config import ConfigError, ParallelConfig
-from ..quantization import QUANTIZATION_METHODS as QUANTIZATIONS
+from ..config import ConfigError, ParallelConfig, check_choices, option
+from ..models.base import ModelInfo
+from ..models.registry import model_info
+from ..quantization import QUANTIZATION_METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 DEVICES = ("auto", "cuda", "cpu")
-DEFAULT_GENERATION = {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0, "max_length": 12800}
 # torch.Generator.manual_seed accepts this range; every image's seed must fall in it.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -40,28 +39,6 @@ def default_model_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-hunyuan-image3")
 
 
-def read_generation_config(model_dir: str) -> dict:
-    """generation_config.json over the defaults; fields epdiff does not implement are refused."""
-    from ..models.hunyuan_image3.config import check_generation_config
-
-    path = os.path.join(model_dir, "generation_config.json")
-    out = dict(DEFAULT_GENERATION)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                out.update(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
-        check_generation_config(out, path)
-    return out
-
-
-def context_length(config, generation: dict) -> int:
-    """The longest sequence a request may build: generation_config's max_length, within the
-    model's position range."""
-    return min(int(generation.get("max_length", config.max_position_embeddings)), config.max_position_embeddings)
-
-
 def cuda_device_count() -> int:
     import torch
 
@@ -70,13 +47,34 @@ def cuda_device_count() -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None: the built-in model
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU (resolve() names the one chosen)
-    load_format: str = "safetensors"
-    quantization: str | None = None
-    device: str = "auto"  # auto: CUDA when there is a GPU for every local rank, CPU when there is none
+    model: str | None = option(None, "model folder (default: the small model shipped with epdiff)")
+    dtype: str = option("auto", "auto: bfloat16 on GPU, float32 on CPU (resolve() names the one chosen)",
+                        choices=DTYPES)
+    load_format: str = option("safetensors", "dummy: random weights of the real shapes, made on the device "
+                                             "(for benchmarks)", choices=LOAD_FORMATS)
+    quantization: str | None = option(None, "fp8: routed experts in float8 with per-channel scales (quantized "
+                                            "while loading)", choices=tuple(QUANTIZATION_METHODS))
+    device: str = option("auto", "auto: CUDA when there is a GPU for every local rank, CPU when there is none",
+                         choices=DEVICES)
+    max_batch_size: int = option(4, "images one rank denoises together")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    max_batch_size: int = 4  # images one rank denoises together
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        """The engine's and the layout's fields as one set of keywords (the Python API's)."""
+        engine_fields = {f.name for f in dataclasses.fields(cls)} - {"parallel"}
+        parallel_fields = {f.name for f in dataclasses.fields(ParallelConfig)}
+        unknown = sorted(set(options) - engine_fields - parallel_fields)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the options are "
+                            f"{', '.join(sorted(engine_fields | parallel_fields))}")
+        parallel = ParallelConfig(**{k: v for k, v in options.items() if k in parallel_fields})
+        return cls(**{k: v for k, v in options.items() if k in engine_fields}, parallel=parallel)
+
+    def as_options(self) -> dict:
+        """The inverse of from_options."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parallel"}
+        return {**options, **dataclasses.asdict(self.parallel)}
 
     def resolve(self) -> "EngineConfig":
         """Fills the model path, the device and the dtype, checks every field against the model.
@@ -84,12 +82,7 @@ class EngineConfig:
         model = default_model_dir() if self.model is None else self.model
         if not os.path.isdir(model):
             raise ConfigError(f"model path {model!r} is not a folder")
-        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("load_format", self.load_format, LOAD_FORMATS),
-                                     ("device", self.device, DEVICES)):
-            if value not in allowed:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        check_choices(self)
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         device = self._pick_device()
@@ -120,42 +113,9 @@ class EngineConfig:
         return "cuda" if gpus else "cpu"
 
     @property
-    def model_info(self) -> "ModelInfo":
+    def model_info(self) -> ModelInfo:
+        """The model folder read by its family (once per process)."""
         return model_info(os.path.abspath(default_model_dir() if self.model is None else self.model))
-
-
-@lru_cache(maxsize=8)
-def model_info(model_dir: str) -> "ModelInfo":
-    return ModelInfo(model_dir)
-
-
-class ModelInfo:
-    """The model folder's configs and tokenizer, read once, for checking requests."""
-
-    def __init__(self, model_dir: str):
-        from ..models.hunyuan_image3.config import HunyuanImage3Config
-        from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer
-
-        self.model_dir = model_dir
-        self.config = HunyuanImage3Config.from_pretrained(model_dir)
-        self.generation = read_generation_config(model_dir)
-        self.tokenizer = HunyuanTokenizer.from_pretrained(model_dir)
-        self.context = context_length(self.config, self.generation)
-
-    @property
-    def stored_quantization(self) -> str | None:
-        """The method of a pre-quantized checkpoint (config.json's quantization_config), or None."""
-        from ..models.hunyuan_image3.weights import checkpoint_quantization
-
-        stored = checkpoint_quantization(self.config, self.model_dir)
-        return None if stored is None else stored.name
-
-    def check_layout(self, parallel: ParallelConfig) -> None:
-        c = self.config
-        parallel.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
-        if c.num_key_value_heads % (parallel.tensor_parallel_size * parallel.sequence_parallel_size):
-            raise ConfigError(f"num_key_value_heads {c.num_key_value_heads} cannot be split over "
-                              f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
 
 
 def _is_int(value) -> bool:
@@ -178,55 +138,46 @@ class SamplingParams:
     def image_seed(self, k: int) -> int:
         return self.seed + k
 
-    def resolve(self, engine: EngineConfig) -> "SamplingParams":
+    def resolve(self, config: EngineConfig) -> "SamplingParams":
         """Defaults filled from the model, every field checked; raises RequestError."""
-        from ..sampling.resolution import snap
-
-        info, layout = engine.model_info, engine.parallel
+        info, layout = config.model_info, config.parallel
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise RequestError("prompt", f"prompt is empty: {self.prompt!r}")
         if not _is_int(self.n) or self.n < 1:
             raise RequestError("n", f"number of images must be a positive integer, got {self.n!r}")
-        steps = info.generation["diff_infer_steps"] if self.num_inference_steps is None else self.num_inference_steps
+        steps = info.default_num_inference_steps if self.num_inference_steps is None else self.num_inference_steps
         if not _is_int(steps) or steps < 1:
             raise RequestError("num_inference_steps", f"num_inference_steps must be at least 1, got {steps!r}")
-        guidance = info.generation["diff_guidance_scale"] if self.guidance_scale is None else self.guidance_scale
+        guidance = info.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise RequestError("guidance_scale", f"guidance_scale must be a finite number, got {guidance!r}")
         if guidance < 0:
             raise RequestError("guidance_scale", f"guidance_scale must be >= 0, got {guidance}")
-        if layout.cfg_parallel_size == 2 and guidance <= 1:
+        if layout.cfg_parallel_size == 2 and info.num_guidance_branches(guidance) < 2:
             raise RequestError("guidance_scale", f"--cfg-parallel-size 2 runs the two guidance branches on two ranks, "
                                                  f"but guidance scale {guidance} <= 1 has only the conditional branch")
         if not _is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
             raise RequestError("seed", f"seed must be an integer with seed .. seed + n - 1 in [{SEED_MIN}, "
                                        f"{SEED_MAX}], got {self.seed!r} with n = {self.n}")
-        c = info.config
-        height = c.image_base_size if self.height is None else self.height
-        width = c.image_base_size if self.width is None else self.width
+        height = info.default_size[0] if self.height is None else self.height
+        width = info.default_size[1] if self.width is None else self.width
         try:
-            _, height, width = snap(height, width, c.image_base_size, c.vae_factor)
+            height, width = info.resolve_size(height, width)
         except ValueError as e:
             raise RequestError("size", str(e)) from None
-        grid_h, grid_w = height // c.vae_factor, width // c.vae_factor
-        if (grid_h * grid_w) % layout.sequence_parallel_size:
-            raise RequestError("size", f"{grid_h * grid_w} image tokens at {height}x{width} cannot be split over "
+        tokens = info.image_tokens(height, width)
+        if tokens % layout.sequence_parallel_size:
+            raise RequestError("size", f"{tokens} image tokens at {height}x{width} cannot be split over "
                                        f"sequence parallel size {layout.sequence_parallel_size}")
-        self._check_length(info, grid_h, grid_w)
+        try:
+            info.check_prompt(self.prompt, height, width)
+        except ValueError as e:
+            raise RequestError("prompt", str(e)) from None
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
                                    guidance_scale=float(guidance))
 
-    def _check_length(self, info: ModelInfo, grid_h: int, grid_w: int):
-        from ..models.hunyuan_image3.tokenizer import sequence_length
 
-        n = len(info.tokenizer.encode(self.prompt))
-        total = sequence_length(n, grid_h, grid_w)
-        if total > info.context:
-            raise RequestError("prompt", f"prompt is {n} tokens: with {grid_h * grid_w} image tokens the sequence "
-                                         f"is {total} tokens, over the model's context of {info.context}")
-
-
-def prompt_requests(engine: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
+def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
                     guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1) -> list[SamplingParams]:
     """One resolved request per prompt; image k of prompt i is drawn from seed + i·num_images_per_prompt
     + k. Every request is checked before any runs (RequestError names the prompt and the field)."""
@@ -240,7 +191,7 @@ def prompt_requests(engine: EngineConfig, prompts, *, height=None, width=None, n
                                 guidance_scale=guidance_scale, seed=seed + i * num_images_per_prompt if i else seed,
                                 n=num_images_per_prompt)
         try:
-            out.append(params.resolve(engine))
+            out.append(params.resolve(config))
         except RequestError as e:
             raise RequestError(e.field, f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
     return out

@@ -1,8 +1,9 @@
-"""The loop every rank runs for the engine's life: load once, then batch after batch in lockstep.
+"""The loop every rank runs for the engine's life: load once, then command after command in lockstep.
 
 Rank 0 takes each command from the driver (its `Channel`) and broadcasts it to every rank over a
 gloo control group, so idle waits and decode waits happen on the CPU side with no collective
 timeout to hit; NCCL collectives then only ever wait for peers that are computing the same batch.
+Rank 0 answers each command with one "done" event carrying its result.
 """
 
 from __future__ import annotations
@@ -18,11 +19,32 @@ from tqdm import tqdm
 
 from ..distributed.parallel_state import ParallelState
 from ..moe.stats import collect_routing_stats
+from .denoise import RankMetrics, denoise, is_decode_rank, moe_layers
+from .planner import Batch
 
 # Rank 0 broadcasts a no-op this often while idle, so that a rank waiting for the next command
 # never waits longer than the control group allows.
 HEARTBEAT_S = 60.0
 CONTROL_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """Denoise (and decode) one batch; the answer is a BatchResult."""
+    batch: Batch
+
+
+@dataclass(frozen=True)
+class CollectRoutingStats:
+    """The answer: per pipeline stage, its MoE layers, tokens per (layer, expert) since load, a summary."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Every rank leaves its loop (the answer is a "stopped" event)."""
+
+
+Command = RunBatch | CollectRoutingStats | Stop
 
 
 @dataclass
@@ -70,40 +92,40 @@ class ControlPlane:
 
 
 def engine_worker(device: torch.device, channel, config, decode: bool, show_progress: bool):
-    """Runs on every rank; channel is rank 0's line to the driver (None elsewhere)."""
-    from ..models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
-
+    """Runs on every rank; channel is rank 0's line to the driver (None elsewhere). config: a
+    resolved EngineConfig."""
     # tqdm's default lock is a multiprocessing semaphore; a worker leaves with os._exit, so the
     # resource tracker would report it as leaked. One rank draws the bar: a thread lock will do.
     tqdm.set_lock(threading.RLock())
     parallel = ParallelState.build(config.parallel, device)
     control = ControlPlane()
-    pipe = HunyuanImage3Pipeline(config, parallel, decode=decode)
-    loaded = control.gather(pipe.metrics)
+    start = time.perf_counter()
+    pipe = config.model_info.load_pipeline(parallel, getattr(torch, config.dtype), config.load_format,
+                                           config.quantization, decode=decode and is_decode_rank(parallel))
+    metrics = RankMetrics.of(pipe, parallel, time.perf_counter() - start)
+    loaded = control.gather(metrics)
     if channel is not None:
         channel.send("ready", loaded)
     while True:
         command = control.broadcast(channel.receive(HEARTBEAT_S) if channel is not None else None)
         if command is None:
             continue
-        kind = command[0]
-        if kind == "stop":
+        if isinstance(command, Stop):
             break
-        if kind == "batch":
-            result = run_batch(pipe, parallel, control, command[1], channel, show_progress)
-            if channel is not None:
-                channel.send("batch", result)
-        elif kind == "routing":
+        if isinstance(command, RunBatch):
+            reply = run_batch(pipe, parallel, control, metrics, command.batch, channel, show_progress)
+        elif isinstance(command, CollectRoutingStats):
             reply = routing_summary(pipe, parallel, control)
-            if channel is not None:
-                channel.send("routing", reply)
         else:
-            raise ValueError(f"unknown engine command {kind!r}")
+            raise TypeError(f"unknown engine command {command!r}")
+        if channel is not None:
+            channel.send("done", reply)
     if channel is not None:
         channel.send("stopped")
 
 
-def run_batch(pipe, parallel: ParallelState, control: ControlPlane, batch, channel, show_progress: bool) -> BatchResult:
+def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: RankMetrics, batch: Batch, channel,
+              show_progress: bool) -> BatchResult | None:
     start = time.perf_counter()
     items = batch.groups[parallel.dp.rank]
     on_step = None
@@ -112,13 +134,14 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, batch, chann
             if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
                 raise RuntimeError("the engine was closed during this batch")
             channel.send("progress", (batch.batch_id, step, total))
-    denoised = pipe(items, on_step, show_progress)
+    real = [item.request_id is not None for item in items]  # filler is denoised, never decoded
+    denoised = denoise(pipe, items, parallel, metrics, on_step, show_progress, decode=real)
     mine = []
-    if pipe.decodes:  # one rank per DP group reports its group's images
-        mine = [ImageResult(d.item.request_id, d.item.image_index, d.item.seed, parallel.global_rank, d.latents,
+    if is_decode_rank(parallel):  # one rank per DP group reports its group's images
+        mine = [ImageResult(item.request_id, item.image_index, item.seed, parallel.global_rank, d.latents,
                             None if d.pixels is None else d.pixels.numpy(), d.nonfinite_step)
-                for d in denoised if d.item.request_id is not None]
-    parts = control.gather((mine, pipe.metrics.step_seconds, pipe.metrics.peak_memory_bytes))
+                for item, d in zip(items, denoised) if item.request_id is not None]
+    parts = control.gather((mine, metrics.step_seconds, metrics.peak_memory_bytes))
     if parts is None:
         return None
     return BatchResult(batch.batch_id, [image for part in parts for image in part[0]], time.perf_counter() - start,
@@ -126,11 +149,12 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, batch, chann
 
 
 def routing_summary(pipe, parallel: ParallelState, control: ControlPlane):
-    """Per pipeline stage: its layers, tokens per (layer, expert) since load, and the summary."""
+    """Per pipeline stage: its MoE layers, tokens per (layer, expert) since load, and the summary."""
     stats = None
-    if pipe.transformer.moe_layers:
-        s = collect_routing_stats(pipe.transformer.moe_layers, parallel)
-        stats = dict(stage=parallel.pp.rank, layers=pipe.transformer.layer_ids,
+    layers = moe_layers(pipe)
+    if layers:
+        s = collect_routing_stats(layers, parallel)
+        stats = dict(stage=parallel.pp.rank, layers=pipe.moe_layer_ids,
                      tokens_per_expert=s.tokens_per_expert.tolist(), summary=s.summary())
     parts = control.gather(stats if parallel.ep.rank == 0 else None)
     return None if parts is None else [p for p in parts if p]

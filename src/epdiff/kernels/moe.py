@@ -24,8 +24,13 @@ import functools
 import torch
 
 from . import tl, triton
-from ..quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
+# The row-quantized format the FP8 kernels write: float8_e4m3fn codes with one fp32 scale per row,
+# amax / FP8_MAX (quantization/fp8.py computes the same eagerly).
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# An all-zero row still gets a positive scale (its codes are 0, so the value does not matter).
+MIN_AMAX = 1e-12
 BLOCK = 1024
 PROGRAMS_PER_SM = 8
 

@@ -14,9 +14,12 @@ import struct
 import torch
 from safetensors import safe_open
 
-# F8_E4M3: the float8 expert weights of a pre-quantized checkpoint (the model loader decides where
-# float8 may appear).
-FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3"}
+from ..quantization import STORED_DTYPES
+
+HIGH_PRECISION_DTYPES = ("BF16", "F16", "F32", "F64")
+# Besides these, a pre-quantized checkpoint's quantized weights (the model loader decides where
+# they may appear).
+CHECKPOINT_DTYPES = HIGH_PRECISION_DTYPES + STORED_DTYPES
 
 
 class CheckpointError(ValueError):
@@ -119,7 +122,7 @@ class SafetensorsCheckpoint:
         except Exception:
             raise CheckpointError(f"{file}: tensor {name} is listed in the index but not stored in the file") from None
         ts = TrackedSlice(self, name, file, raw)
-        if ts.get_dtype() not in FLOAT_DTYPES:
+        if ts.get_dtype() not in CHECKPOINT_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has dtype {ts.get_dtype()}, expected a float type "
-                                  f"({', '.join(sorted(FLOAT_DTYPES))})")
+                                  f"({', '.join(CHECKPOINT_DTYPES)})")
         return ts

@@ -1,5 +1,16 @@
-from .layer import MoELayer
-from .router import Router
-from .stats import RoutingStats, collect_routing_stats
+"""The expert-parallel MoE block: routers, expert placement, dispatch backends, grouped experts.
 
-__all__ = ["MoELayer", "Router", "RoutingStats", "collect_routing_stats"]
+Names load on first use, so that `config` can check a layout against the registries here
+(`backends.DISPATCH_BACKENDS`, `expert_map.PLACEMENTS`) without importing the layers."""
+
+import importlib
+
+_EXPORTS = {"MoELayer": "layer", "Router": "router", "RoutingStats": "stats", "collect_routing_stats": "stats",
+            "reset_token_counts": "layer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

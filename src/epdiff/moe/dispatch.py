@@ -1,31 +1,34 @@
 """Token dispatch and combine for expert parallelism (docs/architecture.md, 'The MoE block').
 
-Every backend has two halves around the expert compute:
+A `Dispatcher` has two halves around the expert compute:
 
-    rows, local_ids, weights, handle = dispatcher.dispatch(x, ids, weights, placement, token_counts)
-    y_rows, load = experts(rows, local_ids, weights)
+    pending = dispatcher.start_dispatch(x, ids, weights, placement, token_counts)
+    ...                                   # work that needs no routed token (the shared expert)
+    rows, local_ids, row_weights, handle = pending.wait()
+    y_rows, load = experts(rows, local_ids, row_weights)
     partial = dispatcher.combine(y_rows, handle)
 
-`start_dispatch` is the same first half left in flight (`.wait()` gives dispatch's result), so the
-caller can compute something that needs no routed tokens (the shared expert) meanwhile.
-
 `partial` is this rank's share of the routed output for its own tokens; the MoE layer's one TP
-all-reduce completes it.
+all-reduce completes it. A backend that sizes its buffers from every token-group rank's row count
+says so (`needs_token_counts`); the MoE layer then keeps those counts (`TokenCounts`), so the
+backend never waits on the host for them inside a denoising step.
 
-With FP8 experts (`fp8_tokens`) the token rows travel as float8 codes with their per-row scales
-(the scale rides in the routing metadata): half the bytes of bf16, and the same numbers the
-experts would compute from bf16 rows, since each row is quantized on its own. The partial sums
-coming back stay in the model dtype.
+Token rows travel in the experts' quantization method's form (`pack_tokens`: FP8 rows as codes with
+their row scales, riding with the routing metadata); the partial sums coming back stay in the
+model dtype. The backends are registered by name in moe/backends.py.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
 import torch
 
 from ..distributed import collectives as C
-from ..distributed.parallel_state import ParallelState
-from ..quantization.fp8 import FP8_DTYPE, Fp8Rows
-from .experts import quantize_tokens
+from ..distributed.parallel_state import Group, ParallelState
+from ..quantization import ExpertsMethod
+from .backends import dispatcher_class
 
 
 class Placement:
@@ -46,67 +49,72 @@ class Placement:
         return self
 
 
-class Dispatcher:
-    def start_dispatch(self, x, ids, weights, placement: Placement, token_counts=None) -> C.Pending:
-        raise NotImplementedError
+class Dispatcher(ABC):
+    """Moves each token's rows to the ranks holding its experts, and their outputs back."""
+
+    # start_dispatch needs token_counts: every token-group rank's row count, in group order.
+    needs_token_counts: ClassVar[bool] = False
+
+    def __init__(self, parallel: ParallelState, experts_method: ExpertsMethod):
+        self.parallel, self.experts_method = parallel, experts_method
+
+    @abstractmethod
+    def start_dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, placement: Placement,
+                       token_counts: list[int] | None = None) -> C.Pending:
+        """x [T, D], ids and weights [T, k] (global expert ids). The result, once waited for:
+        (the rows this rank's experts compute, their local expert ids [R, k] (-1: not here),
+        their weights [R, k], a handle for combine)."""
+
+    @abstractmethod
+    def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
+        """The experts' weighted outputs [R, D] -> this rank's partial sums for its own tokens [T, D]."""
 
     def dispatch(self, x, ids, weights, placement: Placement, token_counts=None):
         return self.start_dispatch(x, ids, weights, placement, token_counts).wait()
+
+    @staticmethod
+    def _metadata(ids: torch.Tensor, weights: torch.Tensor, row_values: torch.Tensor | None) -> torch.Tensor:
+        """Routing metadata [T, 2k (+1)] of the rows that travel: expert ids are small integers,
+        exact in fp32, so one collective moves ids, weights and the rows' per-row values."""
+        parts = [ids.float(), weights.float()] + ([] if row_values is None else [row_values.float()[:, None]])
+        return torch.cat(parts, dim=1)
+
+    def _received(self, rows: torch.Tensor, meta: torch.Tensor, k: int, dtype: torch.dtype):
+        """(expert input, ids [R, k], weights [R, k]) of the rows and metadata received."""
+        row_values = meta[:, 2 * k] if meta.shape[1] > 2 * k else None
+        return self.experts_method.unpack_tokens(rows, row_values, dtype), meta[:, :k].long(), meta[:, k:2 * k]
 
 
 class LocalDispatch(Dispatcher):
     """No token movement: every rank applies its experts to its own tokens. Used when EP is off
     (experts TP-sharded) and when EP spans only the TP group (tokens already on every rank)."""
 
-    def start_dispatch(self, x, ids, weights, placement: Placement, token_counts=None) -> C.Pending:
+    def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         return C.Pending.done((x, placement.expert_map[ids], weights, None))
 
     def combine(self, y, handle):
         return y
 
 
-def _pack(ids: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    # Expert ids are small integers, exact in fp32: one collective moves ids, weights (and the
-    # FP8 row scales) together.
-    parts = [ids.float(), weights.float()] + ([] if scale is None else [scale.float()[:, None]])
-    return torch.cat(parts, dim=1)
-
-
-def _unpack(meta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    scale = meta[:, 2 * k] if meta.shape[1] > 2 * k else None
-    return meta[:, :k].long(), meta[:, k:2 * k], scale
-
-
-def _token_rows(x: torch.Tensor, fp8_tokens: bool):
-    """What travels for the rows of x: x itself, or its FP8 codes (as bytes, which every backend
-    moves) and row scales."""
-    if not fp8_tokens:
-        return x, None
-    rows = quantize_tokens(x)
-    return rows.q.view(torch.uint8), rows.scale
-
-
-def _received_rows(rows: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
-    return rows if scale is None else Fp8Rows(rows.view(FP8_DTYPE), scale.contiguous(), dtype)
-
-
 class AllGatherReduceScatter(Dispatcher):
     """All-gather tokens and routing over the token group; each rank applies its experts to every
     gathered token; reduce-scatter the partial sums back."""
 
-    def __init__(self, parallel: ParallelState, fp8_tokens: bool = False):
-        self.group, self.fp8_tokens = parallel.token, fp8_tokens
+    needs_token_counts = True
+
+    def __init__(self, parallel, experts_method):
+        super().__init__(parallel, experts_method)
+        self.group = parallel.token
 
     def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         counts = token_counts if token_counts is not None else C.gather_counts(x.shape[0], self.group, x.device)
-        rows, scale = _token_rows(x, self.fp8_tokens)
-        x_all = C.all_gather_rows_async(rows, self.group, counts)
-        meta = C.all_gather_rows_async(_pack(ids, weights, scale), self.group, counts)
-        k = ids.shape[1]
+        rows, row_values = self.experts_method.pack_tokens(x)
+        rows_all = C.all_gather_rows_async(rows, self.group, counts)
+        meta_all = C.all_gather_rows_async(self._metadata(ids, weights, row_values), self.group, counts)
 
         def finish():
-            ids_all, w_all, scale_all = _unpack(meta.wait(), k)
-            return _received_rows(x_all.wait(), scale_all, x.dtype), placement.expert_map[ids_all], w_all, counts
+            x_all, ids_all, w_all = self._received(rows_all.wait(), meta_all.wait(), ids.shape[1], x.dtype)
+            return x_all, placement.expert_map[ids_all], w_all, counts
         return C.Pending(None, finish)
 
     def combine(self, y_all, counts):
@@ -118,8 +126,9 @@ class AllToAll(Dispatcher):
     and are added at the owner. TP ranks hold the same tokens, so TP rank t sends only its
     t-th chunk of them, and the MoE's TP all-reduce assembles the chunks."""
 
-    def __init__(self, parallel: ParallelState, fp8_tokens: bool = False):
-        self.group, self.tp, self.fp8_tokens = parallel.ep, parallel.tp, fp8_tokens
+    def __init__(self, parallel, experts_method):
+        super().__init__(parallel, experts_method)
+        self.group, self.tp = parallel.ep, parallel.tp
 
     def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         lo, hi = C.even_chunk(x.shape[0], self.tp.rank, self.tp.size)
@@ -134,17 +143,16 @@ class AllToAll(Dispatcher):
         both = torch.cat([send_counts, recv_counts]).tolist()  # host sync: split sizes
         send_list, recv_list = both[:self.group.size], both[self.group.size:]
         on_dst = goes[tok, dst]  # [S, k]: which of the token's choices live on that rank
-        rows, scale = _token_rows(x_own, self.fp8_tokens)
-        meta = _pack(torch.where(on_dst, placement.local_index[ids_own[tok]], -1),
-                     torch.where(on_dst, w_own[tok], 0.0), None if scale is None else scale[tok])
+        rows, row_values = self.experts_method.pack_tokens(x_own)
+        meta = self._metadata(torch.where(on_dst, placement.local_index[ids_own[tok]], -1),
+                              torch.where(on_dst, w_own[tok], 0.0), None if row_values is None else row_values[tok])
         x_recv = C.all_to_all_rows_async(rows[tok], send_list, recv_list, self.group)
         meta_recv = C.all_to_all_rows_async(meta, send_list, recv_list, self.group)
         k = ids.shape[1]
 
         def finish():
-            local_ids, w_recv, scale_recv = _unpack(meta_recv.wait(), k)
-            return (_received_rows(x_recv.wait(), scale_recv, x.dtype), local_ids, w_recv,
-                    (x.shape, lo, tok, send_list, recv_list, x.dtype))
+            x_in, local_recv, w_recv = self._received(x_recv.wait(), meta_recv.wait(), k, x.dtype)
+            return x_in, local_recv, w_recv, (x.shape, lo, tok, send_list, recv_list, x.dtype)
         return C.Pending(None, finish)
 
     def combine(self, y_recv, handle):
@@ -154,20 +162,36 @@ class AllToAll(Dispatcher):
         return out.index_add_(0, tok + lo, y_back)
 
 
-def make_dispatcher(parallel: ParallelState, fp8_tokens: bool = False):
-    """fp8_tokens: send token rows as FP8 (the experts are FP8); LocalDispatch moves no rows."""
+def make_dispatcher(parallel: ParallelState, experts_method: ExpertsMethod) -> Dispatcher:
     config = parallel.config
     if not config.enable_expert_parallel or parallel.token.size == 1:
-        return LocalDispatch()
-    if config.all2all_backend == "alltoall":
-        return AllToAll(parallel, fp8_tokens)
-    return AllGatherReduceScatter(parallel, fp8_tokens)
+        return LocalDispatch(parallel, experts_method)
+    return dispatcher_class(config.all2all_backend)(parallel, experts_method)
 
 
-def token_counts_for(parallel: ParallelState, num_tokens: int, device) -> list[int] | None:
-    """Rows of every token-group rank, once per model forward, for the MoE layers that need
-    them (the all-gather backend); None where no MoE layer does."""
-    config = parallel.config
-    if not config.enable_expert_parallel or parallel.token.size == 1 or config.all2all_backend != "allgather_reducescatter":
-        return None
-    return C.gather_counts(num_tokens, parallel.token, device)
+class TokenCounts:
+    """Every token-group rank's row count, for a backend that `needs_token_counts`. Exchanging
+    them reads them on the host (a sync), so they are exchanged only until two forwards in a row
+    agree on every rank (a batch's prefill, then its first steps), and reused from then on, while
+    this rank's count stays the same. `reset()`, on every rank between batches, starts over: the
+    decision to exchange is then the same on every rank, because every rank has the same counts."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.reset()
+
+    def reset(self) -> None:
+        self._counts: list[int] | None = None
+        self._settled = False
+
+    def get(self, num_tokens: int, device) -> list[int]:
+        if self._settled:
+            if num_tokens != self._counts[self.group.rank]:
+                raise ValueError(f"{num_tokens} tokens in this forward but {self._counts[self.group.rank]} in the "
+                                 "forwards before it: reset the token counts (epdiff.moe.reset_token_counts) on "
+                                 "every rank before a new batch")
+            return self._counts
+        counts = C.gather_counts(num_tokens, self.group, device)
+        self._settled = counts == self._counts
+        self._counts = counts
+        return counts

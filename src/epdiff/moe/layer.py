@@ -14,9 +14,9 @@ from torch import nn
 
 from ..distributed.collectives import all_reduce
 from ..distributed.parallel_state import ParallelState
-from ..layers.linear import read_col_shard, read_row_shard
 from ..layers.mlp import SwiGLUMLP
-from .dispatch import Placement, make_dispatcher
+from ..loader.slicing import read_col_shard, read_row_shard
+from .dispatch import Placement, TokenCounts, make_dispatcher
 from .expert_map import expert_owners
 from .experts import GroupedExperts
 from .router import Router
@@ -26,13 +26,16 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  parallel: ParallelState, shared_intermediate_size: int = 0, scoring: str = "softmax",
                  renormalize: bool = True, scaling_factor: float = 1.0, num_groups: int = 1, topk_groups: int = 1,
-                 dtype=torch.float32, device=None, expert_kernel: str = "auto", quant_config=None):
-        """Routing options are the Router's (see there). quant_config: an `Fp8Config` makes the
-        routed experts FP8 (and the tokens travel to them in FP8) and the shared expert's
-        up_gate_proj; None keeps them in dtype."""
+                 dtype=torch.float32, device=None, expert_kernel: str = "auto", quant_config=None,
+                 router_input_size: int | None = None):
+        """Routing options are the Router's (see there). quant_config: the quantization of the
+        routed experts (which also picks the form tokens travel to them in) and of the shared
+        expert's projections; None keeps them in dtype. router_input_size: the width of the router's
+        own input, for a model whose router sees something besides the hidden states (default:
+        hidden_size, the router sees them). The layout is trusted (validated once,
+        docs/architecture.md, 'Ranks and groups')."""
         super().__init__()
         config = parallel.config
-        config.validate(num_experts=num_experts)
         self.parallel = parallel
         self.num_experts = num_experts
         ep = config.enable_expert_parallel
@@ -43,7 +46,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"expert width {intermediate_size} cannot be split over TP {self.expert_tp}")
         self.placement = Placement(expert_owners(num_experts, shards, config.expert_placement), shard)
         self.placement.to(device or "cpu")
-        self.gate = Router(hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
+        self.gate = Router(router_input_size or hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
                            topk_groups)
         self.gate.to(device)
         self.shared_expert = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
@@ -52,7 +55,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(len(self.placement.global_ids), hidden_size,
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel,
                                       num_experts=num_experts, quant_config=quant_config)
-        self.dispatch = make_dispatcher(parallel, fp8_tokens=quant_config is not None)
+        self.dispatch = make_dispatcher(parallel, self.experts.quant_method)
+        self.token_counts = TokenCounts(parallel.token) if self.dispatch.needs_token_counts else None
+        self._pending_halves: dict[int, dict] = {}  # up_proj / gate_proj loaded apart, waiting for the other
         # (token, expert) pairs this rank computed, per global expert, since the last reset.
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
@@ -61,12 +66,13 @@ class MoELayer(nn.Module):
     def local_expert_ids(self) -> list[int]:
         return self.placement.global_ids.tolist()
 
-    def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
-        """x [..., D] -> [..., D]. token_counts: rows of every token-group rank, if the caller
-        knows them (saves a host sync per layer)."""
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] -> [..., D]. router_input [..., R]: what the router scores, one row per row
+        of x, where the model routes on something else than x itself."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(x)
+        ids, weights = self.gate(x if router_input is None else router_input.reshape(x.shape[0], -1))
+        token_counts = None if self.token_counts is None else self.token_counts.get(x.shape[0], x.device)
         pending = self.dispatch.start_dispatch(x, ids, weights, self.placement, token_counts)
         shared = self.shared_expert(x) if self.shared_expert is not None else None  # while the tokens travel
         rows, local_ids, row_weights, handle = pending.wait()
@@ -83,24 +89,50 @@ class MoELayer(nn.Module):
         return bool(self.placement.expert_map[expert] >= 0)
 
     def load_expert_weight(self, expert: int, kind: str, source, scale=None):
-        """kind: 'w13' (fused [up; gate], [2I, D]) or 'w2' (down, [D, I]), unsharded in `source`
-        (a tensor or a safetensors slice); `scale`: its per-output-channel weight scale where the
-        source holds float8 codes. Call only for experts this rank owns."""
+        """kind: 'up_gate_proj' (fused [up; gate], [2I, D]), 'up_proj' or 'gate_proj' (one half,
+        [I, D], for checkpoints that store them apart) or 'down_proj' ([D, I]), unsharded in
+        `source` (a tensor or a safetensors slice); `scale`: the weight scale a pre-quantized
+        checkpoint stores beside it. Call only for experts this rank owns."""
         local = int(self.placement.expert_map[expert])
         if local < 0:
             raise ValueError(f"expert {expert} is not held by this rank (holds {self.local_expert_ids})")
         t = self.parallel.tp
         shards, rank = (t.size, t.rank) if self.expert_tp > 1 else (1, 0)
-        if kind == "w13":
+        if kind == "up_gate_proj":
             value = read_row_shard(source, rank, shards, parts=2)
             # One scale per output row: the rows' scales shard with them.
             scale = None if scale is None else read_row_shard(scale, rank, shards, parts=2)
-        elif kind == "w2":
+        elif kind in ("up_proj", "gate_proj"):
+            return self._load_half(local, kind, read_row_shard(source, rank, shards),
+                                   None if scale is None else read_row_shard(scale, rank, shards), expert)
+        elif kind == "down_proj":
             value = read_col_shard(source, rank, shards)  # its output rows (and scales) are whole
             scale = None if scale is None else scale[:]
         else:
-            raise ValueError(f"unknown expert weight {kind!r}; expected 'w13' or 'w2'")
+            raise ValueError(f"unknown expert weight {kind!r}; expected up_gate_proj, up_proj, gate_proj or down_proj")
         self.experts.load_expert(local, kind, value, scale, f"experts.{expert}.{kind}")
+
+    def _load_half(self, local: int, kind: str, value, scale, expert: int):
+        """One half of the fused [up; gate] weight: held until its other half arrives, then both
+        load together (a quantizing method needs the whole rows' values at once)."""
+        halves = self._pending_halves.setdefault(local, {})
+        halves[kind] = (value, scale)
+        if len(halves) < 2:
+            return
+        (up, up_scale), (gate, gate_scale) = halves.pop("up_proj"), halves.pop("gate_proj")
+        del self._pending_halves[local]
+        if (up_scale is None) != (gate_scale is None):
+            raise ValueError(f"experts.{expert}: up_proj and gate_proj must both have a weight scale or neither")
+        scale = None if up_scale is None else torch.cat([up_scale, gate_scale])
+        self.experts.load_expert(local, "up_gate_proj", torch.cat([up, gate]), scale, f"experts.{expert}.up_gate_proj")
 
     def reset_routing_stats(self):
         self.expert_load.zero_()
+
+
+def reset_token_counts(module: nn.Module) -> None:
+    """Starts every MoE layer in module over on its token counts (dispatch.TokenCounts): call on
+    every rank before a batch whose token layout may differ from the last one's."""
+    for layer in module.modules():
+        if isinstance(layer, MoELayer) and layer.token_counts is not None:
+            layer.token_counts.reset()

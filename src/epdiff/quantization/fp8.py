@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# An all-zero row still gets a positive scale (its codes are 0, so the value does not matter).
-MIN_AMAX = 1e-12
+from .. import kernels
+from ..kernels import moe as moe_kernels
+from ..kernels.moe import FP8_DTYPE, FP8_MAX, MIN_AMAX
 # safetensors' name of the dtype, for checkpoint headers.
 SAFETENSORS_FP8 = "F8_E4M3"
 
@@ -69,10 +68,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows, in one fused pass where the Triton kernels run (CUDA inference)."""
-    from .. import kernels
-
     if kernels.available(x):
-        from ..kernels import moe as moe_kernels
         return moe_kernels.quantize_rows(x)
     return quantize_rows(x)
 

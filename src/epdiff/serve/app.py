@@ -108,17 +108,9 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
 
     @app.get("/v1/models")
     async def models():
-        from ..sampling.resolution import resolution_group
-
-        info = service.config.model_info
-        c = info.config
-        # dict: bucket sides rounded down to the VAE factor can repeat at small bases
-        sizes = list(dict.fromkeys(f"{w}x{h}" for h, w in resolution_group(c.image_base_size, c.vae_factor).buckets))
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "epdiff",
-            "parallel_layout": layout, "image_sizes": sizes, "default_size": f"{c.image_base_size}x{c.image_base_size}",
-            "default_num_inference_steps": info.generation["diff_infer_steps"],
-            "default_guidance_scale": info.generation["diff_guidance_scale"]}]}
+            "parallel_layout": layout, **service.config.model_info.describe()}]}
 
     @app.get("/metrics")
     async def prometheus():

@@ -7,6 +7,7 @@ value, is refused here, at load, with one line naming the field and the value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -79,6 +80,48 @@ def check_generation_config(generation: dict, source: str = "generation_config.j
         if value not in allowed:
             shown = ", ".join(repr(a) for a in allowed if a is not None)
             raise ConfigError(f"{source}: {name} {value!r} is not supported (supported: {shown})")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """generation_config.json's image settings; a field's default is what an absent key means
+    (the base model's values). The file's other keys (the language model's sampling) are kept in
+    `raw` and not used by text-to-image."""
+
+    diff_infer_steps: int = 50
+    diff_guidance_scale: float = 5.0
+    flow_shift: float = 3.0
+    max_length: int = 12800
+    sequence_template: str = "pretrain"
+    use_system_prompt: str | None = "None"
+    bot_task: str | None = "image"
+    drop_think: bool = False
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, generation: dict, source: str = "generation_config.json") -> "GenerationConfig":
+        check_generation_config(generation, source)
+        known = {f.name for f in dataclasses.fields(cls)} - {"raw"}
+        return cls(**{k: v for k, v in generation.items() if k in known}, raw=dict(generation))
+
+    def to_dict(self) -> dict:
+        """The file's contents, as make-tiny writes it."""
+        return {**self.raw, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "raw"}}
+
+
+def read_generation_config(model_dir: str) -> GenerationConfig:
+    """The folder's generation_config.json (the defaults where there is none); settings epdiff
+    does not implement are refused, so that no loader runs a checkpoint whose template or task it
+    would silently replace."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return GenerationConfig()
+    try:
+        with open(path) as f:
+            generation = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    return GenerationConfig.from_dict(generation, path)
 
 
 @dataclass
@@ -173,18 +216,7 @@ class HunyuanImage3Config:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        config = cls.from_dict(cfg)
-        # The model folder's generation settings are refused here too, so that no loader runs a
-        # checkpoint whose template or task epdiff would silently replace.
-        generation_path = os.path.join(model_dir, "generation_config.json")
-        if os.path.isfile(generation_path):
-            try:
-                with open(generation_path) as f:
-                    generation = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{generation_path} is not valid JSON: {e}") from None
-            check_generation_config(generation, generation_path)
-        return config
+        return cls.from_dict(cfg)
 
     def check(self):
         if self.patch_size != 1:

@@ -15,15 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from ...distributed.parallel_state import ParallelState
-from .config import HunyuanImage3Config
+from ...loader.dummy import init_dummy_weights
+from .config import GenerationConfig, HunyuanImage3Config
 from .model import HunyuanImage3Transformer
-from .tokenizer import build_tiny_tokenizer
+from .tiny_tokenizer import build_tiny_tokenizer
 from .vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, vae_config_tiny
-from .weights import export_state_dict, init_dummy_weights
-
-TINY_DEFAULTS = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-                     num_experts=8, moe_topk=2, moe_intermediate_size=64, image_base_size=256,
-                     patch_embed_hidden_dim=64, seed=0)
+from .weights import export_state_dict
 
 
 def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,
@@ -48,11 +45,6 @@ def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_val
         "image_base_size": image_base_size, "vae_downsample_factor": [16, 16],
         "vae": dict(RELEASE_VAE_CONFIG) if vae == "release" else (vae or vae_config_tiny()),
     }
-
-
-GENERATION_CONFIG = {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0,
-                     "sequence_template": "pretrain", "use_system_prompt": "None", "bot_task": "image",
-                     "max_length": 12800, "drop_think": False}
 
 
 def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: int):
@@ -113,4 +105,4 @@ def _write_configs(out_dir: str, cfg: dict, generation: dict | None = None):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({**GENERATION_CONFIG, **(generation or {})}, f, indent=2)
+        json.dump({**GenerationConfig().to_dict(), **(generation or {})}, f, indent=2)

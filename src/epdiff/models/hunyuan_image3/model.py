@@ -20,12 +20,11 @@ from torch import nn
 from ...distributed.parallel_state import ParallelState
 from ...distributed.pipeline_parallel import StageLink, stage_layers
 from ...distributed.sequence_parallel import gather_sequence, local_chunk
-from ...layers.attention import Attention, KVCache
+from .attention import Attention, KVCache
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
-from ...layers.rotary import rope_2d
-from ...moe import MoELayer
-from ...moe.dispatch import token_counts_for
+from .rotary import rope_2d
+from ...moe.layer import MoELayer
 from .config import HunyuanImage3Config
 
 
@@ -123,17 +122,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, quant_config=quant_config, **kw)
 
-    def _mlp(self, h, token_counts):
-        return self.mlp(h, token_counts) if isinstance(self.mlp, MoELayer) else self.mlp(h)
-
-    def prefill(self, x, cos, sin, token_counts):
+    def prefill(self, x, cos, sin):
         attn, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin)
         h, x = self.post_attention_layernorm(attn, residual=x)
-        return x + self._mlp(h, token_counts), cache
+        return x + self.mlp(h), cache
 
-    def forward(self, x, cos, sin, cache, token_counts):
+    def forward(self, x, cos, sin, cache):
         h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache), residual=x)
-        return x + self._mlp(h, token_counts)
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -154,11 +150,9 @@ class HunyuanImage3Transformer(nn.Module):
         quantized form (the routed experts) take it."""
         super().__init__()
         c, kw = config, dict(dtype=dtype, device=device)
-        parallel.config.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
         self.config, self.parallel, self.dtype = c, parallel, dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.link = StageLink(parallel.pp)
-        self._step_counts = None  # (step tokens, token-group counts), set on the first step after prefill()
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
         self.quant_config = quant_config
         self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device, quant_config)
@@ -197,29 +191,17 @@ class HunyuanImage3Transformer(nn.Module):
         B, L = input_ids.shape
         x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
         cos, sin = self._rope(positions)
-        counts = token_counts_for(self.parallel, B * L, self.device)
         key_mask = None
         if lengths is not None and min(lengths) < L:
             key_mask = torch.arange(L, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         caches = []
         for layer in self.model.layers.values():
-            x, cache = layer.prefill(x, cos, sin, counts)
+            x, cache = layer.prefill(x, cos, sin)
             cache.key_mask = key_mask
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
-        self._step_counts = None
         return caches
-
-    def _step_token_counts(self, num_tokens: int) -> list[int] | None:
-        """Every token-group rank's rows per step. Fixed from one prefill to the next, so gathered
-        on the first step only (the gather reads the counts on the host)."""
-        if self._step_counts is None:
-            self._step_counts = (num_tokens, token_counts_for(self.parallel, num_tokens, self.device))
-        elif self._step_counts[0] != num_tokens:
-            raise ValueError(f"{num_tokens} tokens in this step but {self._step_counts[0]} in the first step after "
-                             "prefill(): call prefill() again for a new batch")
-        return self._step_counts[1]
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
                 caches: list[KVCache]) -> torch.Tensor:
@@ -241,9 +223,8 @@ class HunyuanImage3Transformer(nn.Module):
         x = self._receive_or(embed, (B, local, self.config.hidden_size))
         rope_positions = torch.cat([positions[..., :1, :], local_chunk(positions[..., 1:, :], sp, dim=-2)], dim=-2)
         cos, sin = self._rope(rope_positions)
-        counts = self._step_token_counts(B * local)
         for layer, cache in zip(self.model.layers.values(), caches):
-            x = layer(x, cos, sin, cache, counts)
+            x = layer(x, cos, sin, cache)
         velocity = None
         if self.link.is_last:
             image = gather_sequence(x[:, 1:], sp, dim=1)

@@ -1,29 +1,25 @@
-"""Text to image with HunyuanImage-3.0 on one rank of any parallel layout.
+"""Text to image with HunyuanImage-3.0 on one rank of any parallel layout: the family's part of
+the engine's denoising loop (models/base.py).
 
-Every rank runs this same program (SPMD). The pipeline loads once (`__init__`) and then denoises
-batch after batch (`__call__`): tokenize the cond and uncond branches, cache the text prefix's
-K/V, then for each of N flow-matching steps predict the velocity of this rank's branches,
-combine them with classifier-free guidance and take an Euler step. The decode ranks (one per DP
-group) turn the final latents into images.
+A batch tokenizes each prompt's conditional and unconditional sequences, caches the text prefix's
+K/V for this rank's guidance branches, and draws each image's noise as the reference does; each
+step then runs [<timestep>, image tokens] of every branch against the cache. The decode ranks turn
+final latents into images with the checkpoint's VAE.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
-from ...distributed.collectives import all_gather_tensor
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
-from ...sampling.resolution import snap
-from ...sampling.scheduler import FlowMatchEulerScheduler, guidance
-from .tokenizer import HunyuanTokenizer
+from ...sampling.scheduler import FlowMatchEulerScheduler
+from ..base import DenoisingBatch, ImagePipeline, ImageTask
+from .loading import load_model
 from .vae import AutoencoderKLConv3D, to_uint8
-from .weights import load_model, load_vae
+from .weights import load_vae
 
 
 def initial_noise(seeds: Sequence[int], shape, device: torch.device) -> torch.Tensor:
@@ -36,114 +32,50 @@ def initial_noise(seeds: Sequence[int], shape, device: torch.device) -> torch.Te
     return torch.cat(out)
 
 
-@dataclass
-class DenoisedImage:
-    item: object  # the engine's WorkItem
-    latents: torch.Tensor  # [C, h, w] fp32, on the CPU
-    nonfinite_step: int | None  # the first step whose latents held a NaN or inf
-    pixels: torch.Tensor | None = None  # uint8 [H, W, 3] on decode ranks
-
-
-@dataclass
-class RankMetrics:
-    rank: int
-    layout: str
-    local_experts: list[int] = field(default_factory=list)
-    parameter_bytes: int = 0
-    checkpoint_bytes_read: int = 0
-    load_seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)  # the last batch's
-    peak_memory_bytes: int | None = None
-
-
-class HunyuanImage3Pipeline:
-    def __init__(self, engine, parallel: ParallelState, decode: bool = True):
-        """engine: a resolved EngineConfig (its dtype named). decode=False skips the VAE (latents only)."""
-        start = time.perf_counter()
-        self.parallel, self.device = parallel, parallel.device
-        self.dtype = getattr(torch, engine.dtype)
-        info = engine.model_info
-        self.config, self.generation, self.context = info.config, info.generation, info.context
-        self.tokenizer = HunyuanTokenizer.from_pretrained(engine.model)
-        self.transformer, checkpoint = load_model(engine.model, parallel, self.dtype, self.device,
-                                                  engine.load_format, self.config, engine.quantization)
-        self.decodes = parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
-        self.vae = self._load_vae(checkpoint) if self.decodes and decode else None
-        moe = self.transformer.moe_layers
-        self.metrics = RankMetrics(
-            rank=parallel.global_rank, layout=parallel.config.describe(),
-            local_experts=moe[0].local_expert_ids if moe else [],
-            parameter_bytes=sum(p.numel() * p.element_size() for p in self.transformer.parameters()),
-            checkpoint_bytes_read=checkpoint.bytes_read if checkpoint else 0,
-            load_seconds=time.perf_counter() - start)
+class HunyuanImage3Pipeline(ImagePipeline):
+    def __init__(self, info, parallel: ParallelState, dtype: torch.dtype, load_format: str = "safetensors",
+                 quantization: str | None = None, decode: bool = True):
+        """info: the folder's HunyuanImage3Info. decode: load the VAE here."""
+        self.info, self.parallel, self.device, self.dtype = info, parallel, parallel.device, dtype
+        self.config, self.tokenizer = info.config, info.tokenizer
+        self.transformer, checkpoint = load_model(info.model_dir, parallel, dtype, self.device, load_format,
+                                                  self.config, quantization)
+        self.checkpoint_bytes_read = checkpoint.bytes_read if checkpoint else 0
+        self.vae = self._load_vae(checkpoint) if decode else None
+        self.can_decode = self.vae is not None
 
     def _load_vae(self, ckpt: SafetensorsCheckpoint | None) -> AutoencoderKLConv3D:
         if ckpt is None:  # --load-format dummy
             return AutoencoderKLConv3D(self.config.vae, with_encoder=False).to(self.device).eval()
         return load_vae(ckpt, self.config.vae, self.device)
 
-    # -- the sampling algorithm ------------------------------------------------------------------
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [int(i) for i, layer in self.transformer.model.layers.items() if self.config.is_moe_layer(int(i))]
 
-    @torch.inference_mode()
-    def __call__(self, items: Sequence, on_step: Callable[[int, int], None] | None = None,
-                 show_progress: bool = False) -> list[DenoisedImage]:
-        """Denoises a batch of images that share size, steps and guidance (the engine's WorkItems;
-        their prompts may differ) and decodes them on decode ranks."""
-        first, p, c = items[0], self.parallel, self.config
-        ratio, height, width = snap(first.height, first.width, c.image_base_size, c.vae_factor)
-        h, w = height // c.vae_factor, width // c.vae_factor
-        use_cfg = first.guidance_scale > 1.0
+    def start_batch(self, tasks, branches) -> DenoisingBatch:
+        first, c = tasks[0], self.config
+        ratio = self.info.resolution.ratio_index(first.height, first.width)
+        h, w = first.height // c.vae_factor, first.width // c.vae_factor
         sequences = {}  # prompt -> (cond, uncond)
-        for item in items:
-            if item.prompt not in sequences:
-                ids = self.tokenizer.encode(item.prompt)
-                sequences[item.prompt] = (
-                    self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, self.context),
-                    self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, self.context))
-        branches = [0, 1] if use_cfg else [0]
-        if p.cfg.size == 2:
-            branches = [branches[p.cfg.rank]]
-        n = len(items)
+        for task in tasks:
+            if task.prompt not in sequences:
+                ids = self.tokenizer.encode(task.prompt)
+                sequences[task.prompt] = (
+                    self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, self.info.context),
+                    self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, self.info.context))
         # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
-        rows = [sequences[item.prompt][branch] for branch in branches for item in items]
+        rows = [sequences[task.prompt][branch] for branch in branches for task in tasks]
         caches, gen_positions = self._prefill(rows)
+        sampler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.info.generation.flow_shift))
+        latents = initial_noise([task.seed for task in tasks], (c.latent_channels, h, w), self.device)
+        timesteps = sampler.timesteps.to(self.device)
 
-        scheduler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.generation.get("flow_shift", 3.0)))
-        latents = initial_noise([item.seed for item in items], (c.latent_channels, h, w), self.device)
-        timesteps = scheduler.timesteps.to(self.device)
-        # The first step whose latents are not finite, per image: kept on the device and read
-        # once after the loop, so checking costs no host sync inside a step.
-        nonfinite_step = torch.full((n,), -1, dtype=torch.long, device=self.device)
-        timer = StepTimer(self.device)
-        steps = tqdm(range(len(scheduler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
-                     disable=not (show_progress and p.global_rank == 0))
-        for i in steps:
-            timer.start()
+        def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             t = timesteps[i].expand(len(rows))
-            model_in = latents.repeat(len(branches), 1, 1, 1)
-            velocity = self.transformer(model_in, t, gen_positions, caches).float()
-            if p.cfg.size == 2:
-                velocity = torch.cat(all_gather_tensor(velocity, p.cfg).unbind(0))  # [cond; uncond]
-            if use_cfg:
-                cond_v, uncond_v = velocity.chunk(2)
-                velocity = guidance(cond_v, uncond_v, first.guidance_scale)
-            latents = scheduler.step(velocity, latents, i)
-            finite = torch.isfinite(latents).flatten(1).all(1)
-            nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
-            timer.stop()
-            if on_step is not None:
-                on_step(i + 1, len(scheduler))
-        self.metrics.step_seconds = timer.seconds()  # this batch's
-        bad = nonfinite_step.tolist()
-        latents = latents.float().cpu()
-        out = [DenoisedImage(item, latents[k], bad[k] if bad[k] >= 0 else None) for k, item in enumerate(items)]
-        if self.vae is not None:
-            for image in out:
-                if image.nonfinite_step is None and image.item.request_id is not None:
-                    image.pixels = self.decode(image.latents[None])[0]
-        if self.device.type == "cuda":
-            self.metrics.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
-        return out
+            return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches).float()
+
+        return DenoisingBatch(latents, sampler, predict)
 
     def _prefill(self, rows):
         """Caches the text prefix of every row; returns the caches and the positions of each
@@ -170,31 +102,3 @@ class HunyuanImage3Pipeline:
         # under fp16 autocast with fp32 weights).
         images = self.vae.decode_latents(latents.to(self.device, next(self.vae.parameters()).dtype))
         return to_uint8(images.float()).cpu()
-
-
-class StepTimer:
-    """Seconds per step without synchronising between steps: CUDA events on a GPU (read once,
-    after the loop), the wall clock on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self):
-        self.marks.append([self._mark()])
-
-    def stop(self):
-        self.marks[-1].append(self._mark())
-
-    def seconds(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
-        return [b - a for a, b in self.marks]

@@ -18,19 +18,16 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+from ..models.base import ImageTask
 from .params import SamplingParams
 
 
 @dataclass(frozen=True)
-class WorkItem:
+class WorkItem(ImageTask):
+    """An image of a request, as the planner places it and a family's pipeline draws it."""
+
     request_id: int | None  # None: filler, its result is dropped
     image_index: int  # within its request
-    prompt: str
-    seed: int
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
 
     @property
     def batch_key(self) -> tuple:
@@ -54,8 +51,9 @@ class Batch:
 
 def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
     """A resolved request's images."""
-    return [WorkItem(request_id, k, params.prompt, params.image_seed(k), params.height, params.width,
-                     params.num_inference_steps, params.guidance_scale) for k in range(params.n)]
+    return [WorkItem(prompt=params.prompt, seed=params.image_seed(k), height=params.height, width=params.width,
+                     num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+                     request_id=request_id, image_index=k) for k in range(params.n)]
 
 
 class BatchPlanner:

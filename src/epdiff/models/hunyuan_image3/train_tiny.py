@@ -22,17 +22,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..distributed.parallel_state import ParallelState
-from ..loader.safetensors_loader import SafetensorsCheckpoint
-from ..models.hunyuan_image3.config import HunyuanImage3Config
-from ..models.hunyuan_image3.make_tiny import save_release_format, tiny_config
-from ..models.hunyuan_image3.model import HunyuanImage3Transformer
-from ..models.hunyuan_image3.tokenizer import HunyuanTokenizer, build_tiny_tokenizer
-from ..models.hunyuan_image3.vae import AutoencoderKLConv3D, vae_config_tiny
-from ..models.hunyuan_image3.weights import init_dummy_weights, load_model, load_vae
-from ..moe import Router
-from ..sampling.resolution import snap
-from . import shapes
+from ...distributed.parallel_state import ParallelState
+from ...loader.dummy import init_dummy_weights
+from ...loader.safetensors_loader import SafetensorsCheckpoint
+from ...moe.router import Router
+from ...train import shapes
+from .config import HunyuanImage3Config
+from .loading import load_model
+from .make_tiny import save_release_format, tiny_config
+from .model import HunyuanImage3Transformer
+from .resolution import snap
+from .tiny_tokenizer import build_tiny_tokenizer
+from .tokenizer import HunyuanTokenizer
+from .vae import AutoencoderKLConv3D, vae_config_tiny
+from .weights import load_vae
 
 IMAGE_SIZE = 128
 MODEL_SIZE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, num_experts=8,

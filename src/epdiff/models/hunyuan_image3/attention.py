@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..distributed.parallel_state import Group
-from ..kernels import norm as norm_kernels
-from ..distributed.sequence_parallel import gather_heads, scatter_heads
-from .linear import ColumnParallelLinear, RowParallelLinear
-from .norm import RMSNorm
+from ... import kernels
+from ...distributed.parallel_state import Group
+from ...kernels import norm as norm_kernels
+from ...distributed.sequence_parallel import gather_heads, scatter_heads
+from ...layers.linear import ColumnParallelLinear, RowParallelLinear
+from ...layers.norm import RMSNorm
 from .rotary import apply_rope
 
 
@@ -50,7 +50,7 @@ def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) ->
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: Group,
                  sp: Group, eps: float = 1e-5, dtype=None, device=None, quant_config=None):
-        """quant_config: an FP8 config makes qkv_proj FP8 (o_proj, row-parallel, stays in dtype)."""
+        """quant_config: the quantization scheme of the projections (None: in dtype)."""
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
@@ -62,7 +62,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.qkv_proj = ColumnParallelLinear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, tp,
                                              dtype=dtype, device=device, quant_config=quant_config)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp, dtype=dtype, device=device,
+                                        quant_config=quant_config)
         self.query_layernorm = RMSNorm(head_dim, eps, dtype=dtype, device=device)
         self.key_layernorm = RMSNorm(head_dim, eps, dtype=dtype, device=device)
 

@@ -1,0 +1,136 @@
+"""The denoising loop, once for every model family (docs/architecture.md, 'The engine').
+
+Every rank runs it in lockstep on its DP group's images: the family's pipeline starts the batch
+(conditioning, noise, sampler) and predicts each step's velocities for this rank's guidance
+branches; the loop exchanges the branches between CFG ranks, combines them, steps the sampler,
+tracks non-finite latents on the device (read once, after the loop: no host sync in a step),
+times the steps, reports progress, and decodes on the decode ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..distributed.collectives import all_gather_tensor
+from ..distributed.parallel_state import ParallelState
+from ..models.base import ImagePipeline, ImageTask
+from ..moe.layer import MoELayer, reset_token_counts
+
+
+@dataclass
+class DenoisedImage:
+    task: ImageTask
+    latents: torch.Tensor  # [C, h, w] fp32, on the CPU
+    nonfinite_step: int | None  # the first step whose latents held a NaN or inf
+    pixels: torch.Tensor | None = None  # uint8 [H, W, 3] on decode ranks
+
+
+@dataclass
+class RankMetrics:
+    rank: int
+    layout: str
+    local_experts: list[int] = field(default_factory=list)
+    parameter_bytes: int = 0
+    checkpoint_bytes_read: int = 0
+    load_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # the last batch's
+    peak_memory_bytes: int | None = None
+
+    @classmethod
+    def of(cls, pipe: ImagePipeline, parallel: ParallelState, load_seconds: float) -> "RankMetrics":
+        moe = moe_layers(pipe)
+        return cls(rank=parallel.global_rank, layout=parallel.config.describe(),
+                   local_experts=moe[0].local_expert_ids if moe else [],
+                   parameter_bytes=sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()),
+                   checkpoint_bytes_read=pipe.checkpoint_bytes_read, load_seconds=load_seconds)
+
+
+def moe_layers(pipe: ImagePipeline) -> list[MoELayer]:
+    return [m for m in pipe.transformer.modules() if isinstance(m, MoELayer)]
+
+
+def is_decode_rank(parallel: ParallelState) -> bool:
+    """One rank per DP group decodes and reports its group's images."""
+    return parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
+
+
+@torch.inference_mode()
+def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelState, metrics: RankMetrics,
+            on_step: Callable[[int, int], None] | None = None, show_progress: bool = False,
+            decode: Sequence[bool] | None = None) -> list[DenoisedImage]:
+    """Denoises images that share size, steps and guidance (their prompts may differ) and, where
+    the pipeline can, decodes those with decode[k] (default: all). Fills metrics' step times and
+    peak memory."""
+    first, device = tasks[0], parallel.device
+    n = len(tasks)
+    num_branches = pipe.info.num_guidance_branches(first.guidance_scale)
+    branches = list(range(num_branches))
+    if parallel.cfg.size == 2:
+        branches = [branches[parallel.cfg.rank]]
+    reset_token_counts(pipe.transformer)  # a new batch's token layout
+    batch = pipe.start_batch(tasks, branches)
+    latents, sampler = batch.latents, batch.sampler
+    # The first step whose latents are not finite, per image: kept on the device and read once
+    # after the loop, so checking costs no host sync inside a step.
+    nonfinite_step = torch.full((n,), -1, dtype=torch.long, device=device)
+    timer = StepTimer(device)
+    steps = tqdm(range(len(sampler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
+                 disable=not (show_progress and parallel.global_rank == 0))
+    for i in steps:
+        timer.start()
+        velocity = batch.predict(latents, i)
+        if parallel.cfg.size == 2:
+            velocity = torch.cat(all_gather_tensor(velocity, parallel.cfg).unbind(0))  # [cond; uncond]
+        if num_branches == 2:
+            cond_v, uncond_v = velocity.chunk(2)
+            velocity = pipe.combine_guidance(cond_v, uncond_v, first.guidance_scale)
+        latents = sampler.step(velocity, latents, i)
+        finite = torch.isfinite(latents).flatten(1).all(1)
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
+        timer.stop()
+        if on_step is not None:
+            on_step(i + 1, len(sampler))
+    metrics.step_seconds = timer.seconds()  # this batch's
+    bad = nonfinite_step.tolist()
+    latents = latents.float().cpu()
+    out = [DenoisedImage(task, latents[k], bad[k] if bad[k] >= 0 else None) for k, task in enumerate(tasks)]
+    if pipe.can_decode:
+        for k, image in enumerate(out):
+            if image.nonfinite_step is None and (decode is None or decode[k]):
+                image.pixels = pipe.decode(image.latents[None])[0]
+    if device.type == "cuda":
+        metrics.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+class StepTimer:
+    """Seconds per step without synchronising between steps: CUDA events on a GPU (read once,
+    after the loop), the wall clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self):
+        self.marks.append([self._mark()])
+
+    def stop(self):
+        self.marks[-1].append(self._mark())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        return [b - a for a, b in self.marks]

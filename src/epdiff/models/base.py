@@ -1,0 +1,150 @@
+"""The model-family seam (docs/architecture.md, 'Model families'): what a family gives the engine.
+
+    ModelFamily      one per family, registered in models/registry.py: reads a model folder
+                     (`read` -> ModelInfo), and its tools (make-tiny, train-tiny, quantize)
+    ModelInfo        one model folder, read once: checks a layout and a request against the model,
+                     describes it (/v1/models), loads its pipeline on a rank
+    ImagePipeline    one rank's loaded model: starts a batch of images (conditioning, noise,
+                     sampler) and predicts their velocities; decodes latents into pixels
+    DenoisingBatch   what `start_batch` returns: the engine's denoising loop (engine/denoise.py)
+                     runs it step by step: CFG exchange and combine, the sampler step, non-finite
+                     tracking, step timing and progress are the loop's, not the family's
+
+A family never sees the engine's requests, futures or workers: the loop hands it `ImageTask`s.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ParallelConfig
+from ..distributed.parallel_state import ParallelState
+from ..sampling.scheduler import guidance
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to draw, as the engine's planner hands it to a family (its request resolved)."""
+
+    prompt: str
+    seed: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+class Sampler(Protocol):
+    """A denoising schedule: len() steps; step i takes the latents from one noise level to the next."""
+
+    def __len__(self) -> int: ...
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor, step_index: int) -> torch.Tensor: ...
+
+
+@dataclass
+class DenoisingBatch:
+    """A batch of images started by a family's pipeline, for the engine's loop to run.
+
+    `predict(latents, i)` returns this rank's guidance branches' velocities for step i, branch
+    after branch ([len(branches)·n, ...], fp32); the loop gathers the branches of other CFG
+    ranks, combines them (`ImagePipeline.combine_guidance`) and steps the sampler."""
+
+    latents: torch.Tensor  # [n, ...] the initial noise, on the device
+    sampler: Sampler
+    predict: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class ImagePipeline(ABC):
+    """One rank's loaded model of a family (loaded once, used for batch after batch)."""
+
+    info: "ModelInfo"
+    transformer: nn.Module  # this rank's part of the denoiser (its MoE layers, its parameter bytes)
+    checkpoint_bytes_read: int = 0
+    can_decode: bool = False  # the VAE is loaded here
+
+    @abstractmethod
+    def start_batch(self, tasks: Sequence[ImageTask], branches: Sequence[int]) -> DenoisingBatch:
+        """Images that share size, steps and guidance (their prompts may differ). branches: the
+        guidance branches this rank predicts (0 = conditional, 1 = unconditional)."""
+
+    def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        return guidance(cond, uncond, scale)
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, ...] (fp32, CPU) -> uint8 pixels [B, H, W, 3] on the CPU."""
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """The model's layer index of each MoE layer of `transformer`, in module order."""
+        return []
+
+
+class ModelInfo(ABC):
+    """One model folder of a family, read once: the engine checks layouts and requests against it."""
+
+    model_dir: str
+    family: "ModelFamily"
+    default_num_inference_steps: int
+    default_guidance_scale: float
+    default_size: tuple[int, int]  # (height, width)
+    stored_quantization: str | None = None  # the scheme of a pre-quantized checkpoint
+
+    @abstractmethod
+    def check_layout(self, parallel: ParallelConfig) -> None:
+        """Raises ConfigError when the layout does not fit the model (ParallelConfig.validate with
+        the model's sizes, and whatever else the family splits)."""
+
+    def num_guidance_branches(self, guidance_scale: float) -> int:
+        """Model forwards per image and step: 2 with classifier-free guidance, else 1."""
+        return 2 if guidance_scale > 1.0 else 1
+
+    @abstractmethod
+    def resolve_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of the requested size is made at; ValueError names the problem."""
+
+    @abstractmethod
+    def image_tokens(self, height: int, width: int) -> int:
+        """Image tokens of a resolved size (what sequence parallelism splits)."""
+
+    @abstractmethod
+    def check_prompt(self, prompt: str, height: int, width: int) -> None:
+        """ValueError when the prompt cannot be drawn at this size (too long for the context)."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What GET /v1/models says about the model besides its name and layout."""
+
+    @abstractmethod
+    def load_pipeline(self, parallel: ParallelState, dtype: torch.dtype, load_format: str,
+                      quantization: str | None, decode: bool) -> ImagePipeline:
+        """This rank's part of the model, loaded; decode: load what decodes latents into pixels."""
+
+
+@dataclass(frozen=True)
+class FamilyTool:
+    """A command of a family's (`epdiff make-tiny`, `epdiff train-tiny`): run(out_dir, options) with
+    options an instance of the dataclass `options` (its fields are the command's flags)."""
+
+    help: str
+    options: type
+    run: Callable
+
+
+class ModelFamily(ABC):
+    name: str
+    tools: dict[str, FamilyTool] = {}
+
+    @abstractmethod
+    def read(self, model_dir: str) -> ModelInfo:
+        """Reads the folder's configs and tokenizer, refusing every value the family does not implement."""
+
+    def quantize(self, model_dir: str, out_dir: str, quantization: str, device: str = "cpu") -> dict:
+        """`epdiff quantize`: a pre-quantized copy of the checkpoint; returns a summary."""
+        raise ValueError(f"the {self.name} family has no pre-quantized checkpoint format")

@@ -1,0 +1,159 @@
+"""HunyuanImage-3.0 as a model family (models/base.py): what the engine and the command line see."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...config import ConfigError, ParallelConfig, option
+from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
+from .config import HunyuanImage3Config, read_generation_config
+from .resolution import resolution_group
+from .tokenizer import HunyuanTokenizer, sequence_length
+from .weights import checkpoint_quantization
+
+
+class HunyuanImage3Info(ModelInfo):
+    """A HunyuanImage-3.0 folder: config.json, generation_config.json and the tokenizer, read once."""
+
+    def __init__(self, model_dir: str, family: "HunyuanImage3Family"):
+        self.model_dir, self.family = model_dir, family
+        self.config = HunyuanImage3Config.from_pretrained(model_dir)
+        self.generation = read_generation_config(model_dir)
+        self.tokenizer = HunyuanTokenizer.from_pretrained(model_dir)
+        # The longest sequence a request may build: max_length, within the model's position range.
+        self.context = min(int(self.generation.max_length), self.config.max_position_embeddings)
+        self.resolution = resolution_group(self.config.image_base_size, self.config.vae_factor)
+        self.default_num_inference_steps = self.generation.diff_infer_steps
+        self.default_guidance_scale = self.generation.diff_guidance_scale
+        self.default_size = (self.config.image_base_size, self.config.image_base_size)
+        stored = checkpoint_quantization(self.config, model_dir)
+        self.stored_quantization = None if stored is None else stored.name
+
+    def check_layout(self, parallel: ParallelConfig) -> None:
+        c = self.config
+        parallel.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
+        if c.num_key_value_heads % (parallel.tensor_parallel_size * parallel.sequence_parallel_size):
+            raise ConfigError(f"num_key_value_heads {c.num_key_value_heads} cannot be split over "
+                              f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
+
+    def resolve_size(self, height, width):
+        _, height, width = self.resolution.snap(height, width)
+        return height, width
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.config.vae_factor, width // self.config.vae_factor
+
+    def image_tokens(self, height, width):
+        grid_h, grid_w = self._grid(height, width)
+        return grid_h * grid_w
+
+    def check_prompt(self, prompt, height, width):
+        grid_h, grid_w = self._grid(height, width)
+        n = len(self.tokenizer.encode(prompt))
+        total = sequence_length(n, grid_h, grid_w)
+        if total > self.context:
+            raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens the sequence is {total} "
+                             f"tokens, over the model's context of {self.context}")
+
+    def describe(self) -> dict:
+        # dict: bucket sides rounded down to the VAE factor can repeat at small bases
+        sizes = list(dict.fromkeys(f"{w}x{h}" for h, w in self.resolution.buckets))
+        base = self.config.image_base_size
+        return {"family": self.family.name, "image_sizes": sizes, "default_size": f"{base}x{base}",
+                "default_num_inference_steps": self.default_num_inference_steps,
+                "default_guidance_scale": self.default_guidance_scale}
+
+    def load_pipeline(self, parallel, dtype: torch.dtype, load_format: str, quantization: str | None,
+                      decode: bool) -> ImagePipeline:
+        from .pipeline import HunyuanImage3Pipeline
+
+        return HunyuanImage3Pipeline(self, parallel, dtype, load_format, quantization, decode)
+
+
+@dataclass
+class TinyModelOptions:
+    """`epdiff make-tiny`: the small model's config.json sizes."""
+
+    hidden_size: int = option(128, "config.json hidden_size")
+    num_hidden_layers: int = option(2, "config.json num_hidden_layers")
+    num_attention_heads: int = option(8, "config.json num_attention_heads")
+    num_key_value_heads: int = option(4, "config.json num_key_value_heads")
+    num_experts: int = option(8, "config.json num_experts")
+    moe_topk: int = option(2, "config.json moe_topk (every layer)")
+    moe_intermediate_size: int = option(64, "config.json moe_intermediate_size (experts and the shared expert)")
+    image_base_size: int = option(256, "config.json image_base_size (the square bucket's side)")
+    patch_embed_hidden_dim: int = option(64, "config.json patch_embed_hidden_dim")
+    seed: int = option(0, "seed of the random weights")
+    vocab_size: int | None = option(None, "default: the tokenizer's size")
+    release_vae: bool = option(False, "the release's VAE config instead of a tiny one")
+    config_only: bool = option(False, "write configs and tokenizer but no weights (for --load-format dummy at "
+                                      "full size)")
+
+
+def _make_tiny(out_dir: str, options: TinyModelOptions) -> str:
+    from .make_tiny import make_tiny
+
+    fields = dict(vars(options))
+    release_vae = fields.pop("release_vae")
+    make_tiny(out_dir, **fields, vae="release" if release_vae else None)
+    return f"wrote a tiny HunyuanImage-3.0 checkpoint to {out_dir}"
+
+
+@dataclass
+class TrainTinyOptions:
+    """`epdiff train-tiny`: the shapes model's training run (models/hunyuan_image3/train_tiny.py)."""
+
+    vae_steps: int = option(2000, "VAE training steps")
+    transformer_steps: int = option(8000, "transformer training steps")
+    vae_batch_size: int = option(32, "VAE batch size")
+    batch_size: int = option(128, "transformer batch size")
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    seed: int = option(0, "seed of the data and the initial weights")
+    pool_size: int = option(32768, "jittered training images rendered up front")
+    lr: float = option(6e-4, "transformer peak learning rate")
+    init_from: str | None = option(None, "a trained shapes model: keep its VAE (no VAE training) and continue "
+                                         "its transformer")
+    vae_from: str | None = option(None, "a trained shapes model: keep its VAE (no VAE training), train a new "
+                                        "transformer")
+    one_object_share: float = option(0.15, "fraction of training images with one object (scenes drawn "
+                                           "uniformly would give 7 %%)")
+    max_minutes: float | None = option(None, "cap the whole run: the transformer takes as many of its steps as fit")
+    hidden_size: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
+    num_hidden_layers: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
+    num_attention_heads: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
+    moe_intermediate_size: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
+
+
+def _train_tiny(out_dir: str, o: TrainTinyOptions) -> str:
+    from .train_tiny import train_tiny
+
+    sizes = {"hidden_size": o.hidden_size, "num_hidden_layers": o.num_hidden_layers,
+             "num_attention_heads": o.num_attention_heads, "moe_intermediate_size": o.moe_intermediate_size}
+    train_tiny(out_dir, o.vae_steps, o.transformer_steps, o.vae_batch_size, o.batch_size, o.device, o.seed,
+               pool_size=o.pool_size, lr=o.lr, model_size={k: v for k, v in sizes.items() if v is not None},
+               max_minutes=o.max_minutes, init_from=o.init_from, vae_from=o.vae_from,
+               one_object_share=o.one_object_share)
+    return f"trained the shapes model into {out_dir}"
+
+
+class HunyuanImage3Family(ModelFamily):
+    name = "hunyuan_image3"
+    tools = {
+        "make-tiny": FamilyTool("write a small model in the release format", TinyModelOptions, _make_tiny),
+        "train-tiny": FamilyTool("train the small shapes model (GPU if present, slowly on CPU)", TrainTinyOptions,
+                                 _train_tiny),
+    }
+
+    def read(self, model_dir: str) -> HunyuanImage3Info:
+        return HunyuanImage3Info(model_dir, self)
+
+    def quantize(self, model_dir, out_dir, quantization, device="cpu"):
+        from ...quantization import get_quantization_config
+        from ...quantization.checkpoint import write_quantized_checkpoint
+        from .weights import is_expert_weight
+
+        HunyuanImage3Config.from_pretrained(model_dir)  # a readable folder of this family
+        return write_quantized_checkpoint(model_dir, out_dir, get_quantization_config(quantization),
+                                          is_expert_weight, device)
