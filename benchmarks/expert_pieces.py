@@ -15,12 +15,11 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
-from epdiff.layers.mlp import swiglu_up_gate
-from epdiff import kernels
 from epdiff.kernels import moe as moe_kernels
-from epdiff.moe.experts import GroupedExperts, _grouped_mm
+from epdiff.layers.activation import swiglu_up_gate
+from epdiff.moe.experts import GroupedExperts
+from epdiff.quantization.base import grouped_mm as _grouped_mm
 
 
 def timed(fn, iters):
@@ -55,8 +54,8 @@ def main():
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     T, D, E, k, I = a.tokens, a.hidden, a.experts, a.top_k, a.inter
     experts = GroupedExperts(E, D, I, dtype=bf16, device=dev)
-    torch.nn.init.normal_(experts.w13, std=0.02)
-    torch.nn.init.normal_(experts.w2, std=0.02)
+    torch.nn.init.normal_(experts.up_gate_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
     x = torch.randn(T, D, device=dev, dtype=bf16)
     stride = E // k  # balanced routing: every expert gets T·k/E pairs
     base = torch.randperm(T, device=dev) % stride
@@ -73,10 +72,10 @@ def main():
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     h = x[rows]
     ws = w.flatten()[order, None]
-    g1 = _grouped_mm(h, experts.w13.transpose(-2, -1), offs)
+    g1 = _grouped_mm(h, experts.up_gate_proj.transpose(-2, -1), offs)
     act = (swiglu_up_gate(g1).float() * ws).to(bf16)
-    out = _grouped_mm(act, experts.w2.transpose(-2, -1), offs)
-    w13t, w2t = experts.w13.transpose(-2, -1).contiguous(), experts.w2.transpose(-2, -1).contiguous()
+    out = _grouped_mm(act, experts.down_proj.transpose(-2, -1), offs)
+    w13t, w2t = experts.up_gate_proj.transpose(-2, -1).contiguous(), experts.down_proj.transpose(-2, -1).contiguous()
 
     slot_to_row = torch.full((P,), -1, dtype=torch.int64, device=dev)
     slot_to_row[order] = torch.arange(P, device=dev)
@@ -92,11 +91,11 @@ def main():
         "sort + host sync + counts": timed(lambda: (torch.argsort(torch.where(flat >= 0, flat, E), stable=True),
                                                     int((flat >= 0).sum())), a.iters),
         "gather rows x[rows]": timed(lambda: x[rows], a.iters),
-        "grouped GEMM 1 (w13 transposed view)": timed(lambda: _grouped_mm(h, experts.w13.transpose(-2, -1), offs), a.iters),
+        "grouped GEMM 1 (w13 transposed view)": timed(lambda: _grouped_mm(h, experts.up_gate_proj.transpose(-2, -1), offs), a.iters),
         "grouped GEMM 1 (w13 pre-transposed)": timed(lambda: _grouped_mm(h, w13t, offs), a.iters),
         "SwiGLU + weight, fp32": timed(lambda: (swiglu_up_gate(g1).float() * ws).to(bf16), a.iters),
         "SwiGLU + weight, bf16": timed(lambda: swiglu_up_gate(g1) * ws.to(bf16), a.iters),
-        "grouped GEMM 2 (w2 transposed view)": timed(lambda: _grouped_mm(act, experts.w2.transpose(-2, -1), offs), a.iters),
+        "grouped GEMM 2 (w2 transposed view)": timed(lambda: _grouped_mm(act, experts.down_proj.transpose(-2, -1), offs), a.iters),
         "grouped GEMM 2 (w2 pre-transposed)": timed(lambda: _grouped_mm(act, w2t, offs), a.iters),
         "combine (per-slot scatter + sum over k)": timed(combine, a.iters),
         "combine (index_add fp32)": timed(lambda: torch.zeros(T, D, device=dev).index_add_(0, rows, out.float()), a.iters),

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 
 from epdiff.kernels import moe as moe_kernels
 from epdiff.moe import experts as experts_module
-from epdiff.moe.dispatch import _pack, _token_rows
-from epdiff.moe.experts import GroupedExperts, _grouped_mm, quantize_tokens
-from epdiff.quantization import fp8, get_quantization_config
+from epdiff.moe.dispatch import Dispatcher
+from epdiff.moe.experts import GroupedExperts
+from epdiff.quantization import experts_method, fp8, get_quantization_config
+from epdiff.quantization.base import grouped_mm as _grouped_mm
+from epdiff.quantization.fp8_method import quantize_tokens
 from moe_layer import cuda_time  # same folder: one timer for the benchmarks
 
 FP8 = get_quantization_config("fp8")
@@ -63,7 +65,7 @@ def make_experts(E, D, I, quant, device, num_experts=None):
     experts = GroupedExperts(E, D, I, torch.bfloat16, device, num_experts=num_experts, quant_config=quant)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for kind, shape in (("w13", (E, 2 * I, D)), ("w2", (E, D, I))):
+        for kind, shape in (("up_gate_proj", (E, 2 * I, D)), ("down_proj", (E, D, I))):
             value = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g) * 0.02
             for e in range(E):
                 experts.load_expert(e, kind, value[e])
@@ -102,20 +104,20 @@ def expert_path(device, tokens, skewed, args):
         count = offs[-1:]
         row["sort_ms"] = timed(lambda: torch.argsort(flat, stable=True), args.iters)
         h = moe_kernels.gather_rows(x, token, count)
-        g1 = _grouped_mm(h, bf16.w13.transpose(-2, -1), offs)
+        g1 = _grouped_mm(h, bf16.up_gate_proj.transpose(-2, -1), offs)
         act = moe_kernels.swiglu(g1, ws, count)
-        row["bf16_gemm1_tflops"] = gemm1 / timed(lambda: _grouped_mm(h, bf16.w13.transpose(-2, -1), offs),
+        row["bf16_gemm1_tflops"] = gemm1 / timed(lambda: _grouped_mm(h, bf16.up_gate_proj.transpose(-2, -1), offs),
                                                  args.iters) / 1e9
-        row["bf16_gemm2_tflops"] = gemm2 / timed(lambda: _grouped_mm(act, bf16.w2.transpose(-2, -1), offs),
+        row["bf16_gemm2_tflops"] = gemm2 / timed(lambda: _grouped_mm(act, bf16.down_proj.transpose(-2, -1), offs),
                                                  args.iters) / 1e9
         row["gather_bf16_ms"] = timed(lambda: moe_kernels.gather_rows(x, token, count), args.iters)
         row["gather_quant_ms"] = timed(lambda: moe_kernels.gather_quant_rows(x, token, count), args.iters)
         row["gather_quant_eager_ms"] = timed(lambda: fp8.quantize_rows(x[token]), args.iters)
         hq, hs = moe_kernels.gather_quant_rows(x, token, count)
-        g1q = fp8.scaled_grouped_mm(hq, hs, q8.w13, q8.w13_scale, offs, torch.bfloat16)
+        g1q = fp8.scaled_grouped_mm(hq, hs, q8.up_gate_proj, q8.up_gate_proj_scale, offs, torch.bfloat16)
         aq, a_s = moe_kernels.swiglu_quant(g1q, ws, count)
-        t1 = timed(lambda: fp8.scaled_grouped_mm(hq, hs, q8.w13, q8.w13_scale, offs, torch.bfloat16), args.iters)
-        t2 = timed(lambda: fp8.scaled_grouped_mm(aq, a_s, q8.w2, q8.w2_scale, offs, torch.bfloat16), args.iters)
+        t1 = timed(lambda: fp8.scaled_grouped_mm(hq, hs, q8.up_gate_proj, q8.up_gate_proj_scale, offs, torch.bfloat16), args.iters)
+        t2 = timed(lambda: fp8.scaled_grouped_mm(aq, a_s, q8.down_proj, q8.down_proj_scale, offs, torch.bfloat16), args.iters)
         row.update(fp8_gemm1_tflops=gemm1 / t1 / 1e9, fp8_gemm2_tflops=gemm2 / t2 / 1e9,
                    fp8_gemms_tflops=(gemm1 + gemm2) / (t1 + t2) / 1e9)
         row["swiglu_bf16_ms"] = timed(lambda: moe_kernels.swiglu(g1, ws, count), args.iters)
@@ -162,10 +164,10 @@ def dispatch(device, args):
         rows = quantize_tokens(x)
         unpack = timed(lambda: (moe_kernels.gather_rows(rows.q, token, count), rows.scale[token]), args.iters)
     wire = {}
-    for fp8_tokens in (False, True):
-        r, scale = _token_rows(x[:1], fp8_tokens)
-        meta = _pack(ids[:1], w[:1], None if scale is None else scale)
-        wire["fp8" if fp8_tokens else "bf16"] = r.numel() * r.element_size() + meta.numel() * meta.element_size()
+    for name, quant in (("bf16", None), ("fp8", FP8)):
+        r, row_values = experts_method(quant).pack_tokens(x[:1])
+        meta = Dispatcher._metadata(ids[:1], w[:1], row_values)
+        wire[name] = r.numel() * r.element_size() + meta.numel() * meta.element_size()
     return dict(tokens=T, bf16_rows_gather_quant_ms=bf16_side, fp8_pack_ms=pack, fp8_unpack_gather_ms=unpack,
                 fp8_overhead_ms=pack + unpack - bf16_side, bytes_per_token_bf16=wire["bf16"],
                 bytes_per_token_fp8=wire["fp8"])

@@ -22,7 +22,7 @@ from epdiff.distributed.parallel_state import ParallelState
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
 from epdiff.models.hunyuan_image3.model import HunyuanImage3Transformer
 from epdiff.moe.experts import expert_buffer_bytes, expert_chunks
-from epdiff.quantization import get_quantization_config
+from epdiff.quantization import experts_method, get_quantization_config
 from step_scaling import release_width_model
 
 TOKENS_PER_BRANCH = 1 + 64 * 64  # <timestep> + a 1024² image's tokens
@@ -41,7 +41,7 @@ def parameter_bytes(layers: int, act_bytes: int = 2) -> dict:
     outside = sum(p.numel() for p in model.parameters()) * act_bytes - sum(
         p.numel() for p in layer.parameters()) * act_bytes
     fp8_experts = sum(p.numel() * p.element_size() for p in experts.parameters())
-    bf16_experts = (experts.w13.numel() + experts.w2.numel()) * act_bytes
+    bf16_experts = (experts.up_gate_proj.numel() + experts.down_proj.numel()) * act_bytes
     return dict(rest=outside + layers * layer_rest, experts_bf16=layers * bf16_experts,
                 experts_fp8=layers * fp8_experts, num_experts=experts.num_local_experts,
                 hidden=experts.hidden_size, inter=experts.intermediate_size, top_k=one.moe_topk[0])
@@ -55,10 +55,10 @@ def table(layers: int = 32):
         gathered = 2 * TOKENS_PER_BRANCH if ep == 1 else ep * TOKENS_PER_BRANCH
         chunk_rows, chunks = expert_chunks(gathered, k, E // ep, E)
         for dtype in ("bf16", "fp8"):
-            quant = dtype == "fp8"
+            method = experts_method(get_quantization_config("fp8" if dtype == "fp8" else None))
             weights = w["rest"] + w[f"experts_{dtype}"] / ep
-            before = expert_buffer_bytes(gathered * k, D, I, fp8_weights=quant)
-            now = expert_buffer_bytes(chunk_rows, D, I, fp8_weights=quant)
+            before = expert_buffer_bytes(gathered * k, D, I, method)
+            now = expert_buffer_bytes(chunk_rows, D, I, method)
             rows.append(dict(ep=ep, layout="1 GPU" if ep == 1 else f"CFG2×DP{ep // 2}", dtype=dtype,
                              gathered_rows=gathered, chunks=chunks, chunk_rows=chunk_rows,
                              weights_GiB=weights / 2 ** 30, buffers_before_GiB=before / 2 ** 30,

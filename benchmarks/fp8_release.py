@@ -26,11 +26,12 @@ from torch import nn
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.layers.linear import ColumnParallelLinear
 from epdiff.layers.norm import RMSNorm
+from epdiff.models.hunyuan_image3.loading import load_model
+from epdiff.models.hunyuan_image3.resolution import snap
 from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
-from epdiff.models.hunyuan_image3.weights import load_model
 from epdiff.moe.experts import GroupedExperts
 from epdiff.quantization import fp8
-from epdiff.models.hunyuan_image3.resolution import snap
+from epdiff.quantization.fp8_method import Fp8LinearMethod
 from step_scaling import release_width_model
 
 STD = 0.02  # init_dummy_weights' default
@@ -46,11 +47,12 @@ def expert_draw_states(model, seed: int = 0) -> dict[int, torch.Tensor]:
         for module in model.modules():
             if isinstance(module, GroupedExperts):
                 states[id(module)] = g.get_state()
-                for kind in ("w13", "w2"):
+                for kind in ("up_gate_proj", "down_proj"):
                     torch.empty(getattr(module, kind).shape, dtype=module.dtype, device=model.device).normal_(
                         0.0, STD, generator=g)
                 continue
-            if isinstance(module, ColumnParallelLinear) and module.fp8:  # drawn in the model dtype, quantized
+            if isinstance(module, ColumnParallelLinear) and isinstance(module.quant_method, Fp8LinearMethod):
+                # drawn in the model dtype, quantized
                 states[id(module)] = g.get_state()
                 torch.empty(module.weight.shape, dtype=module.dtype, device=model.device).normal_(
                     0.0, STD, generator=g)
@@ -65,8 +67,8 @@ def expert_draw_states(model, seed: int = 0) -> dict[int, torch.Tensor]:
 def redraw(shared: GroupedExperts, state: torch.Tensor, g: torch.Generator):
     g.set_state(state)
     with torch.no_grad():
-        shared.w13.normal_(0.0, STD, generator=g)
-        shared.w2.normal_(0.0, STD, generator=g)
+        shared.up_gate_proj.normal_(0.0, STD, generator=g)
+        shared.down_proj.normal_(0.0, STD, generator=g)
 
 
 def inputs(model_dir: str, prompt: str, device, channels: int):
@@ -157,12 +159,13 @@ def main():
     g = torch.Generator(device=device)
     for layer in (model.moe_layers[0], model.moe_layers[-1]):  # the replay reproduces the FP8 experts
         redraw(shared, states[id(layer.experts)], g)
-        q, s = fp8.quantize_weight(shared.w2.detach()[5])
-        assert torch.equal(q.float(), layer.experts.w2[5].float()) and torch.equal(s, layer.experts.w2_scale[5]), \
+        q, s = fp8.quantize_weight(shared.down_proj.detach()[5])
+        assert torch.equal(q.float(), layer.experts.down_proj[5].float()) and \
+            torch.equal(s, layer.experts.down_proj_scale[5]), \
             "replaying init_dummy_weights did not reproduce the FP8 experts"
     bf16_linears = {}
     for module in model.modules():
-        if isinstance(module, ColumnParallelLinear) and module.fp8:
+        if isinstance(module, ColumnParallelLinear) and isinstance(module.quant_method, Fp8LinearMethod):
             g.set_state(states[id(module)])
             w = torch.empty(module.weight.shape, dtype=module.dtype, device=device).normal_(0.0, STD, generator=g)
             q, s = fp8.quantize_weight(w)

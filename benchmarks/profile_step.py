@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine import EngineConfig, SamplingParams
+from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.planner import work_items
-from epdiff.models.hunyuan_image3.pipeline import HunyuanImage3Pipeline
 from step_scaling import release_width_model  # same folder
 
 KINDS = [  # first match wins
@@ -45,9 +45,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def mean_step_ms(pipe: HunyuanImage3Pipeline, steps: int) -> float:
-    """Mean of the last request's steps, in ms."""
-    return sum(pipe.metrics.step_seconds[-steps:]) / steps * 1e3
+def mean_step_ms(metrics) -> float:
+    """Mean of the last batch's steps, in ms."""
+    return sum(metrics.step_seconds) / len(metrics.step_seconds) * 1e3
 
 
 def main():
@@ -62,8 +62,14 @@ def main():
     config = EngineConfig(release_width_model(args.layers), load_format="dummy", device="cuda").resolve()
     params = SamplingParams("a cup of coffee on the table", height=args.size, width=args.size,
                             num_inference_steps=args.steps, guidance_scale=5.0).resolve(config)
-    pipe = HunyuanImage3Pipeline(config, ParallelState.single(device), decode=False)
+    parallel = ParallelState.single(device)
+    model = config.model_info.load_pipeline(parallel, torch.bfloat16, "dummy", None, decode=False)
+    metrics = RankMetrics(0, "1 GPU")
     items = work_items(0, params)
+
+    def pipe(items):  # the engine's loop on one GPU
+        return denoise(model, items, parallel, metrics)
+
     pipe(items)  # warm-up: allocator, kernels' first launches
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         pipe(items)
@@ -74,7 +80,7 @@ def main():
             continue
         by_kind[kind_of(event.key)] += us / 1e3 / args.steps
         by_name[event.key] += us / 1e3 / args.steps
-    wall = mean_step_ms(pipe, args.steps)
+    wall = mean_step_ms(metrics)
     total = sum(by_kind.values())
     print(f"step {wall:.1f} ms wall, {total:.1f} ms of kernels ({args.layers} layers, {args.size}², both branches)")
     for kind, ms in by_kind.most_common():
@@ -87,16 +93,16 @@ def main():
         try:
             with sdpa_kernel([getattr(SDPBackend, backend)]):
                 pipe(items)
-            backends[backend] = mean_step_ms(pipe, args.steps)
+            backends[backend] = mean_step_ms(metrics)
         except RuntimeError as e:
             backends[backend] = f"unavailable: {str(e).splitlines()[0][:120]}"
         print(f"attention backend {backend}: {backends[backend]} ms per step")
     unet = {}
     for fmt in ("contiguous_format", "channels_last"):  # the UNet convolutions' weight layout
-        for module in (pipe.transformer.patch_embed, pipe.transformer.final_layer):
+        for module in (model.transformer.patch_embed, model.transformer.final_layer):
             module.to(memory_format=getattr(torch, fmt))
         pipe(items)
-        unet[fmt] = mean_step_ms(pipe, args.steps)
+        unet[fmt] = mean_step_ms(metrics)
         print(f"UNet weights {fmt}: {unet[fmt]:.1f} ms per step")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:
         json.dump(dict(layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,

@@ -4,6 +4,7 @@ import torch
 from world import World
 
 _world = None
+_tiny_models: dict[tuple, str] = {}
 
 
 @pytest.fixture
@@ -13,6 +14,20 @@ def world8():
     if _world is None or not _world.alive:
         _world = World(8)
     yield _world
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """make_tiny(**sizes) -> the folder of a small HunyuanImage-3.0 in the release format, written
+    once per session for each set of sizes (tests that change a file copy it first)."""
+    from epdiff.models.hunyuan_image3.make_tiny import make_tiny
+
+    def make(**sizes) -> str:
+        key = tuple(sorted(sizes.items()))
+        if key not in _tiny_models:
+            _tiny_models[key] = make_tiny(str(tmp_path_factory.mktemp("tiny")), **sizes)
+        return _tiny_models[key]
+    return make
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -3,22 +3,21 @@ transformer with FP8 experts on a parallel layout against one rank with FP8 expe
 
 from __future__ import annotations
 
-from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
+from epdiff.moe import MoELayer
 from epdiff.quantization import get_quantization_config
-from moe_cases import make_tokens, make_weights, token_counts
+from moe_cases import SMALL, load_moe_block, make_tokens, make_weights, token_counts
 
 FP8 = get_quantization_config("fp8")
 
 
 def moe_equivalence(rank: int, layouts, tokens: int = 12):
-    """Per layout (tp, sp, cfg, dp, ep, backend): this rank's FP8 MoE output against the same FP8
-    layer on one process (and the grouped path against the per-expert loop)."""
+    """Per layout (a ParallelConfig): this rank's FP8 MoE output against the same FP8 layer on one
+    process (and the grouped path against the per-expert loop)."""
     rows = []
     single = ParallelState.single()
-    for tp, sp, cfg, dp, ep, backend in layouts:
-        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                                data_parallel_size=dp, enable_expert_parallel=ep, all2all_backend=backend)
+    for config in layouts:
+        ep, backend = config.enable_expert_parallel, config.all2all_backend
         state = ParallelState.build(config, "cpu")
         for routing, kernel in (("random", "loop"), ("skewed", "grouped_mm")):
             w, common = make_weights(11, routing, True, config.ep_size)
@@ -35,10 +34,7 @@ def moe_equivalence(rank: int, layouts, tokens: int = 12):
 
 
 def _fp8_layer(state, w, kernel):
-    from epdiff.moe import MoELayer
-    from epdiff.models.hunyuan_image3.weights import load_moe_block
-    from moe_cases import SMALL as d
-
+    d = SMALL
     layer = MoELayer(d.hidden, d.experts, d.top_k, d.inter, state, shared_intermediate_size=d.shared_inter,
                      expert_kernel=kernel, device=state.device, quant_config=FP8)
     load_moe_block(layer, w)

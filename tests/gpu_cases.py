@@ -3,23 +3,24 @@
 import torch
 import torch.distributed as dist
 
-from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
+from epdiff.models.hunyuan_image3.loading import load_model
+from layouts import BACKENDS
+from model_cases import PROMPTS, sequences, step_inputs
 from moe_cases import Dims, build_layer, make_tokens, make_weights, reference_moe, token_counts
 
 GPU_DIMS = Dims(hidden=512, inter=256, shared_inter=256, experts=16, top_k=4)
 
 
 def bf16_equivalence(device, layouts, tokens=256):
-    """Per (layout, backend, routing): max |parallel − single GPU| and both errors vs fp64,
-    relative to the largest reference value."""
+    """Per (layout, every registered backend, routing): max |parallel − single GPU| and both errors
+    vs fp64, relative to the largest reference value. layouts: ParallelConfigs (EP is turned on)."""
     rows = []
     d = GPU_DIMS
     single = ParallelState.single(device)
-    for tp, sp, cfg, dp in layouts:
-        for backend in ("allgather_reducescatter", "alltoall"):
-            config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                                    data_parallel_size=dp, enable_expert_parallel=True, all2all_backend=backend)
+    for base in layouts:
+        for backend in BACKENDS:
+            config = base.replace(enable_expert_parallel=True, all2all_backend=backend)
             state = ParallelState.build(config, device)
             for routing in ("random", "skewed"):
                 w, common = make_weights(5, routing, True, config.ep_size, d)
@@ -43,14 +44,11 @@ def bf16_equivalence(device, layouts, tokens=256):
 
 
 def step_host_syncs(device, model_dir, layouts):
-    """Per layout: prefill and a first step (which gathers the token counts), then a second
-    step with CUDA's sync debug mode on. Returns the layouts and whether the step synchronised."""
-    from epdiff.models.hunyuan_image3.weights import load_model
-    from model_cases import PROMPTS, sequences, step_inputs
-
+    """Per layout (a ParallelConfig): prefill and a first step (which exchanges the token counts),
+    then a second step with CUDA's sync debug mode on. Returns the layouts and whether the step
+    synchronised."""
     rows = []
-    for kwargs in layouts:
-        config = ParallelConfig(**kwargs)
+    for config in layouts:
         state = ParallelState.build(config, device) if config.world_size > 1 else ParallelState.single(device)
         model, _ = load_model(model_dir, state, torch.bfloat16, device)
         seqs = sequences(model_dir, PROMPTS[0])

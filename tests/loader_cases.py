@@ -1,12 +1,13 @@
 """Loader cases run inside the world's workers."""
 
-from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.models.hunyuan_image3.weights import EXPERT, load_model
+from epdiff.models.hunyuan_image3.loading import load_model
+from epdiff.models.hunyuan_image3.weights import EXPERT
+from layouts import layout
 
 
 def read_share(rank, model_dir):
-    state = ParallelState.build(ParallelConfig(data_parallel_size=2, enable_expert_parallel=True), "cpu")
+    state = ParallelState.build(layout(dp=2, ep=True), "cpu")
     model, ckpt = load_model(model_dir, state)
     experts_read = sorted(n for n in ckpt.tensors_read if EXPERT.match(n))
     expected = [f"model.layers.{i}.mlp.experts.{e}.{k}.weight" for i in model.model.layers

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
-from epdiff.models.hunyuan_image3.weights import load_model
+from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
+from epdiff.models.hunyuan_image3.loading import load_model
 from epdiff.models.hunyuan_image3.resolution import snap
+from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 
 PROMPTS = ["a small red circle on the left", "two large blue squares at the top of a very wide green field"]
 _reference = {}
@@ -23,7 +23,6 @@ def sequences(model_dir: str, prompt: str):
 
 
 def _config(model_dir):
-    from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
     return HunyuanImage3Config.from_pretrained(model_dir)
 
 
@@ -53,24 +52,20 @@ def reference(model_dir, prompt_index, quantization=None):
     return _reference[key]
 
 
-def equivalence(rank, model_dir, layout, ep_modes, quantization=None):
-    """layout (tp, sp, cfg, dp, pp); ep_modes: list of (enable_ep, backend). Returns max errors
-    against one rank with the same quantization."""
-    tp, sp, cfg, dp, pp = layout
+def equivalence(rank, model_dir, configs, quantization=None):
+    """configs: ParallelConfigs of the current world. Returns this rank's max errors against one
+    rank with the same quantization."""
     rows = []
-    for ep, backend in ep_modes:
-        config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                                data_parallel_size=dp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
-                                all2all_backend=backend)
+    for config in configs:
         state = ParallelState.build(config, "cpu")
         model, _ = load_model(model_dir, state, quantization=quantization)
         prompt_index = state.dp.rank % len(PROMPTS)
         seqs = sequences(model_dir, PROMPTS[prompt_index])
-        branches = [state.cfg.rank] if cfg == 2 else [0, 1]
+        branches = [state.cfg.rank] if config.cfg_parallel_size == 2 else [0, 1]
         out = run_step(model, [seqs[b] for b in branches], prompt_index)
         ref = reference(model_dir, prompt_index, quantization)[branches]
-        rows.append(dict(layout=config.describe(), ep=ep, backend=backend, rank=rank, prompt=prompt_index,
-                         branches=branches,
+        rows.append(dict(layout=config.describe(), ep=config.enable_expert_parallel, backend=config.all2all_backend,
+                         rank=rank, prompt=prompt_index, branches=branches,
                          close=bool((out - ref).abs().max() <= 1e-5 * ref.abs().max()),
                          err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
     return rows

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from epdiff.config import ParallelConfig
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.models.hunyuan_image3.weights import load_moe_block
+from epdiff.loader.slicing import copy_checked
 from epdiff.moe import MoELayer, collect_routing_stats
+from layouts import BACKENDS, PLACEMENT_NAMES
 
 HIDDEN, INTER, SHARED_INTER, EXPERTS, TOP_K = 32, 16, 16, 16, 4
 
@@ -28,32 +28,24 @@ class Dims:
 SMALL = Dims()
 
 
-def factorizations(world: int, parts: int = 4):
-    """Every ordered (tp, sp, cfg, dp) with product == world and cfg in (1, 2)."""
-    divisors = [d for d in range(1, world + 1) if world % d == 0]
-    for combo in itertools.product(divisors, repeat=parts):
-        if combo[2] in (1, 2) and combo[0] * combo[1] * combo[2] * combo[3] == world:
-            yield combo
-
-
 def make_weights(seed: int, routing: str, shared: bool, ep_size: int, d: Dims = SMALL):
     g = torch.Generator().manual_seed(seed)
     scale_in, scale_out = 1.1 / d.hidden ** 0.5, 1.1 / d.inter ** 0.5
     w = {
-        "gate.wg.weight": torch.randn(d.experts, d.hidden, generator=g) * 2.8 / d.hidden ** 0.5,
-        **{f"experts.{e}.gate_and_up_proj.weight": torch.randn(2 * d.inter, d.hidden, generator=g) * scale_in
+        "gate.weight": torch.randn(d.experts, d.hidden, generator=g) * 2.8 / d.hidden ** 0.5,
+        **{f"experts.{e}.up_gate_proj": torch.randn(2 * d.inter, d.hidden, generator=g) * scale_in
            for e in range(d.experts)},
-        **{f"experts.{e}.down_proj.weight": torch.randn(d.hidden, d.inter, generator=g) * scale_out
+        **{f"experts.{e}.down_proj": torch.randn(d.hidden, d.inter, generator=g) * scale_out
            for e in range(d.experts)},
     }
     if shared:
-        w["shared_mlp.gate_and_up_proj.weight"] = torch.randn(2 * d.shared_inter, d.hidden, generator=g) * scale_in
-        w["shared_mlp.down_proj.weight"] = torch.randn(d.hidden, d.shared_inter, generator=g) * 1.1 / d.shared_inter ** 0.5
+        w["shared_expert.up_gate_proj"] = torch.randn(2 * d.shared_inter, d.hidden, generator=g) * scale_in
+        w["shared_expert.down_proj"] = torch.randn(d.hidden, d.shared_inter, generator=g) * 1.1 / d.shared_inter ** 0.5
     common = F.normalize(torch.randn(d.hidden, generator=g), dim=0)
     if routing == "skewed":
         # Tokens share a direction; experts 0 and 1 point along it (nearly every token picks them)
         # and the experts of the last EP rank point against it (no token picks them).
-        gate = w["gate.wg.weight"]
+        gate = w["gate.weight"]
         gate[:2] += 6.0 * common
         gate[d.experts - d.experts // max(ep_size, 2):] -= 12.0 * common
     return w, common
@@ -70,17 +62,17 @@ def make_tokens(seed: int, counts: list[int], routing: str, common: torch.Tensor
 def reference_moe(x: torch.Tensor, w: dict, shared: bool, d: Dims = SMALL) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense float64 MoE, token by token: out and the routing histogram [E]."""
     x = x.double()
-    probs = (x @ w["gate.wg.weight"].double().t()).softmax(-1)
+    probs = (x @ w["gate.weight"].double().t()).softmax(-1)
     top_w, top_i = probs.topk(d.top_k, dim=-1)
     top_w = top_w / top_w.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
     for e in range(d.experts):
-        up, gate = (x @ w[f"experts.{e}.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
-        y = (up * F.silu(gate)) @ w[f"experts.{e}.down_proj.weight"].double().t()
+        up, gate = (x @ w[f"experts.{e}.up_gate_proj"].double().t()).chunk(2, -1)
+        y = (up * F.silu(gate)) @ w[f"experts.{e}.down_proj"].double().t()
         out += (top_w * (top_i == e)).sum(-1, keepdim=True) * y
     if shared:
-        up, gate = (x @ w["shared_mlp.gate_and_up_proj.weight"].double().t()).chunk(2, -1)
-        out += (up * F.silu(gate)) @ w["shared_mlp.down_proj.weight"].double().t()
+        up, gate = (x @ w["shared_expert.up_gate_proj"].double().t()).chunk(2, -1)
+        out += (up * F.silu(gate)) @ w["shared_expert.down_proj"].double().t()
     return out, torch.bincount(top_i.flatten(), minlength=d.experts)
 
 
@@ -89,6 +81,17 @@ def token_counts(group_size: int, tokens: int, empty_rank: bool) -> list[int]:
     if empty_rank and group_size > 1:
         counts[1] = 0
     return counts
+
+
+def load_moe_block(moe: MoELayer, w: dict[str, torch.Tensor]) -> None:
+    """One MoE block from unsharded tensors named as the layer names them (make_weights')."""
+    copy_checked(moe.gate.weight, w["gate.weight"].float(), "gate.weight")
+    for e in moe.local_expert_ids:
+        for kind in ("up_gate_proj", "down_proj"):
+            moe.load_expert_weight(e, kind, w[f"experts.{e}.{kind}"])
+    if moe.shared_expert is not None:
+        for linear in ("up_gate_proj", "down_proj"):
+            getattr(moe.shared_expert, linear).load_weight(w[f"shared_expert.{linear}"], linear)
 
 
 def build_layer(state, w, shared, kernel="loop", d: Dims = SMALL, dtype=torch.float32):
@@ -100,26 +103,21 @@ def build_layer(state, w, shared, kernel="loop", d: Dims = SMALL, dtype=torch.fl
 
 
 def equivalence(rank: int, layouts, variants, tokens: int = 12):
-    """For each layout (tp, sp, cfg, dp) of the current world and each variant, run the MoE layer
-    and compare this rank's tokens with (a) the same layer on one process and (b) the float64
-    reference. Returns one record per (layout, variant) from every participating rank."""
+    """For each layout of the current world (a ParallelConfig, EP off) with EP off and with EP on
+    over every registered backend and placement, and each variant, run the MoE layer and compare
+    this rank's tokens with (a) the same layer on one process and (b) the float64 reference.
+    Returns one record per (layout, variant) from every participating rank."""
     records = []
-    for tp, sp, cfg, dp in layouts:
-        for backend, placement in itertools.product(("allgather_reducescatter", "alltoall"), ("linear", "round_robin")):
-            config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                                    data_parallel_size=dp, enable_expert_parallel=True,
-                                    all2all_backend=backend, expert_placement=placement)
-            records += _run_layout(rank, config, variants, tokens)
-        records += _run_layout(rank, ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp,
-                                                    cfg_parallel_size=cfg, data_parallel_size=dp),
-                               variants, tokens)
+    for config in layouts:
+        for backend, placement in itertools.product(BACKENDS, PLACEMENT_NAMES):
+            records += _run_layout(rank, config.replace(enable_expert_parallel=True, all2all_backend=backend,
+                                                        expert_placement=placement), variants, tokens)
+        records += _run_layout(rank, config, variants, tokens)
     return records
 
 
 def _run_layout(rank, config, variants, tokens):
     state = ParallelState.build(config, "cpu")
-    if state is None:
-        return []
     records = []
     single = ParallelState.single()
     for shared, routing, empty in variants:
@@ -149,18 +147,15 @@ def _run_layout(rank, config, variants, tokens):
     return records
 
 
-def holdings(rank: int, layout, placement: str):
+def holdings(rank: int, config):
     """Invariant 3: the experts this rank's module holds, and whether each equals its global expert."""
-    tp, sp, cfg, dp = layout
-    config = ParallelConfig(tensor_parallel_size=tp, sequence_parallel_size=sp, cfg_parallel_size=cfg,
-                            data_parallel_size=dp, enable_expert_parallel=True, expert_placement=placement)
     state = ParallelState.build(config, "cpu")
     w, _ = make_weights(7, "random", True, config.ep_size)
     layer = build_layer(state, w, shared=True)
     ids = layer.local_expert_ids
-    exact = all(torch.equal(layer.experts.w13[i], w[f"experts.{e}.gate_and_up_proj.weight"])
-                and torch.equal(layer.experts.w2[i], w[f"experts.{e}.down_proj.weight"])
+    exact = all(torch.equal(layer.experts.up_gate_proj[i], w[f"experts.{e}.up_gate_proj"])
+                and torch.equal(layer.experts.down_proj[i], w[f"experts.{e}.down_proj"])
                 for i, e in enumerate(ids))
     expert_params = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("experts."))
     return dict(ep_rank=state.ep.rank, ids=ids, exact=exact, expert_params=expert_params,
-                w13=tuple(layer.experts.w13.shape))
+                up_gate_proj=tuple(layer.experts.up_gate_proj.shape))

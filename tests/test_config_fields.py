@@ -11,18 +11,25 @@ import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models
 
+import dataclasses
+
 import epdiff
 from epdiff.config import ConfigError
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.layers.mlp import SwiGLUMLP
-from epdiff.models.hunyuan_image3.rotary import rope_2d
-from epdiff.models.hunyuan_image3.config import HunyuanImage3Config, check_generation_config
-from epdiff.models.hunyuan_image3.make_tiny import GENERATION_CONFIG, make_tiny, save_release_format, tiny_config
+from epdiff.loader.dummy import init_dummy_weights
+from epdiff.models.hunyuan_image3.config import GenerationConfig, HunyuanImage3Config, check_generation_config
+from epdiff.models.hunyuan_image3.family import HunyuanImage3Family
+from epdiff.models.hunyuan_image3.loading import load_model
+from epdiff.models.hunyuan_image3.make_tiny import make_tiny, save_release_format, tiny_config
 from epdiff.models.hunyuan_image3.model import HunyuanImage3Transformer
+from epdiff.models.hunyuan_image3.rotary import rope_2d
 from epdiff.models.hunyuan_image3.tokenizer import NUM_RATIO_TOKENS, HunyuanTokenizer
 from epdiff.models.hunyuan_image3.vae import AutoencoderKLConv3D
-from epdiff.models.hunyuan_image3.weights import export_state_dict, init_dummy_weights, load_model
+from epdiff.models.hunyuan_image3.weights import export_state_dict
 from epdiff.moe import MoELayer, Router
+
+GENERATION_CONFIG = GenerationConfig().to_dict()
 
 HIDDEN, LAYERS, EXPERTS = 64, 2, 8
 BUILTIN_MODEL = os.path.join(os.path.dirname(epdiff.__file__), "assets", "tiny-hunyuan-image3")
@@ -141,10 +148,19 @@ def test_unimplemented_values_are_refused(name, value):
         HunyuanImage3Config.from_dict(base_config(**{name: value}))
 
 
+def without_raw(config: HunyuanImage3Config) -> HunyuanImage3Config:
+    return dataclasses.replace(config, raw={})
+
+
 @pytest.mark.parametrize("name, value", [("norm_type", "rms"), ("norm_type", "hf_rms"), ("hidden_act", "silu"),
                                          ("moe_drop_tokens", False), ("rope_type", "2d")])
-def test_implemented_values_are_accepted(name, value):
-    HunyuanImage3Config.from_dict(base_config(**{name: value}))
+def test_implemented_values_build_the_model_the_defaults_build(name, value):
+    """Each implemented value is the behaviour epdiff has (RMSNorm, SiLU, no dropping, 2-D RoPE):
+    the config read with it is the config read without the key."""
+    cfg = base_config()
+    cfg.pop(name, None)
+    assert without_raw(HunyuanImage3Config.from_dict(base_config(**{name: value}))) == \
+        without_raw(HunyuanImage3Config.from_dict(cfg))
 
 
 def test_absent_fields_mean_the_release_defaults():
@@ -163,9 +179,18 @@ def test_rope_scaling_other_than_custom_is_refused(value):
         HunyuanImage3Config.from_dict(base_config(rope_scaling=value))
 
 
+@torch.inference_mode()
 def test_rope_scaling_factor_is_unused_as_in_the_reference():
-    # The reference reads only rope_scaling["type"]; build_2d_rope is never given the factor.
-    HunyuanImage3Config.from_dict(base_config(rope_scaling={"type": "custom", "factor": 2.0}))
+    """The reference reads only rope_scaling["type"] (build_2d_rope is never given the factor):
+    the same weights give the same prefill whatever the factor."""
+    outputs = []
+    for factor in (1.0, 2.0):
+        model = build(rope_scaling={"type": "custom", "factor": factor})
+        init_dummy_weights(model, seed=5)
+        ids = torch.arange(7)[None] % model.config.vocab_size
+        caches = model.prefill(ids, torch.arange(7)[:, None].expand(7, 2))
+        outputs.append(torch.cat([caches[-1].k, caches[-1].v]))
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_per_layer_expert_counts_are_refused():
@@ -188,7 +213,7 @@ def test_skipped_layers_are_dense_mlps_of_intermediate_size():
     dense, moe = model.model.layers["0"].mlp, model.model.layers["1"].mlp
     assert isinstance(dense, SwiGLUMLP) and isinstance(moe, MoELayer)
     assert dense.up_gate_proj.weight.shape == (2 * 48, HIDDEN) and dense.down_proj.weight.shape == (HIDDEN, 48)
-    assert moe.experts.w2.shape[-1] == 32  # the experts keep moe_intermediate_size
+    assert moe.experts.down_proj.shape[-1] == 32  # the experts keep moe_intermediate_size
     assert [type(m).__name__ for m in model.moe_layers] == ["MoELayer"]
 
 
@@ -233,21 +258,26 @@ def test_generation_settings_epdiff_does_not_build_are_refused(name, value):
         check_generation_config({**GENERATION_CONFIG, name: value})
 
 
-def test_base_generation_settings_are_accepted():
-    check_generation_config(dict(GENERATION_CONFIG))
-    check_generation_config({})  # absent keys: the base model's values
-    check_generation_config({"use_system_prompt": None, "bot_task": None})
+def test_absent_or_null_generation_settings_mean_the_base_models():
+    base = GenerationConfig()
+    assert (base.diff_infer_steps, base.diff_guidance_scale, base.flow_shift) == (50, 5.0, 3.0)
+    assert GenerationConfig.from_dict({}) == base
+    assert GenerationConfig.from_dict(dict(GENERATION_CONFIG)) == base
+    nulls = GenerationConfig.from_dict({"use_system_prompt": None, "bot_task": None, "temperature": 0.6})
+    assert (nulls.diff_infer_steps, nulls.raw["temperature"]) == (50, 0.6)  # LM keys kept, unused
 
 
-def test_from_pretrained_refuses_the_folders_generation_settings(tmp_path):
+def test_reading_the_folder_refuses_its_generation_settings(tmp_path):
     make_tiny(str(tmp_path), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
               num_experts=4, moe_intermediate_size=16, image_base_size=128, patch_embed_hidden_dim=32,
               config_only=True)
-    HunyuanImage3Config.from_pretrained(str(tmp_path))
+    assert HunyuanImage3Family().read(str(tmp_path)).default_num_inference_steps == 50
     path = tmp_path / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "sequence_template": "instruct"}))
     with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'instruct' is not supported"):
-        HunyuanImage3Config.from_pretrained(str(tmp_path))
+        HunyuanImage3Family().read(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'instruct' is not supported"):
+        load_model(str(tmp_path), ParallelState.single(), load_format="dummy")
 
 
 # -- special tokens from the tokenizer's own config ------------------------------------------------

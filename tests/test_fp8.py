@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.loader.safetensors_loader import CheckpointError
-from epdiff.models.hunyuan_image3.make_tiny import make_tiny
-from epdiff.models.hunyuan_image3.weights import load_model, write_quantized_checkpoint
+from epdiff.models.hunyuan_image3.loading import load_model
+from epdiff.models.registry import get_family
 from epdiff.moe import experts as experts_module
+from epdiff.moe.dispatch import Dispatcher
 from epdiff.moe.experts import GroupedExperts, expert_buffer_bytes, expert_chunks
-from epdiff.moe.dispatch import _pack, _token_rows
-from epdiff.quantization import Fp8Config, get_quantization_config
+from epdiff.quantization import Fp8Config, config_from_checkpoint, experts_method, get_quantization_config
 from epdiff.quantization import fp8
 from moe_cases import SMALL, make_tokens, make_weights, reference_moe
 
@@ -73,8 +73,8 @@ def make_experts(w, kernel, quant=FP8, num_experts=None):
     d = SMALL
     experts = GroupedExperts(d.experts, d.hidden, d.inter, kernel=kernel, num_experts=num_experts, quant_config=quant)
     for e in range(d.experts):
-        experts.load_expert(e, "w13", w[f"experts.{e}.gate_and_up_proj.weight"])
-        experts.load_expert(e, "w2", w[f"experts.{e}.down_proj.weight"])
+        for kind in ("up_gate_proj", "down_proj"):
+            experts.load_expert(e, kind, w[f"experts.{e}.{kind}"])
     return experts
 
 
@@ -83,7 +83,7 @@ def test_fp8_experts_grouped_chunks_equal_loop_and_stay_near_fp64(monkeypatch):
     w, common = make_weights(2, "skewed", False, 1)
     x = make_tokens(2, [37], "skewed", common)
     ref, _ = reference_moe(x, w, shared=False)
-    gate = x @ w["gate.wg.weight"].t()
+    gate = x @ w["gate.weight"].t()
     weights, ids = gate.softmax(-1).topk(SMALL.top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     ids[::5, 1] = -1  # slots whose expert lives on another rank
@@ -113,9 +113,10 @@ def test_expert_buffers_stay_flat_as_ep_grows():
         assert rows * chunks >= ep * tokens_per_rank * min(k, E // ep)  # the worst case always fits
         assert rows <= experts_module.CHUNK_CAPACITY * tokens_per_rank * k + experts_module.CHUNK_ALIGN
     assert expert_chunks(100, 8, 64, 64) == (800, 1)  # EP off: one chunk holding every pair
-    chunked = [expert_buffer_bytes(expert_chunks(ep * tokens_per_rank, k, E // ep, E)[0], 4096, 3072, fp8_weights=True)
+    method = experts_method(FP8)
+    chunked = [expert_buffer_bytes(expert_chunks(ep * tokens_per_rank, k, E // ep, E)[0], 4096, 3072, method)
                for ep in (2, 4, 8)]
-    every_pair = [expert_buffer_bytes(ep * tokens_per_rank * k, 4096, 3072, fp8_weights=True) for ep in (2, 4, 8)]
+    every_pair = [expert_buffer_bytes(ep * tokens_per_rank * k, 4096, 3072, method) for ep in (2, 4, 8)]
     assert max(chunked) < 1.01 * min(chunked) and every_pair[2] > 5 * chunked[2]
 
 
@@ -123,11 +124,11 @@ def test_fp8_dispatch_moves_about_half_the_bytes():
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     ids, weights = torch.zeros(5, 8, dtype=torch.long), torch.rand(5, 8)
     per_row = {}
-    for fp8_tokens in (False, True):
-        rows, scale = _token_rows(x, fp8_tokens)
-        meta = _pack(ids, weights, scale)
-        per_row[fp8_tokens] = rows[0].numel() * rows.element_size() + meta[0].numel() * meta.element_size()
-    assert per_row[False] == 256 * 2 + 16 * 4 and per_row[True] == 256 + 17 * 4
+    for quant in (None, FP8):
+        rows, row_values = experts_method(quant).pack_tokens(x)
+        meta = Dispatcher._metadata(ids, weights, row_values)  # what travels with the rows
+        per_row[quant] = rows[0].numel() * rows.element_size() + meta[0].numel() * meta.element_size()
+    assert per_row[None] == 256 * 2 + 16 * 4 and per_row[FP8] == 256 + 17 * 4
 
 
 def test_quantization_names_and_configs_are_checked():
@@ -141,16 +142,21 @@ def test_quantization_names_and_configs_are_checked():
                        ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme"),
                        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size")]:
         with pytest.raises(ValueError, match=f"config.json: quantization_config.{field}"):
-            Fp8Config.from_checkpoint_config(bad, "m/config.json")
+            config_from_checkpoint(bad, "m/config.json")
+
+
+def write_quantized_checkpoint(model_dir, out_dir, quantization):
+    return get_family("hunyuan_image3").quantize(model_dir, out_dir, quantization)
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    return tiny_model(image_base_size=128, seed=4)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(str(tmp_path_factory.mktemp("tiny")), image_base_size=128, seed=4)
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny, tmp_path_factory):
+def quantized(tiny_model, tmp_path_factory):
+    tiny = tiny_model(image_base_size=128, seed=4)
     out = str(tmp_path_factory.mktemp("q") / "fp8")
     summary = write_quantized_checkpoint(tiny, out, "fp8")
     assert summary["quantized_tensors"] == 2 * 2 * 8  # layers × kinds × experts of make_tiny's default
@@ -166,9 +172,9 @@ def test_prequantized_checkpoint_loads_like_quantizing_on_read(tiny, quantized):
     direct, _ = load_model(quantized, ParallelState.single())  # the checkpoint says fp8: no flag needed
     a, b = on_read.state_dict(), direct.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[n].float(), b[n].float()) for n in a)
-    assert direct.model.layers["0"].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    assert direct.model.layers["0"].mlp.experts.up_gate_proj.dtype == torch.float8_e4m3fn
     plain, _ = load_model(tiny, ParallelState.single())
-    assert plain.model.layers["0"].mlp.experts.w13.dtype == torch.float32
+    assert plain.model.layers["0"].mlp.experts.up_gate_proj.dtype == torch.float32
 
 
 def test_dummy_fp8_is_the_quantized_dummy(tiny):
@@ -185,8 +191,8 @@ def test_dummy_fp8_is_the_quantized_dummy(tiny):
             w, s = fp8.quantize_weight(p.detach())
             assert torch.equal(qp[n].float(), w.float()) and torch.equal(qp[n + "_scale"], s), n
     experts, ref = q.model.layers["1"].mlp.experts, plain.model.layers["1"].mlp.experts
-    w, s = fp8.quantize_weight(ref.w2.detach())
-    assert torch.equal(experts.w2.float(), w.float()) and torch.equal(experts.w2_scale, s)
+    w, s = fp8.quantize_weight(ref.down_proj.detach())
+    assert torch.equal(experts.down_proj.float(), w.float()) and torch.equal(experts.down_proj_scale, s)
 
 
 EXPERT_W13 = "model.layers.1.mlp.experts.3.gate_and_up_proj.weight"
@@ -214,11 +220,11 @@ def edit(d, name, value=None):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing scale", f"float8 tensor {EXPERT_W13} has no {EXPERT_W13}_scale"),
+    ("missing scale", f"quantized tensor {EXPERT_W13} has no {EXPERT_W13}_scale"),
     ("scale shape", f"tensor {EXPERT_W13}_scale has shape \\(127, 1\\), expected \\(128, 1\\)"),
     ("weight shape", f"tensor {EXPERT_W13} has shape \\(128, 127\\), but config.json implies \\(128, 128\\)"),
     ("bf16 weight", f"tensor {EXPERT_W13} has dtype F32, but config.json's quantization_config says fp8"),
-    ("fp8 dense", "tensor model.layers.0.self_attn.o_proj.weight is float8 \\(F8_E4M3\\), but only routed experts"),
+    ("fp8 dense", "tensor model.layers.0.self_attn.o_proj.weight is quantized \\(F8_E4M3\\), but only routed experts"),
     ("method", "quantization_config.quant_method 'gptq' is not supported"),
     ("zero scale", f"tensor {EXPERT_W13}: .*weight_scale has 1 entries that are not finite and positive \\(first: 0.0\\)"),
     ("bf16 scale", f"tensor {EXPERT_W13}_scale has dtype BF16, expected F32"),
@@ -262,8 +268,9 @@ def test_float8_tensors_need_a_quantization_config(tiny, quantized, tmp_path):
     del raw["quantization_config"]
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(raw, f)
-    with pytest.raises(CheckpointError, match="weight_scale, but config.json has no quantization_config|"
-                                              "is float8 \\(F8_E4M3\\), but config.json has no quantization_config"):
+    with pytest.raises(CheckpointError, match="weight_scale is a quantized weight's scale, but config.json has no "
+                                              "quantization_config|is quantized \\(F8_E4M3\\), but config.json has no "
+                                              "quantization_config"):
         load_model(d, ParallelState.single())
     with pytest.raises(ValueError, match="already quantized"):
         write_quantized_checkpoint(quantized, str(tmp_path / "again"), "fp8")
@@ -278,6 +285,6 @@ def test_quantize_command_writes_a_loadable_checkpoint(tiny, tmp_path, capsys):
     assert main(["quantize", tiny, out, "--quantization", "fp8"]) == 0
     assert "32 expert tensors in fp8" in capsys.readouterr().out
     model, _ = load_model(out, ParallelState.single())
-    assert model.model.layers["1"].mlp.experts.w2_scale.shape == (8, 128)
+    assert model.model.layers["1"].mlp.experts.down_proj_scale.shape == (8, 128)
     assert main(["quantize", tiny, out, "--quantization", "fp8"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err

@@ -10,16 +10,15 @@ rank's slice (as vLLM's TP FP8 MoE does): those layouts match one rank within FP
 
 import pytest
 
-from epdiff.models.hunyuan_image3.make_tiny import make_tiny
 from fp8_cases import moe_equivalence
+from layouts import BACKENDS, layout
 from model_cases import equivalence
 
-AGRS, A2A = "allgather_reducescatter", "alltoall"
-# (tp, sp, cfg, dp, ep, backend)
+A2A = "alltoall"
 MOE_LAYOUTS = {
-    2: [(2, 1, 1, 1, True, AGRS), (1, 1, 2, 1, True, AGRS), (1, 2, 1, 1, True, A2A), (2, 1, 1, 1, False, AGRS)],
-    4: [(2, 1, 2, 1, True, AGRS), (1, 1, 2, 2, True, A2A), (4, 1, 1, 1, False, AGRS)],
-    8: [(2, 2, 2, 1, True, AGRS), (1, 2, 2, 2, True, A2A)],
+    2: [layout(tp=2, ep=True), layout(cfg=2, ep=True), layout(sp=2, ep=True, backend=A2A), layout(tp=2)],
+    4: [layout(tp=2, cfg=2, ep=True), layout(cfg=2, dp=2, ep=True, backend=A2A), layout(tp=4)],
+    8: [layout(tp=2, sp=2, cfg=2, ep=True), layout(sp=2, cfg=2, dp=2, ep=True, backend=A2A)],
 }
 EXACT, FP8_ERROR = 1e-5, 0.08  # relative to the largest output
 
@@ -38,13 +37,11 @@ def test_fp8_moe_layouts_match_one_rank(world8, world):
     assert len(rows) == world * len(MOE_LAYOUTS[world]) * 2
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny(str(tmp_path_factory.mktemp("tiny")), image_base_size=128, num_experts=8, seed=3)
-
-
-@pytest.mark.parametrize("world, layout", [(2, (1, 1, 2, 1, 1)), (4, (2, 1, 2, 1, 1)), (4, (1, 2, 1, 1, 2))])
-def test_fp8_transformer_layouts_match_one_rank(world8, tiny_dir, world, layout):
-    rows = [r for per_rank in world8.run(world, equivalence, tiny_dir, layout, [(True, AGRS), (True, A2A)], "fp8")
-            for r in per_rank]
+@pytest.mark.parametrize("config", [layout(cfg=2), layout(tp=2, cfg=2), layout(sp=2, pp=2)],
+                         ids=lambda c: c.describe())
+def test_fp8_transformer_layouts_match_one_rank(world8, tiny_model, config):
+    model = tiny_model(image_base_size=128, num_experts=8, seed=3)
+    modes = [config.replace(enable_expert_parallel=True, all2all_backend=b) for b in BACKENDS]
+    rows = [r for per_rank in world8.run(config.world_size, equivalence, model, modes, "fp8") for r in per_rank]
     check(rows)
+    assert len(rows) == config.world_size * len(modes)

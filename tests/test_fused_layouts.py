@@ -63,7 +63,7 @@ def test_fused_gate_and_up_is_up_then_gate():
 
     experts = GroupedExperts(1, D, 32, kernel="loop")
     with torch.no_grad():
-        experts.w13[0].copy_(fused)
-        experts.w2[0].copy_(down)
+        experts.up_gate_proj[0].copy_(fused)
+        experts.down_proj[0].copy_(down)
     y, _ = experts(x, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1))
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)

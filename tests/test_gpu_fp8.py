@@ -87,8 +87,8 @@ def _experts(kernel, quant, E=8, D=512, I=256, num_experts=None):
     experts = GroupedExperts(E, D, I, torch.bfloat16, "cuda", kernel=kernel, num_experts=num_experts,
                              quant_config=quant)
     for e in range(E):
-        experts.load_expert(e, "w13", torch.randn(2 * I, D, device="cuda", generator=g) * 0.05)
-        experts.load_expert(e, "w2", torch.randn(D, I, device="cuda", generator=g) * 0.05)
+        experts.load_expert(e, "up_gate_proj", torch.randn(2 * I, D, device="cuda", generator=g) * 0.05)
+        experts.load_expert(e, "down_proj", torch.randn(D, I, device="cuda", generator=g) * 0.05)
     return experts
 
 
@@ -141,18 +141,16 @@ def test_chunked_experts_need_no_host_sync(monkeypatch):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs torch._scaled_grouped_mm (Hopper)")
-def test_fp8_step_has_no_host_sync(tmp_path):
+def test_fp8_step_has_no_host_sync(tiny_model):
     from epdiff.distributed.parallel_state import ParallelState
-    from epdiff.models.hunyuan_image3.make_tiny import make_tiny
-    from epdiff.models.hunyuan_image3.weights import load_model
+    from epdiff.models.hunyuan_image3.loading import load_model
     from model_cases import PROMPTS, sequences, step_inputs
 
     # Widths multiple of 16: the FP8 grouped GEMM's alignment.
-    model_dir = make_tiny(str(tmp_path / "tiny"), hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                          moe_intermediate_size=128)
+    model_dir = tiny_model(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=128)
     device = torch.device("cuda")
     model, _ = load_model(model_dir, ParallelState.single(device), torch.bfloat16, device, quantization="fp8")
-    assert model.model.layers["0"].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    assert model.model.layers["0"].mlp.experts.up_gate_proj.dtype == torch.float8_e4m3fn
     seqs = sequences(model_dir, PROMPTS[0])
     seq, ts = seqs[0], seqs[0].timestep_index
     latents, t = step_inputs(seq, 0, model.config.latent_channels)

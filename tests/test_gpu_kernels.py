@@ -55,13 +55,14 @@ def test_count_limits_the_rows_written():
 @torch.inference_mode()
 def test_grouped_experts_need_no_host_sync():
     """The Hopper bf16 path sizes every buffer without reading a device value on the host."""
-    from epdiff.moe.experts import GroupedExperts, grouped_mm_supported
+    from epdiff.moe.experts import GroupedExperts
+    from epdiff.quantization.base import grouped_mm_supported
 
     if not grouped_mm_supported(torch.device("cuda"), torch.bfloat16):
         pytest.skip("needs Hopper grouped GEMMs")
     experts = GroupedExperts(4, 256, 128, torch.bfloat16, "cuda")
-    torch.nn.init.normal_(experts.w13, std=0.05)
-    torch.nn.init.normal_(experts.w2, std=0.05)
+    torch.nn.init.normal_(experts.up_gate_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(-1, 4, (64, 2), device="cuda")  # -1: an expert on another rank
     w = torch.rand(64, 2, device="cuda")
@@ -116,6 +117,6 @@ def test_rope_qk_norm_matches_eager():
 @torch.inference_mode()
 def test_swiglu_of_no_rows():
     """An expert that receives no token (the per-expert loop path) gets an empty activation."""
-    from epdiff.layers.mlp import swiglu_up_gate
+    from epdiff.layers.activation import swiglu_up_gate
 
     assert swiglu_up_gate(torch.empty(0, 64, device="cuda")).shape == (0, 32)

@@ -8,13 +8,14 @@ import torch
 
 from epdiff.distributed.launch import launch
 from gpu_cases import bf16_equivalence
+from layouts import layout
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_bf16_nccl_matches_single_gpu():
-    layouts = [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)]
+    layouts = [layout(tp=2), layout(sp=2), layout(cfg=2), layout(dp=2)]
     rows = launch(2, bf16_equivalence, layouts)
     for r in rows:
         print(f"{r['layout']:60s} {r['routing']:7s} |2 GPUs - 1 GPU|/max {r['vs_single']:.2e}  "

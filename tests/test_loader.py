@@ -11,14 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.loader.safetensors_loader import CheckpointError
-from epdiff.models.hunyuan_image3.make_tiny import make_tiny
-from epdiff.models.hunyuan_image3.weights import load_model
+from epdiff.models.hunyuan_image3.loading import load_model
 from loader_cases import read_share
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_tiny(str(tmp_path_factory.mktemp("pristine")), image_base_size=128, seed=1)
+@pytest.fixture
+def pristine(tiny_model):
+    return tiny_model(image_base_size=128, seed=1)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from epdiff.distributed.parallel_state import ParallelState
+from layouts import layout
 from moe_cases import (EXPERTS, HIDDEN, INTER, build_layer, holdings, make_tokens, make_weights,
                        reference_moe)
 
@@ -13,18 +14,19 @@ from moe_cases import (EXPERTS, HIDDEN, INTER, build_layer, holdings, make_token
 # or a dropped pair changes that sum.
 
 
-@pytest.mark.parametrize("layout,placement", [((2, 1, 1, 2), "linear"), ((1, 2, 2, 1), "round_robin"),
-                                              ((2, 2, 1, 1), "round_robin"), ((4, 1, 1, 1), "linear")])
-def test_rank_holds_exactly_its_local_experts(world8, layout, placement):
-    results = world8.run(4, holdings, layout, placement)
+@pytest.mark.parametrize("config", [layout(tp=2, dp=2, ep=True), layout(sp=2, cfg=2, ep=True, placement="round_robin"),
+                                    layout(tp=2, sp=2, ep=True, placement="round_robin"), layout(tp=4, ep=True)],
+                         ids=lambda c: c.describe())
+def test_rank_holds_exactly_its_local_experts(world8, config):
+    results = world8.run(4, holdings, config)
     per_rank = EXPERTS // 4
     seen = sorted(e for r in results for e in r["ids"])
     assert seen == list(range(EXPERTS)), "every expert is held by exactly one rank of the EP group"
     for r in results:
-        assert len(r["ids"]) == per_rank and r["w13"] == (per_rank, 2 * INTER, HIDDEN)
+        assert len(r["ids"]) == per_rank and r["up_gate_proj"] == (per_rank, 2 * INTER, HIDDEN)
         assert r["exact"], f"ep rank {r['ep_rank']}: a local expert's weights differ from the checkpoint's"
         assert r["expert_params"] == per_rank * 3 * INTER * HIDDEN
-        if placement == "round_robin":
+        if config.expert_placement == "round_robin":
             assert r["ids"] == list(range(r["ep_rank"], EXPERTS, 4))
         else:
             assert r["ids"] == list(range(r["ep_rank"] * per_rank, (r["ep_rank"] + 1) * per_rank))

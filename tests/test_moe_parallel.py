@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from moe_cases import equivalence, factorizations
+from layouts import factorizations
+from moe_cases import equivalence
 
 VARIANTS = [(shared, routing, empty) for shared, routing, empty in
             itertools.product((False, True), ("random", "skewed"), (False, True))
@@ -22,13 +23,13 @@ def check(records):
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_every_layout_matches_single_rank(world8, world):
-    layouts = list(factorizations(world))
+    layouts = factorizations(world)
     records = []
-    for layout in layouts:  # a fresh process group per layout frees the previous one's groups
-        records += [r for per_rank in world8.run(world, equivalence, [layout], VARIANTS) for r in per_rank]
+    for config in layouts:  # a fresh process group per layout frees the previous one's groups
+        records += [r for per_rank in world8.run(world, equivalence, [config], VARIANTS) for r in per_rank]
     check(records)
     # Skewed routing leaves the last EP rank's experts idle: the "rank receives nothing" case ran.
     if world > 1:
         assert any(r["idle_rank"] for r in records if r["routing"] == "skewed")
     # Every layout and EP mode ran on every participating rank.
-    assert {r["layout"] for r in records} >= {f"TP={tp} SP={sp} CFG={c} DP={dp} PP=1" for tp, sp, c, dp in layouts}
+    assert {r["layout"] for r in records} >= {config.describe() for config in layouts}

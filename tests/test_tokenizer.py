@@ -5,13 +5,12 @@ import torch
 from tokenizers import Tokenizer, models
 
 from epdiff.config import ConfigError
+from epdiff.models.hunyuan_image3.tiny_tokenizer import TINY_ROLE_TOKENS, build_tiny_tokenizer
 from epdiff.models.hunyuan_image3.tokenizer import (
     NAMED_SPECIAL_TOKENS,
     NUM_RATIO_TOKENS,
-    TINY_ROLE_TOKENS,
     HunyuanTokenizer,
     build_2d_positions,
-    build_tiny_tokenizer,
     sequence_length,
 )
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from epdiff.cli import main
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
 from epdiff.train import shapes
-from epdiff.train.train_tiny import ImagePool, train_tiny
+from epdiff.models.hunyuan_image3.train_tiny import ImagePool, train_tiny
 
 QUICK = dict(vae_steps=1, transformer_steps=2, vae_batch=2, batch=2, device="cpu", pool_size=8)
 

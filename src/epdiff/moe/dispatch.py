@@ -171,10 +171,10 @@ def make_dispatcher(parallel: ParallelState, experts_method: ExpertsMethod) -> D
 
 class TokenCounts:
     """Every token-group rank's row count, for a backend that `needs_token_counts`. Exchanging
-    them reads them on the host (a sync), so they are exchanged only until two forwards in a row
-    agree on every rank (a batch's prefill, then its first steps), and reused from then on, while
-    this rank's count stays the same. `reset()`, on every rank between batches, starts over: the
-    decision to exchange is then the same on every rank, because every rank has the same counts."""
+    them reads them on the host (a sync), so they are exchanged on the first forward after
+    `reset()` and reused until the next one: call reset (reset_token_counts) on every rank
+    wherever the token layout may change (a new batch, a prefill before its steps), and every
+    rank then makes the same decision to exchange."""
 
     def __init__(self, group: Group):
         self.group = group
@@ -182,16 +182,12 @@ class TokenCounts:
 
     def reset(self) -> None:
         self._counts: list[int] | None = None
-        self._settled = False
 
     def get(self, num_tokens: int, device) -> list[int]:
-        if self._settled:
-            if num_tokens != self._counts[self.group.rank]:
-                raise ValueError(f"{num_tokens} tokens in this forward but {self._counts[self.group.rank]} in the "
-                                 "forwards before it: reset the token counts (epdiff.moe.reset_token_counts) on "
-                                 "every rank before a new batch")
-            return self._counts
-        counts = C.gather_counts(num_tokens, self.group, device)
-        self._settled = counts == self._counts
-        self._counts = counts
-        return counts
+        if self._counts is None:
+            self._counts = C.gather_counts(num_tokens, self.group, device)
+        elif num_tokens != self._counts[self.group.rank]:
+            raise ValueError(f"{num_tokens} tokens in this forward but {self._counts[self.group.rank]} in the one "
+                             "before it: the token layout changed, and every rank must reset its MoE token counts "
+                             "(epdiff.moe.reset_token_counts) before such a forward")
+        return self._counts

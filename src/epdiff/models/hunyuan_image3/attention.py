@@ -52,10 +52,8 @@ class Attention(nn.Module):
                  sp: Group, eps: float = 1e-5, dtype=None, device=None, quant_config=None):
         """quant_config: the quantization scheme of the projections (None: in dtype)."""
         super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
-        if num_kv_heads % (tp.size * sp.size):
-            raise ValueError(f"num_key_value_heads {num_kv_heads} cannot be split over TP {tp.size} × SP {sp.size}")
+        # The head counts were checked against the config (config.py) and the layout
+        # (HunyuanImage3Info.check_layout) before any rank started.
         self.tp, self.sp = tp, sp
         self.group_size = num_heads // num_kv_heads  # query heads per KV head
         self.kv_heads = num_kv_heads // tp.size  # on this TP rank

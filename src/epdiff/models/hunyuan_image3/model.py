@@ -24,7 +24,7 @@ from .attention import Attention, KVCache
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from .rotary import rope_2d
-from ...moe.layer import MoELayer
+from ...moe.layer import MoELayer, reset_token_counts
 from .config import HunyuanImage3Config
 
 
@@ -187,7 +187,11 @@ class HunyuanImage3Transformer(nn.Module):
         lengths[b] its real tokens. (Causal attention keeps the padding out of every real token;
         the caches' key masks keep it out of every later step.) No inference_mode here, so the
         model trains; the pipeline runs it under inference_mode. Returns this stage's per-layer
-        K/V, reused on every denoising step."""
+        K/V, reused on every denoising step.
+
+        A prefill and the steps after it each have a token layout of their own: the MoE layers
+        exchange their token counts once for each (dispatch.TokenCounts)."""
+        reset_token_counts(self)
         B, L = input_ids.shape
         x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
         cos, sin = self._rope(positions)
@@ -201,6 +205,7 @@ class HunyuanImage3Transformer(nn.Module):
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
+        reset_token_counts(self)
         return caches
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchEulerScheduler
-from ..base import DenoisingBatch, ImagePipeline, ImageTask
+from ..base import DenoisingBatch, ImagePipeline
 from .loading import load_model
 from .vae import AutoencoderKLConv3D, to_uint8
 from .weights import load_vae
