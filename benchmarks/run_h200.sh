@@ -12,9 +12,8 @@ python3 -c "import torch; print('torch', torch.__version__)"
 for section in "$@"; do
   echo "=== $section"
   case $section in
-  tests)  # GPU tests: Triton kernels, no host sync in a step, bf16/NCCL MoE equivalence
-    EPDIFF_RESULTS=$OUT timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_kernels.py \
-      tests/test_gpu_step.py tests/test_gpu_moe.py 2>&1 | tail -15 ;;
+  tests)  # every GPU test: Triton kernels, FP8, no host sync in a step or the engine loop, NCCL MoE
+    EPDIFF_RESULTS=$OUT timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_*.py 2>&1 | tail -15 ;;
   profile)  # where one GPU's step time goes
     timeout 200 python3 benchmarks/profile_step.py --layers 8 --out $OUT 2>&1 | tail -45 ;;
   moe)  # the MoE layer at release shapes, EP=1 against EP over all GPUs, both backends

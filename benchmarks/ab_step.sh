@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One GPU's denoising step for two trees of epdiff in one run, interleaved, so that both see the
+# same GPU, clocks and neighbours: the release-width model cut to 8 layers in bf16 (twice each,
+# A B A B) and the whole release size in FP8 (once each; needs an H200's memory).
+#   bash benchmarks/ab_step.sh BASELINE_TREE    # another commit's src/ and benchmarks/ (git archive)
+# Prints one JSON line per run (step_scaling.py's), labelled; JSON files go to $OUT/<label>/.
+set -u
+base=$1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+OUT=${OUT:-/tmp/epdiff-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() {  # tree label step_scaling-args...
+  local tree=$1 label=$2; shift 2
+  echo "=== $label $(date +%T)"
+  PYTHONPATH=$tree/src:$tree/benchmarks timeout 300 python3 "$tree/benchmarks/step_scaling.py" --layouts "1 GPU" \
+    --out "$OUT/$label" "$@" 2>&1 | grep -E '^\{|Error|error' | sed "s/^/$label /"
+}
+for rep in 1 2; do
+  run "$base" "base-bf16-$rep" --layers 8 --steps 8
+  run "$PWD" "new-bf16-$rep" --layers 8 --steps 8
+done
+run "$base" base-fp8 --layers 32 --steps 6 --quantization fp8
+run "$PWD" new-fp8 --layers 32 --steps 6 --quantization fp8
+echo "=== done $(date +%T)"
