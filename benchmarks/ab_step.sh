@@ -2,10 +2,12 @@
 # One GPU's denoising step for two trees of epdiff in one run, interleaved, so that both see the
 # same GPU, clocks and neighbours: the release-width model cut to 8 layers in bf16 (twice each,
 # A B A B) and the whole release size in FP8 (once each; needs an H200's memory).
-#   bash benchmarks/ab_step.sh BASELINE_TREE    # another commit's src/ and benchmarks/ (git archive)
+#   bash benchmarks/ab_step.sh BASELINE_TREE [NEW_TREE]    # src/ and benchmarks/ of two commits
+#                                                        # (git archive; NEW_TREE defaults to .)
 # Prints one JSON line per run (step_scaling.py's), labelled; JSON files go to $OUT/<label>/.
 set -u
 base=$1
+new=${2:-$PWD}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/epdiff-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -17,8 +19,8 @@ run() {  # tree label step_scaling-args...
 }
 for rep in 1 2; do
   run "$base" "base-bf16-$rep" --layers 8 --steps 8
-  run "$PWD" "new-bf16-$rep" --layers 8 --steps 8
+  run "$new" "new-bf16-$rep" --layers 8 --steps 8
 done
 run "$base" base-fp8 --layers 32 --steps 6 --quantization fp8
-run "$PWD" new-fp8 --layers 32 --steps 6 --quantization fp8
+run "$new" new-fp8 --layers 32 --steps 6 --quantization fp8
 echo "=== done $(date +%T)"
