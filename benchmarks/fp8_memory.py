@@ -22,6 +22,7 @@ from epdiff.distributed.parallel_state import ParallelState
 from epdiff.models.hunyuan_image3.config import HunyuanImage3Config
 from epdiff.models.hunyuan_image3.model import HunyuanImage3Transformer
 from epdiff.moe.experts import expert_buffer_bytes, expert_chunks
+from epdiff.moe.layer import moe_layers
 from epdiff.quantization import experts_method, get_quantization_config
 from step_scaling import release_width_model
 
@@ -35,7 +36,7 @@ def parameter_bytes(layers: int, act_bytes: int = 2) -> dict:
     with torch.device("cpu"):
         model = HunyuanImage3Transformer(one, ParallelState.single(), dtype=torch.bfloat16,
                                          quant_config=get_quantization_config("fp8"))
-    experts = model.moe_layers[0].experts
+    experts = moe_layers(model)[0].experts
     layer = model.model.layers["0"]
     layer_rest = sum(p.numel() for n, p in layer.named_parameters() if ".experts." not in n) * act_bytes
     outside = sum(p.numel() for p in model.parameters()) * act_bytes - sum(

@@ -30,6 +30,7 @@ from epdiff.models.hunyuan_image3.loading import load_model
 from epdiff.models.hunyuan_image3.resolution import snap
 from epdiff.models.hunyuan_image3.tokenizer import HunyuanTokenizer
 from epdiff.moe.experts import GroupedExperts
+from epdiff.moe.layer import moe_layers
 from epdiff.quantization import fp8
 from epdiff.quantization.fp8_method import Fp8LinearMethod
 from step_scaling import release_width_model
@@ -138,26 +139,26 @@ def main():
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    expert_weights = sum(p.numel() * p.element_size() for m in model.moe_layers for p in m.experts.parameters())
+    expert_weights = sum(p.numel() * p.element_size() for m in moe_layers(model) for p in m.experts.parameters())
     after_load = torch.cuda.max_memory_allocated(device)
     data = inputs(model_dir, "a cup of coffee on the table", device, model.config.latent_channels)
     torch.cuda.reset_peak_memory_stats(device)
     v8, times = step(model, *data, steps=args.steps)
     step_peak = torch.cuda.max_memory_allocated(device)
     by_kind = profile_kinds(model, data) if device.type == "cuda" else {}
-    for layer in model.moe_layers:
+    for layer in moe_layers(model):
         layer.reset_routing_stats()
     step(model, *data)
-    load = torch.stack([layer.expert_load for layer in model.moe_layers]).float()
+    load = torch.stack([layer.expert_load for layer in moe_layers(model)]).float()
     balance = (load.amax(-1) / load.mean(-1)).max().item()
 
     # The bf16 pass: one shared buffer of bf16 experts, redrawn before each MoE layer.
     states = expert_draw_states(model)
-    first = model.moe_layers[0]
+    first = moe_layers(model)[0]
     shared = GroupedExperts(first.experts.num_local_experts, first.experts.hidden_size,
                             first.experts.intermediate_size, torch.bfloat16, device, num_experts=first.num_experts)
     g = torch.Generator(device=device)
-    for layer in (model.moe_layers[0], model.moe_layers[-1]):  # the replay reproduces the FP8 experts
+    for layer in (moe_layers(model)[0], moe_layers(model)[-1]):  # the replay reproduces the FP8 experts
         redraw(shared, states[id(layer.experts)], g)
         q, s = fp8.quantize_weight(shared.down_proj.detach()[5])
         assert torch.equal(q.float(), layer.experts.down_proj[5].float()) and \
@@ -184,7 +185,7 @@ def main():
     def swap_out(module, _args, _out):
         module.experts = own.pop(id(module))
 
-    hooks = [h for layer in model.moe_layers
+    hooks = [h for layer in moe_layers(model)
              for h in (layer.register_forward_pre_hook(swap_in), layer.register_forward_hook(swap_out))]
     v16, times16 = step(model, *data, steps=2)
     for h in hooks:

@@ -69,3 +69,37 @@ def equivalence(rank, model_dir, configs, quantization=None):
                          close=bool((out - ref).abs().max() <= 1e-5 * ref.abs().max()),
                          err=float((out - ref).abs().max()), scale=float(ref.abs().max())))
     return rows
+
+
+def token_count_exchanges(rank, model_dir):
+    """The all-gather backend's token counts on DP2 + EP: one exchange serves every MoE layer of a
+    forward, the prefill and the first step each exchange once and later steps not at all, and a
+    step of another size without a reset is refused (on every rank) before any collective."""
+    from epdiff.distributed import collectives
+    from layouts import layout
+
+    state = ParallelState.build(layout(dp=2, ep=True), "cpu")
+    model, _ = load_model(model_dir, state)
+    seqs = sequences(model_dir, PROMPTS[rank])
+    seq, ts = seqs[0], seqs[0].timestep_index
+    latents, t = step_inputs(seq, rank, model.config.latent_channels)
+    positions = seq.positions[ts: seq.image_start + seq.image_len]
+    exchanges, gather = [], collectives.gather_counts
+
+    def counted(*args, **kwargs):
+        exchanges.append(args[0])
+        return gather(*args, **kwargs)
+
+    collectives.gather_counts = counted
+    try:
+        caches = model.prefill(seq.input_ids[None, :ts], seq.positions[:ts])
+        for _ in range(3):
+            model(latents, t, positions, caches)
+        try:  # a smaller image against the same prefix: other token counts
+            model(latents[:, :, :4, :4], t, positions[:17], caches)
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+    finally:
+        collectives.gather_counts = gather
+    return dict(exchanges=exchanges, moe_layers=len(model.config.moe_topk), refused=refused)

@@ -27,7 +27,7 @@ from epdiff.models.hunyuan_image3.rotary import rope_2d
 from epdiff.models.hunyuan_image3.tokenizer import NUM_RATIO_TOKENS, HunyuanTokenizer
 from epdiff.models.hunyuan_image3.vae import AutoencoderKLConv3D
 from epdiff.models.hunyuan_image3.weights import export_state_dict
-from epdiff.moe import MoELayer, Router
+from epdiff.moe import MoELayer, Router, moe_layers
 
 GENERATION_CONFIG = GenerationConfig().to_dict()
 
@@ -148,19 +148,26 @@ def test_unimplemented_values_are_refused(name, value):
         HunyuanImage3Config.from_dict(base_config(**{name: value}))
 
 
-def without_raw(config: HunyuanImage3Config) -> HunyuanImage3Config:
-    return dataclasses.replace(config, raw={})
-
-
 @pytest.mark.parametrize("name, value", [("norm_type", "rms"), ("norm_type", "hf_rms"), ("hidden_act", "silu"),
                                          ("moe_drop_tokens", False), ("rope_type", "2d")])
-def test_implemented_values_build_the_model_the_defaults_build(name, value):
-    """Each implemented value is the behaviour epdiff has (RMSNorm, SiLU, no dropping, 2-D RoPE):
-    the config read with it is the config read without the key."""
-    cfg = base_config()
-    cfg.pop(name, None)
-    assert without_raw(HunyuanImage3Config.from_dict(base_config(**{name: value}))) == \
-        without_raw(HunyuanImage3Config.from_dict(cfg))
+@torch.inference_mode()
+def test_implemented_values_behave_as_the_reference_says(name, value):
+    """Each implemented value is what the model computes: RMSNorm for both RMS norm types, SwiGLU
+    with SiLU, every (token, expert) pair computed (nothing dropped), the 2-D RoPE tables."""
+    model = build(**{name: value})
+    init_dummy_weights(model, seed=2)
+    layer = model.model.layers["0"]
+    assert type(layer.input_layernorm).__name__ == "RMSNorm" and layer.input_layernorm.eps == 1e-5
+    x = torch.randn(6, HIDDEN)
+    shared = layer.mlp.shared_expert
+    up, gate = (x @ shared.up_gate_proj.weight.t()).chunk(2, -1)
+    torch.testing.assert_close(shared(x), (up * torch.nn.functional.silu(gate)) @ shared.down_proj.weight.t())
+    positions = torch.stack([torch.arange(9), torch.arange(9).flip(0)], 1)
+    cos, sin = model._rope(positions)
+    torch.testing.assert_close((cos[0], sin[0]), rope_2d(positions, model.config.head_dim))
+    ids = torch.arange(7)[None] % model.config.vocab_size
+    model.prefill(ids, torch.arange(7)[:, None].expand(7, 2))
+    assert all(int(m.expert_load.sum()) == 7 * m.gate.top_k for m in moe_layers(model))  # none dropped
 
 
 def test_absent_fields_mean_the_release_defaults():
@@ -214,7 +221,7 @@ def test_skipped_layers_are_dense_mlps_of_intermediate_size():
     assert isinstance(dense, SwiGLUMLP) and isinstance(moe, MoELayer)
     assert dense.up_gate_proj.weight.shape == (2 * 48, HIDDEN) and dense.down_proj.weight.shape == (HIDDEN, 48)
     assert moe.experts.down_proj.shape[-1] == 32  # the experts keep moe_intermediate_size
-    assert [type(m).__name__ for m in model.moe_layers] == ["MoELayer"]
+    assert [type(m).__name__ for m in moe_layers(model)] == ["MoELayer"]
 
 
 def test_one_expert_means_a_dense_mlp_as_in_the_reference():

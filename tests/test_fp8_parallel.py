@@ -14,12 +14,18 @@ from fp8_cases import moe_equivalence
 from layouts import BACKENDS, layout
 from model_cases import equivalence
 
-A2A = "alltoall"
+# EP layouts run over every registered backend; the last of each world runs EP off.
 MOE_LAYOUTS = {
-    2: [layout(tp=2, ep=True), layout(cfg=2, ep=True), layout(sp=2, ep=True, backend=A2A), layout(tp=2)],
-    4: [layout(tp=2, cfg=2, ep=True), layout(cfg=2, dp=2, ep=True, backend=A2A), layout(tp=4)],
-    8: [layout(tp=2, sp=2, cfg=2, ep=True), layout(sp=2, cfg=2, dp=2, ep=True, backend=A2A)],
+    2: [layout(tp=2), layout(cfg=2), layout(sp=2)],
+    4: [layout(tp=2, cfg=2), layout(cfg=2, dp=2)],
+    8: [layout(tp=2, sp=2, cfg=2), layout(sp=2, cfg=2, dp=2)],
 }
+EP_OFF = {2: layout(tp=2), 4: layout(tp=4), 8: layout(tp=2, dp=4)}
+
+
+def moe_layouts(world):
+    return [c.replace(enable_expert_parallel=True, all2all_backend=b) for c in MOE_LAYOUTS[world] for b in BACKENDS] \
+        + [EP_OFF[world]]
 EXACT, FP8_ERROR = 1e-5, 0.08  # relative to the largest output
 
 
@@ -32,9 +38,10 @@ def check(rows):
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_fp8_moe_layouts_match_one_rank(world8, world):
-    rows = [r for per_rank in world8.run(world, moe_equivalence, MOE_LAYOUTS[world]) for r in per_rank]
+    layouts = moe_layouts(world)
+    rows = [r for per_rank in world8.run(world, moe_equivalence, layouts) for r in per_rank]
     check(rows)
-    assert len(rows) == world * len(MOE_LAYOUTS[world]) * 2
+    assert len(rows) == world * len(layouts) * 2
 
 
 @pytest.mark.parametrize("config", [layout(cfg=2), layout(tp=2, cfg=2), layout(sp=2, pp=2)],

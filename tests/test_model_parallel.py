@@ -4,7 +4,7 @@ EP off and on over every registered dispatch backend, equals the single-rank for
 import pytest
 
 from layouts import ep_modes, layout
-from model_cases import equivalence
+from model_cases import equivalence, token_count_exchanges
 
 LAYOUTS = {
     2: [layout(tp=2), layout(sp=2), layout(cfg=2), layout(dp=2), layout(pp=2)],
@@ -31,3 +31,10 @@ def test_transformer_layouts_match_single_rank(world8, tiny_model, world):
         rows += [r for rank_rows in per_rank for r in rank_rows]
         assert len(per_rank) == world and all(len(r) == len(modes) for r in per_rank)
     check(rows)
+
+
+def test_token_counts_are_exchanged_once_per_layout_for_every_layer(world8, tiny_model):
+    model = tiny_model(image_base_size=128, num_experts=8, seed=3)
+    for r in world8.run(2, token_count_exchanges, model):
+        assert r["moe_layers"] > 1 and len(r["exchanges"]) == 2, r  # prefill, first step: not once per layer
+        assert r["refused"] and "reset its MoE token counts" in r["refused"], r

@@ -73,7 +73,9 @@ def test_generic_code_imports_nothing_of_a_family():
     family = "epdiff.models.hunyuan_image3"
     generic = [m for m in import_graph() if m.startswith(("epdiff.engine", "epdiff.serve", "epdiff.cli",
                                                           "epdiff.train", "epdiff.moe", "epdiff.layers",
-                                                          "epdiff.quantization", "epdiff.sampling"))]
+                                                          "epdiff.quantization", "epdiff.sampling", "epdiff.loader",
+                                                          "epdiff.distributed", "epdiff.kernels", "epdiff.config",
+                                                          "epdiff.models.base", "epdiff.models.registry"))]
     graph = import_graph()
     bad = {m: sorted(d for d in graph[m] if d.startswith(family)) for m in generic}
     assert not {m: d for m, d in bad.items() if d}, bad
@@ -168,7 +170,15 @@ def test_a_second_family_runs_through_the_engine_unchanged(toy):
 
 
 def test_the_server_describes_the_family(toy):
-    assert EngineConfig(model=toy).resolve().model_info.describe() == {"family": "toy", "image_sizes": ["32x32"]}
+    from fastapi.testclient import TestClient
+
+    from epdiff.serve.app import create_app
+    from epdiff.serve.service import EngineService
+
+    service = EngineService(EngineConfig(model=toy).resolve(), max_waiting=4)
+    with TestClient(create_app(service)) as client:
+        model = client.get("/v1/models").json()["data"][0]
+    assert (model["id"], model["family"], model["image_sizes"]) == ("toy", "toy", ["32x32"])
 
 
 # -- the quantization seam ------------------------------------------------------------------------------

@@ -114,11 +114,11 @@ def expected_latents(prompt: str, seed: int, steps: int, guidance: float, size: 
 
     model = ToyTransformer(ParallelState.single())
     x = torch.randn(1, CHANNELS, size // PATCH, size // PATCH, generator=torch.Generator().manual_seed(seed))
-    sampler = FlowMatchEulerScheduler(steps, 1.0)
+    scheduler = FlowMatchEulerScheduler(steps, 1.0)
     with torch.inference_mode():
         for i in range(steps):
             cond = model(x) + len(prompt) / 10
             uncond = model(x)
             v = uncond + guidance * (cond - uncond) if guidance > 1 else cond
-            x = sampler.step(v, x, i)
+            x = scheduler.step(v, x, i)
     return x[0]

@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 
 
 def option(default, help: str, *, short: str | None = None, choices=None):
-    """A config field that is also a command-line flag (`--field-name`, cli.add_config_args) and a
-    keyword of the Python API: its help, short flag and choices live here, once."""
+    """A config field that is also a command-line flag (`--field-name`, cli.add_dataclass_args) and
+    a keyword of the Python API: its help, short flag and choices live here, once."""
     return field(default=default, metadata={"help": help, "short": short, "choices": choices})
 
 

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -97,10 +98,24 @@ def _exit_with_parent(parent_pid: int):
     threading.Thread(target=watch, daemon=True, name="epdiff-parent-watch").start()
 
 
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The event of a worker whose function raised: its rank and its error."""
+    rank: int
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """The event of rank 0 returning from launch()'s function."""
+    value: object
+
+
 class Channel:
-    """Rank 0's line to the process driving the workers: commands in, events out. Everything
-    travels as plain pickle: torch's queue pickler would pass tensors as shared memory that
-    vanishes with the sending process."""
+    """Rank 0's line to the process driving the workers: commands in, events out (any picklable
+    objects: the engine's are typed in engine/worker.py). Everything travels as plain pickle:
+    torch's queue pickler would pass tensors as shared memory that vanishes with the sending
+    process."""
 
     def __init__(self, commands, events):
         self._commands, self._events = commands, events
@@ -113,15 +128,15 @@ class Channel:
         except queue.Empty:
             return None
 
-    def send(self, kind: str, payload=None) -> None:
-        self._events.put(pickle.dumps((kind, 0, payload)))
+    def send(self, event) -> None:
+        self._events.put(pickle.dumps(event))
 
     # The driver's side.
     def command(self, command) -> None:
         self._commands.put(pickle.dumps(command))
 
-    def next_event(self, timeout: float) -> tuple | None:
-        """(kind, rank, payload), or None when nothing came within timeout seconds."""
+    def next_event(self, timeout: float):
+        """The next event, or None when nothing came within timeout seconds."""
         try:
             return pickle.loads(self._events.get(timeout=timeout))
         except queue.Empty:
@@ -163,7 +178,7 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, comma
                       LOCAL_WORLD_SIZE=str(world_size))
 
     def report(message: str):
-        events.put(pickle.dumps(("error", local_rank, message)))
+        events.put(pickle.dumps(WorkerFailed(local_rank, message)))
         events.close()  # the process exits next: let the queue's feeder thread deliver it first
         events.join_thread()
 
@@ -174,7 +189,7 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, comma
         args = (Channel(commands, events) if local_rank == 0 else None, *args)
     result = _run_rank(local_rank, world_size, local_rank, world_size, fn, args, report, device_kind)
     if local_rank == 0 and not persistent:
-        events.put(pickle.dumps(("result", 0, result)))
+        events.put(pickle.dumps(WorkerResult(result)))
     # The work is handed over: skip interpreter finalization, where gloo's worker threads
     # occasionally abort the process ("terminate called without an active exception", seen
     # once in 21 runs of the README command). Wait for the queue's feeder thread first.
@@ -214,11 +229,11 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self.context.processes]
 
-    def next_event(self, timeout: float) -> tuple | None:
-        """The next (kind, rank, payload) from the workers; errors are also kept in self.errors."""
+    def next_event(self, timeout: float):
+        """The next event from the workers; failures are also kept in self.errors."""
         event = self.channel.next_event(timeout)
-        if event is not None and event[0] == "error":
-            self.errors.setdefault(event[1], event[2])
+        if isinstance(event, WorkerFailed):
+            self.errors.setdefault(event.rank, event.message)
         return event
 
     def failure(self) -> str | None:
@@ -270,8 +285,8 @@ def launch(world_size: int, fn, *args, device_kind: str = "auto"):
     try:
         while True:
             event = group.next_event(0.2)
-            if event is not None and event[0] == "result":
-                result = event[2]
+            if isinstance(event, WorkerResult):
+                result = event.value
                 break
             failure = group.failure()
             if failure is not None:

@@ -70,6 +70,8 @@ class ParallelState:
         self.global_rank = global_rank
         self.device = device
         self.mesh = mesh
+        # What the layers of this rank share (the MoE layers: one exchange of token counts per forward).
+        self.shared: dict[str, object] = {}
 
     def __getattr__(self, name):  # state.tp, state.ep, ...
         groups = self.__dict__.get("groups", {})

@@ -1,8 +1,8 @@
 """The denoising loop, once for every model family (docs/architecture.md, 'The engine').
 
 Every rank runs it in lockstep on its DP group's images: the family's pipeline starts the batch
-(conditioning, noise, sampler) and predicts each step's velocities for this rank's guidance
-branches; the loop exchanges the branches between CFG ranks, combines them, steps the sampler,
+(conditioning, noise, scheduler) and predicts each step's velocities for this rank's guidance
+branches; the loop exchanges the branches between CFG ranks, combines them, steps the scheduler,
 tracks non-finite latents on the device (read once, after the loop: no host sync in a step),
 times the steps, reports progress, and decodes on the decode ranks.
 """
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..distributed.collectives import all_gather_tensor
 from ..distributed.parallel_state import ParallelState
 from ..models.base import ImagePipeline, ImageTask
-from ..moe.layer import MoELayer, reset_token_counts
+from ..moe.layer import moe_layers, reset_token_counts
 
 
 @dataclass
@@ -43,15 +43,11 @@ class RankMetrics:
 
     @classmethod
     def of(cls, pipe: ImagePipeline, parallel: ParallelState, load_seconds: float) -> "RankMetrics":
-        moe = moe_layers(pipe)
+        moe = moe_layers(pipe.transformer)
         return cls(rank=parallel.global_rank, layout=parallel.config.describe(),
                    local_experts=moe[0].local_expert_ids if moe else [],
                    parameter_bytes=sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()),
                    checkpoint_bytes_read=pipe.checkpoint_bytes_read, load_seconds=load_seconds)
-
-
-def moe_layers(pipe: ImagePipeline) -> list[MoELayer]:
-    return [m for m in pipe.transformer.modules() if isinstance(m, MoELayer)]
 
 
 def is_decode_rank(parallel: ParallelState) -> bool:
@@ -74,12 +70,12 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
         branches = [branches[parallel.cfg.rank]]
     reset_token_counts(pipe.transformer)  # a new batch's token layout
     batch = pipe.start_batch(tasks, branches)
-    latents, sampler = batch.latents, batch.sampler
+    latents, scheduler = batch.latents, batch.scheduler
     # The first step whose latents are not finite, per image: kept on the device and read once
     # after the loop, so checking costs no host sync inside a step.
     nonfinite_step = torch.full((n,), -1, dtype=torch.long, device=device)
     timer = StepTimer(device)
-    steps = tqdm(range(len(sampler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
+    steps = tqdm(range(len(scheduler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
                  disable=not (show_progress and parallel.global_rank == 0))
     for i in steps:
         timer.start()
@@ -89,12 +85,12 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
         if num_branches == 2:
             cond_v, uncond_v = velocity.chunk(2)
             velocity = pipe.combine_guidance(cond_v, uncond_v, first.guidance_scale)
-        latents = sampler.step(velocity, latents, i)
+        latents = scheduler.step(velocity, latents, i)
         finite = torch.isfinite(latents).flatten(1).all(1)
         nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
         timer.stop()
         if on_step is not None:
-            on_step(i + 1, len(sampler))
+            on_step(i + 1, len(scheduler))
     metrics.step_seconds = timer.seconds()  # this batch's
     bad = nonfinite_step.tolist()
     latents = latents.float().cpu()

@@ -28,11 +28,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..distributed.launch import (Channel, WorkerError, WorkerGroup, _run_rank, pick_device, torchrun_ranks,
-                                  under_torchrun)
+from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGroup, _run_rank, pick_device,
+                                  torchrun_ranks, under_torchrun)
 from .params import EngineConfig, SamplingParams
 from .planner import BatchPlanner
-from .worker import BatchResult, CollectRoutingStats, Command, RunBatch, Stop, engine_worker
+from .worker import (BatchResult, CollectRoutingStats, Command, Done, Progress, Ready, RunBatch, Stop, Stopped,
+                     engine_worker)
 
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
@@ -107,7 +108,7 @@ class _InProcessWorker:
                 target(self.channel)
             except BaseException as e:  # noqa: BLE001 - reported to the driver, which fails loudly
                 self.error = f"worker rank 0 failed: {type(e).__name__}: {e}"
-                self.channel.send("error", self.error)
+                self.channel.send(WorkerFailed(0, self.error))
 
         self.thread = threading.Thread(target=run, daemon=True, name="epdiff-rank0")
         self.thread.start()
@@ -175,8 +176,8 @@ class Engine:
     def _wait_ready(self):
         while True:
             event = self._workers.next_event(0.2)
-            if event is not None and event[0] == "ready":
-                return event[2]
+            if isinstance(event, Ready):
+                return event.metrics
             failure = self._workers.failure()
             if failure is not None:
                 raise WorkerError(failure)
@@ -288,23 +289,21 @@ class Engine:
             self._workers.channel.command(self._in_flight[0])
 
     def _handle(self, event):
-        # "error" events are the workers' failure() business; "stopped" is close()'s.
-        kind, _, payload = event
-        if kind == "progress":
-            batch_id, step, total = payload
+        # WorkerFailed events are the workers' failure() business; Stopped is close()'s.
+        if isinstance(event, Progress):
             for request in self._requests_in_flight():
                 if request.on_progress is not None:
                     try:
-                        request.on_progress(step, total)
+                        request.on_progress(event.step, event.total)
                     except Exception as e:  # noqa: BLE001 - a caller's callback must not stop the engine
                         log.warning("epdiff: a progress callback failed: %s: %s", type(e).__name__, e)
-        elif kind == "done":  # the answer to the command in flight (only this thread clears it)
+        elif isinstance(event, Done):  # the answer to the command in flight (only this thread clears it)
             if isinstance(self._in_flight[0], RunBatch):
-                self._finish_batch(payload)
+                self._finish_batch(event.reply)
             else:
                 with self._lock:
                     (_, future), self._in_flight = self._commands.popleft(), None
-                future.set_result(payload)
+                future.set_result(event.reply)
 
     def _requests_in_flight(self) -> list[_Request]:
         with self._lock:
@@ -400,7 +399,7 @@ class Engine:
             deadline = time.time() + timeout_s
             while time.time() < deadline:
                 event = self._workers.next_event(0.1)
-                if event is not None and event[0] == "stopped":
+                if isinstance(event, Stopped):
                     break
                 if self._workers.failure() is not None:
                     break

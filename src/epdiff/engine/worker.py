@@ -3,7 +3,7 @@
 Rank 0 takes each command from the driver (its `Channel`) and broadcasts it to every rank over a
 gloo control group, so idle waits and decode waits happen on the CPU side with no collective
 timeout to hit; NCCL collectives then only ever wait for peers that are computing the same batch.
-Rank 0 answers each command with one "done" event carrying its result.
+Rank 0 answers each command with one `Done` event carrying its result.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..distributed.parallel_state import ParallelState
+from ..moe.layer import moe_layers
 from ..moe.stats import collect_routing_stats
-from .denoise import RankMetrics, denoise, is_decode_rank, moe_layers
+from .denoise import RankMetrics, denoise, is_decode_rank
 from .planner import Batch
 
 # Rank 0 broadcasts a no-op this often while idle, so that a rank waiting for the next command
@@ -45,6 +46,30 @@ class Stop:
 
 
 Command = RunBatch | CollectRoutingStats | Stop
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Every rank has loaded: their RankMetrics, by rank."""
+    metrics: list
+
+
+@dataclass(frozen=True)
+class Progress:
+    batch_id: int
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer to the command in flight (a BatchResult, or the routing statistics)."""
+    reply: object
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Every rank has left its loop."""
 
 
 @dataclass
@@ -105,7 +130,7 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
     metrics = RankMetrics.of(pipe, parallel, time.perf_counter() - start)
     loaded = control.gather(metrics)
     if channel is not None:
-        channel.send("ready", loaded)
+        channel.send(Ready(loaded))
     while True:
         command = control.broadcast(channel.receive(HEARTBEAT_S) if channel is not None else None)
         if command is None:
@@ -119,9 +144,9 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
         else:
             raise TypeError(f"unknown engine command {command!r}")
         if channel is not None:
-            channel.send("done", reply)
+            channel.send(Done(reply))
     if channel is not None:
-        channel.send("stopped")
+        channel.send(Stopped())
 
 
 def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: RankMetrics, batch: Batch, channel,
@@ -133,7 +158,7 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
         def on_step(step: int, total: int):
             if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
                 raise RuntimeError("the engine was closed during this batch")
-            channel.send("progress", (batch.batch_id, step, total))
+            channel.send(Progress(batch.batch_id, step, total))
     real = [item.request_id is not None for item in items]  # filler is denoised, never decoded
     denoised = denoise(pipe, items, parallel, metrics, on_step, show_progress, decode=real)
     mine = []
@@ -151,7 +176,7 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
 def routing_summary(pipe, parallel: ParallelState, control: ControlPlane):
     """Per pipeline stage: its MoE layers, tokens per (layer, expert) since load, and the summary."""
     stats = None
-    layers = moe_layers(pipe)
+    layers = moe_layers(pipe.transformer)
     if layers:
         s = collect_routing_stats(layers, parallel)
         stats = dict(stage=parallel.pp.rank, layers=pipe.moe_layer_ids,

@@ -5,9 +5,9 @@
     ModelInfo        one model folder, read once: checks a layout and a request against the model,
                      describes it (/v1/models), loads its pipeline on a rank
     ImagePipeline    one rank's loaded model: starts a batch of images (conditioning, noise,
-                     sampler) and predicts their velocities; decodes latents into pixels
+                     scheduler) and predicts their velocities; decodes latents into pixels
     DenoisingBatch   what `start_batch` returns: the engine's denoising loop (engine/denoise.py)
-                     runs it step by step: CFG exchange and combine, the sampler step, non-finite
+                     runs it step by step: CFG exchange and combine, the scheduler step, non-finite
                      tracking, step timing and progress are the loop's, not the family's
 
 A family never sees the engine's requests, futures or workers: the loop hands it `ImageTask`s.
@@ -39,8 +39,9 @@ class ImageTask:
     guidance_scale: float
 
 
-class Sampler(Protocol):
-    """A denoising schedule: len() steps; step i takes the latents from one noise level to the next."""
+class Scheduler(Protocol):
+    """A denoising schedule (diffusers' word; sampling/scheduler.py): len() steps; step i takes the
+    latents from one noise level to the next."""
 
     def __len__(self) -> int: ...
 
@@ -53,10 +54,10 @@ class DenoisingBatch:
 
     `predict(latents, i)` returns this rank's guidance branches' velocities for step i, branch
     after branch ([len(branches)·n, ...], fp32); the loop gathers the branches of other CFG
-    ranks, combines them (`ImagePipeline.combine_guidance`) and steps the sampler."""
+    ranks, combines them (`ImagePipeline.combine_guidance`) and steps the scheduler."""
 
     latents: torch.Tensor  # [n, ...] the initial noise, on the device
-    sampler: Sampler
+    scheduler: Scheduler
     predict: Callable[[torch.Tensor, int], torch.Tensor]
 
 

@@ -1,8 +1,9 @@
 """The model registry: which family runs a model folder (docs/architecture.md, 'Model families').
 
 A folder names its architecture in config.json's `architectures` (transformers' convention) or,
-for a diffusers pipeline folder, in model_index.json's `_class_name`. Each family is imported only
-when a folder asks for it. Adding a family: its folder under models/ and one line in FAMILIES.
+for a diffusers pipeline folder, in model_index.json's `_class_name`. A family's module is imported
+when it is first asked for (a folder of it, or the command line's list of family tools). Adding a
+family: its folder under models/ and one line in FAMILIES.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Names load on first use, so that `config` can check a layout against the registr
 import importlib
 
 _EXPORTS = {"MoELayer": "layer", "Router": "router", "RoutingStats": "stats", "collect_routing_stats": "stats",
-            "reset_token_counts": "layer"}
+            "moe_layers": "layer", "reset_token_counts": "layer"}
 __all__ = list(_EXPORTS)
 
 

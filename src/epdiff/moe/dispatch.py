@@ -74,14 +74,16 @@ class Dispatcher(ABC):
 
     @staticmethod
     def _metadata(ids: torch.Tensor, weights: torch.Tensor, row_values: torch.Tensor | None) -> torch.Tensor:
-        """Routing metadata [T, 2k (+1)] of the rows that travel: expert ids are small integers,
-        exact in fp32, so one collective moves ids, weights and the rows' per-row values."""
-        parts = [ids.float(), weights.float()] + ([] if row_values is None else [row_values.float()[:, None]])
+        """Routing metadata [T, 2k + m] of the rows that travel: expert ids are small integers,
+        exact in fp32, so one collective moves ids, weights and the rows' m values per row."""
+        parts = [ids.float(), weights.float()]
+        if row_values is not None:
+            parts.append(row_values.float().reshape(ids.shape[0], -1))
         return torch.cat(parts, dim=1)
 
     def _received(self, rows: torch.Tensor, meta: torch.Tensor, k: int, dtype: torch.dtype):
         """(expert input, ids [R, k], weights [R, k]) of the rows and metadata received."""
-        row_values = meta[:, 2 * k] if meta.shape[1] > 2 * k else None
+        row_values = meta[:, 2 * k:] if meta.shape[1] > 2 * k else None
         return self.experts_method.unpack_tokens(rows, row_values, dtype), meta[:, :k].long(), meta[:, k:2 * k]
 
 

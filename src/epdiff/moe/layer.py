@@ -44,7 +44,7 @@ class MoELayer(nn.Module):
         shards, shard = (parallel.ep.size, parallel.ep.rank) if ep else (1, 0)
         if intermediate_size % self.expert_tp:
             raise ValueError(f"expert width {intermediate_size} cannot be split over TP {self.expert_tp}")
-        self.placement = Placement(expert_owners(num_experts, shards, config.expert_placement), shard)
+        self.placement = Placement(torch.tensor(expert_owners(num_experts, shards, config.expert_placement)), shard)
         self.placement.to(device or "cpu")
         self.gate = Router(router_input_size or hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
                            topk_groups)
@@ -56,7 +56,11 @@ class MoELayer(nn.Module):
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel,
                                       num_experts=num_experts, quant_config=quant_config)
         self.dispatch = make_dispatcher(parallel, self.experts.quant_method)
-        self.token_counts = TokenCounts(parallel.token) if self.dispatch.needs_token_counts else None
+        self.token_counts = None
+        if self.dispatch.needs_token_counts:
+            # Every MoE layer of a forward has the same rows: one exchange serves them all.
+            self.token_counts = parallel.shared.setdefault("moe_token_counts", TokenCounts(parallel.token))
+            self.token_counts.reset()  # a layer built anew starts a new token layout
         self._pending_halves: dict[int, dict] = {}  # up_proj / gate_proj loaded apart, waiting for the other
         # (token, expert) pairs this rank computed, per global expert, since the last reset.
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
@@ -98,16 +102,14 @@ class MoELayer(nn.Module):
             raise ValueError(f"expert {expert} is not held by this rank (holds {self.local_expert_ids})")
         t = self.parallel.tp
         shards, rank = (t.size, t.rank) if self.expert_tp > 1 else (1, 0)
+        if scale is not None:  # a pre-quantized checkpoint's: its method knows how it shards
+            scale = self.experts.quant_method.shard_stored_scale(scale, kind, rank, shards)
         if kind == "up_gate_proj":
             value = read_row_shard(source, rank, shards, parts=2)
-            # One scale per output row: the rows' scales shard with them.
-            scale = None if scale is None else read_row_shard(scale, rank, shards, parts=2)
         elif kind in ("up_proj", "gate_proj"):
-            return self._load_half(local, kind, read_row_shard(source, rank, shards),
-                                   None if scale is None else read_row_shard(scale, rank, shards), expert)
+            return self._load_half(local, kind, read_row_shard(source, rank, shards), scale, expert)
         elif kind == "down_proj":
-            value = read_col_shard(source, rank, shards)  # its output rows (and scales) are whole
-            scale = None if scale is None else scale[:]
+            value = read_col_shard(source, rank, shards)
         else:
             raise ValueError(f"unknown expert weight {kind!r}; expected up_gate_proj, up_proj, gate_proj or down_proj")
         self.experts.load_expert(local, kind, value, scale, f"experts.{expert}.{kind}")
@@ -130,9 +132,14 @@ class MoELayer(nn.Module):
         self.expert_load.zero_()
 
 
+def moe_layers(module: nn.Module) -> list[MoELayer]:
+    """The MoE layers of a model (this rank's part), in module order."""
+    return [m for m in module.modules() if isinstance(m, MoELayer)]
+
+
 def reset_token_counts(module: nn.Module) -> None:
-    """Starts every MoE layer in module over on its token counts (dispatch.TokenCounts): call on
-    every rank before a batch whose token layout may differ from the last one's."""
-    for layer in module.modules():
-        if isinstance(layer, MoELayer) and layer.token_counts is not None:
+    """Starts the MoE layers in module over on their token counts (dispatch.TokenCounts): call on
+    every rank wherever the token layout may change (a new batch, a prefill and the steps after it)."""
+    for layer in moe_layers(module):
+        if layer.token_counts is not None:
             layer.token_counts.reset()

@@ -82,12 +82,22 @@ class ExpertsMethod(ABC):
         """One expert's `kind` weight ([N, K], this rank's part): high precision, or as a
         pre-quantized checkpoint stores it with its `scale`."""
 
+    def stored_scale_layout(self, weight_shape: tuple[int, int]) -> tuple[tuple[tuple[int, ...], ...], str]:
+        """(the shapes a pre-quantized checkpoint may store a weight's scale in, its safetensors dtype)."""
+        raise NotImplementedError(f"{type(self).__name__} stores no scales")
+
+    def shard_stored_scale(self, scale, kind: str, rank: int, shards: int) -> torch.Tensor:
+        """This TP rank's part of a stored scale (a tensor or a safetensors slice) of an expert weight
+        whose output rows shard over TP (`up_gate_proj`: each half's rows; `down_proj`: none)."""
+        raise NotImplementedError(f"{type(self).__name__} stores no scales")
+
     def pack_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What travels to the experts' ranks for the rows of x: (rows, one value per row or None)."""
+        """What travels to the experts' ranks for the rows of x: (rows, values per row [T] or [T, m],
+        or None)."""
         return x, None
 
     def unpack_tokens(self, rows: torch.Tensor, row_values: torch.Tensor | None, dtype: torch.dtype):
-        """The expert input made of rows (and their per-row values) received from other ranks."""
+        """The expert input made of rows (and their values per row, [R, m]) received from other ranks."""
         return rows
 
     @abstractmethod
@@ -134,8 +144,9 @@ class UnquantizedExpertsMethod(ExpertsMethod):
         experts.down_proj = new_parameter((num_local_experts, hidden_size, intermediate_size), dtype, device)
 
     def load_expert(self, experts, local, kind, value, scale, name):
-        if scale is not None or value.dtype == torch.float8_e4m3fn:
-            raise ValueError(f"{name}: a float8 checkpoint tensor needs --quantization fp8")
+        if scale is not None or not value.is_floating_point() or value.element_size() < 2:
+            raise ValueError(f"{name}: a quantized checkpoint tensor ({value.dtype}) needs the checkpoint's "
+                             "quantization (--quantization)")
         copy_checked(getattr(experts, kind)[local], value, name)
 
     def use_grouped_mm(self, experts, x):

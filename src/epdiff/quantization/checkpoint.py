@@ -21,6 +21,8 @@ def write_quantized_checkpoint(model_dir: str, out_dir: str, config: Quantizatio
                                is_expert_weight: Callable[[str], bool], device="cpu") -> dict:
     """Routed expert weights (is_expert_weight(name)) become what config stores for them; every
     other tensor and file is copied, and config.json gains `quantization_config`. Returns a summary."""
+    if config is None:
+        raise ValueError("give a quantization scheme to write (--quantization)")
     with open(os.path.join(model_dir, "config.json")) as f:
         if json.load(f).get("quantization_config") is not None:
             raise ValueError(f"{model_dir}: already quantized (config.json has a quantization_config)")

@@ -24,7 +24,7 @@ import torch
 from .. import kernels
 from ..kernels import moe as moe_kernels
 from ..layers.activation import swiglu_up_gate
-from ..loader.slicing import copy_checked
+from ..loader.slicing import copy_checked, read_row_shard
 from . import fp8
 from .base import EXPERT_WEIGHTS, ExpertsMethod, LinearMethod, QuantizationConfig, UnquantizedLinearMethod, \
     new_parameter
@@ -105,12 +105,21 @@ class Fp8ExpertsMethod(ExpertsMethod):
             param.copy_(value)
             target_scale.copy_(scale)
 
+    def stored_scale_layout(self, weight_shape):
+        rows = weight_shape[0]
+        return ((rows,), (rows, 1)), "F32"  # one scale per output channel
+
+    def shard_stored_scale(self, scale, kind, rank, shards):
+        if kind == "down_proj":
+            return scale[:]  # its output rows are whole on every rank
+        return read_row_shard(scale, rank, shards, parts=2 if kind == "up_gate_proj" else 1)
+
     def pack_tokens(self, x):
         rows = quantize_tokens(x)
         return rows.q.view(torch.uint8), rows.scale  # bytes: every backend moves them
 
     def unpack_tokens(self, rows, row_values, dtype):
-        return fp8.Fp8Rows(rows.view(fp8.FP8_DTYPE), row_values.contiguous(), dtype)
+        return fp8.Fp8Rows(rows.view(fp8.FP8_DTYPE), row_values[:, 0].contiguous(), dtype)
 
     def use_grouped_mm(self, experts, x):
         aligned = experts.hidden_size % 16 == 0 and experts.intermediate_size % 16 == 0

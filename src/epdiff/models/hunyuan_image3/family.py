@@ -154,6 +154,7 @@ class HunyuanImage3Family(ModelFamily):
         from ...quantization.checkpoint import write_quantized_checkpoint
         from .weights import is_expert_weight
 
-        HunyuanImage3Config.from_pretrained(model_dir)  # a readable folder of this family
+        HunyuanImage3Config.from_pretrained(model_dir)  # a readable folder of this family, whose
+        read_generation_config(model_dir)  # settings epdiff implements
         return write_quantized_checkpoint(model_dir, out_dir, get_quantization_config(quantization),
                                           is_expert_weight, device)

@@ -30,7 +30,8 @@ def load_model(model_dir: str, parallel, dtype=torch.float32, device="cpu", load
         config = HunyuanImage3Config.from_pretrained(model_dir)
         read_generation_config(model_dir)  # its settings are checked before any weight is read
     stored = checkpoint_quantization(config, model_dir)
-    quant_config = get_quantization_config(quantization) or stored
+    # A pre-quantized checkpoint's own settings win (EngineConfig.resolve refused any other scheme).
+    quant_config = stored or get_quantization_config(quantization)
     checkpoint = SafetensorsCheckpoint(model_dir) if load_format == "safetensors" else None
     with torch.device(device):
         model = HunyuanImage3Transformer(config, parallel, dtype=dtype, device=device, quant_config=quant_config)

@@ -168,10 +168,6 @@ class HunyuanImage3Transformer(nn.Module):
             self.final_layer = UNetUp(c.hidden_size, c.patch_embed_hidden_dim, c.latent_channels,
                                       **kw).to(memory_format=torch.channels_last)
 
-    @property
-    def moe_layers(self) -> list[MoELayer]:
-        return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoELayer)]
-
     def _rope(self, positions):
         """positions [L, 2] (shared by the batch) or [B, L, 2] -> cos, sin [1 or B, L, head_dim]."""
         cos, sin = rope_2d(positions.to(self.device), self.config.head_dim, self.config.rope_theta)

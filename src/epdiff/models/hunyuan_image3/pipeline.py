@@ -67,15 +67,15 @@ class HunyuanImage3Pipeline(ImagePipeline):
         # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
         rows = [sequences[task.prompt][branch] for branch in branches for task in tasks]
         caches, gen_positions = self._prefill(rows)
-        sampler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.info.generation.flow_shift))
+        scheduler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.info.generation.flow_shift))
         latents = initial_noise([task.seed for task in tasks], (c.latent_channels, h, w), self.device)
-        timesteps = sampler.timesteps.to(self.device)
+        timesteps = scheduler.timesteps.to(self.device)
 
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             t = timesteps[i].expand(len(rows))
             return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches).float()
 
-        return DenoisingBatch(latents, sampler, predict)
+        return DenoisingBatch(latents, scheduler, predict)
 
     def _prefill(self, rows):
         """Caches the text prefix of every row; returns the caches and the positions of each

@@ -104,18 +104,20 @@ def checkpoint_quantization(config, model_dir: str) -> QuantizationConfig | None
         raise CheckpointError(str(e)) from None
 
 
-def _stored_scale(checkpoint: SafetensorsCheckpoint, name: str, suffix: str, rows: int):
-    """The per-channel scale a pre-quantized checkpoint stores beside expert weight `name`, checked."""
-    scale_name = name + suffix
+def _stored_scale(checkpoint: SafetensorsCheckpoint, name: str, method, weight_shape: tuple[int, int]):
+    """The scale a pre-quantized checkpoint stores beside expert weight `name`, checked against
+    what its quantization method stores."""
+    scale_name = name + method.stored_scale_suffix
     file = checkpoint.weight_map[name]
     if scale_name not in checkpoint:
-        raise CheckpointError(f"{file}: quantized tensor {name} has no {scale_name} (its per-output-channel scale)")
+        raise CheckpointError(f"{file}: quantized tensor {name} has no {scale_name} (its scale)")
     scale = checkpoint.get(scale_name)
-    if scale.get_shape() not in ((rows,), (rows, 1)):
-        raise CheckpointError(f"{scale.file}: tensor {scale_name} has shape {scale.get_shape()}, expected ({rows}, 1) "
-                              "(one scale per output channel)")
-    if scale.get_dtype() != "F32":
-        raise CheckpointError(f"{scale.file}: tensor {scale_name} has dtype {scale.get_dtype()}, expected F32")
+    shapes, dtype = method.stored_scale_layout(weight_shape)
+    if scale.get_shape() not in shapes:
+        raise CheckpointError(f"{scale.file}: tensor {scale_name} has shape {scale.get_shape()}, expected "
+                              f"{' or '.join(map(str, shapes[::-1]))}")
+    if scale.get_dtype() != dtype:
+        raise CheckpointError(f"{scale.file}: tensor {scale_name} has dtype {scale.get_dtype()}, expected {dtype}")
     return scale
 
 
@@ -174,7 +176,7 @@ def load_checkpoint(model, checkpoint: SafetensorsCheckpoint, stored: Quantizati
             if dtype != stored_method.stored_dtype:
                 raise CheckpointError(f"{source.file}: tensor {name} has dtype {dtype}, but config.json's "
                                       f"quantization_config says {stored.name} (expected {stored_method.stored_dtype})")
-            scale = _stored_scale(checkpoint, name, stored_method.stored_scale_suffix, spec.shape[0])
+            scale = _stored_scale(checkpoint, name, stored_method, spec.shape)
         elif dtype not in HIGH_PRECISION_DTYPES:
             why = ("only routed experts are quantized" if stored is not None
                    else "config.json has no quantization_config")
