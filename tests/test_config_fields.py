@@ -11,7 +11,6 @@ import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models
 
-import dataclasses
 
 import epdiff
 from epdiff.config import ConfigError

@@ -78,7 +78,7 @@ def test_layout_gives_the_single_rank_image(tmp_path, single, layout):
     (["--prompt", "x", "--save-latents", "/sys/x.safetensors"], "cannot write --save-latents '/sys/x.safetensors'"),
     (["--prompt", "x", "--metrics-json", "/sys/m.json"], "cannot write --metrics-json '/sys/m.json'"),
     (["--prompt", "x", "--prompt-file", "/nonexistent/prompts.txt"], "cannot read --prompt-file"),
-    (["--prompt", "x", "--cfg-parallel-size", "2", "--guidance-scale", "1"], "guidance scale 1.0 <= 1"),
+    (["--prompt", "x", "--cfg-parallel-size", "2", "--guidance-scale", "1"], "guidance scale 1.0 needs only the conditional branch"),
     (["--prompt", "x", "--device", "cuda"], "device 'cuda' was asked for, but this machine has no CUDA GPU"),
     (["--prompt", "x", "--quantization", "fp8", "--max-batch-size", "0"], "max_batch_size must be a positive integer"),
     (["--prompt", " ".join(["red"] * 13000)], "over the model's context of 12800"),

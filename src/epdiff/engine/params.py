@@ -155,8 +155,7 @@ class SamplingParams:
             raise RequestError("guidance_scale", f"guidance_scale must be >= 0, got {guidance}")
         if layout.cfg_parallel_size == 2 and info.num_guidance_branches(guidance) < 2:
             raise RequestError("guidance_scale", f"--cfg-parallel-size 2 runs the two guidance branches on two ranks, "
-                                                 f"but guidance scale {guidance} has only the conditional branch with "
-                                                 "this model")
+                                                 f"but guidance scale {guidance} needs only the conditional branch")
         if not _is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
             raise RequestError("seed", f"seed must be an integer with seed .. seed + n - 1 in [{SEED_MIN}, "
                                        f"{SEED_MAX}], got {self.seed!r} with n = {self.n}")

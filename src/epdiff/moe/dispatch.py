@@ -78,7 +78,7 @@ class Dispatcher(ABC):
         exact in fp32, so one collective moves ids, weights and the rows' m values per row."""
         parts = [ids.float(), weights.float()]
         if row_values is not None:
-            parts.append(row_values.float().reshape(ids.shape[0], -1))
+            parts.append((row_values[:, None] if row_values.dim() == 1 else row_values).float())
         return torch.cat(parts, dim=1)
 
     def _received(self, rows: torch.Tensor, meta: torch.Tensor, k: int, dtype: torch.dtype):
