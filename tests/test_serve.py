@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -34,7 +35,8 @@ GENERATE = "/v1/images/generations"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with healthy_server([*LAYOUT, "--max-queue", "4"], tmp_path_factory.mktemp("serve") / "server.log") as s:
+    with healthy_server([*LAYOUT, "--max-queue", "4", "--max-prompt-chars", "20000"],
+                        tmp_path_factory.mktemp("serve") / "server.log") as s:
         yield s
 
 
@@ -98,17 +100,25 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
 @pytest.mark.parametrize("body,param,words", [
     ({}, "prompt", "prompt is required"),
     ({"prompt": "   "}, "prompt", "prompt is empty: '   '"),
-    ({"prompt": 7}, "prompt", "prompt is empty: 7"),
-    ({"prompt": " ".join(["red"] * 13000)}, "prompt", "over the model's context of 12800"),
+    ({"prompt": 7}, "prompt", "prompt must be a string, got int 7"),
+    ({"prompt": "1" * 13_000}, "prompt", "over the model's context of 12800"),  # a token per digit
+    ({"prompt": "x" * 20_001}, "prompt", "prompt is 20001 characters, over this server's limit of 20000 "
+                                         "(--max-prompt-chars)"),
+    ({"prompt": [1, 2]}, "prompt", "prompt must be a string, got list [1, 2]"),
+    ({"prompt": "a red \ud800 circle"}, "prompt", "character 6 is a lone surrogate"),
     ({"prompt": "x", "n": 0}, "n", "got 0"),
     ({"prompt": "x", "n": "2"}, "n", "got '2'"),
-    ({"prompt": "x", "n": 11}, "n", "n must be at most 10, got 11"),
+    ({"prompt": "x", "n": 11}, "n", "n must be at most 10 on this server (--max-images), got 11"),
+    ({"prompt": "x", "num_inference_steps": 100_000}, "num_inference_steps",
+     "at most 200 on this server (--max-inference-steps), got 100000"),
+    ({"prompt": "x", "size": "9" * 5000 + "x128"}, "size", "size must be 'WIDTHxHEIGHT'"),
+    ({"prompt": "x", "guidance_scale": 1e300}, "guidance_scale", "must be in [0, 100], got 1e+300"),
     ({"prompt": "x", "size": "big"}, "size", "got 'big'"),
     ({"prompt": "x", "size": "1024x100"}, "size", "size '1024x100' (width x height)"),
     ({"prompt": "x", "size": "0x128"}, "size", "width must be a positive number"),
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "at least 1, got 0"),
     ({"prompt": "x", "num_inference_steps": 2.5}, "num_inference_steps", "got 2.5"),
-    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", ">= 0, got -1"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", "must be in [0, 100], got -1"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale", "got 'high'"),
     ({"prompt": "x", "seed": "abc"}, "seed", "got 'abc'"),
     ({"prompt": "x", "seed": 2**64}, "seed", f"got {2**64}"),
@@ -117,7 +127,8 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
     ({"prompt": "x", "steps": 3}, "steps", "unknown field 'steps'"),
 ])
 def test_bad_request_gets_400_naming_the_field_and_value(client, body, param, words):
-    response = client.post(GENERATE, json=body)
+    # json.dumps escapes what httpx would refuse to encode (a lone surrogate), as a client may send it.
+    response = client.post(GENERATE, content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error

@@ -172,9 +172,9 @@ def cmd_serve(args) -> int:
         Engine(config)
         return 0
     from .serve import run_server
+    from .serve.config import ServerConfig
 
-    return run_server(config, host=args.host, port=args.port, max_queue=args.max_queue,
-                      shutdown_grace_s=args.shutdown_timeout)
+    return run_server(config, ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}))
 
 
 def family_tools() -> dict[str, dict]:
@@ -280,12 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-style image API and a web page over one persistent engine",
                        description="Load the model once and answer POST /v1/images/generations, GET /v1/models, "
                                    "/health, /metrics, and a web page at /.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for their first batch beyond this get 429")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM leaves the requests in flight to finish before they are failed")
+    from .serve.config import ServerConfig
+
+    add_dataclass_args(p.add_argument_group("the server"), ServerConfig)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -128,6 +128,13 @@ class Channel:
         except queue.Empty:
             return None
 
+    def poll(self):
+        """A command that is already waiting, or None (never blocks)."""
+        try:
+            return pickle.loads(self._commands.get_nowait())
+        except queue.Empty:
+            return None
+
     def send(self, event) -> None:
         self._events.put(pickle.dumps(event))
 

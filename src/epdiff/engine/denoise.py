@@ -22,6 +22,14 @@ from ..models.base import ImagePipeline, ImageTask
 from ..moe.layer import moe_layers, reset_token_counts
 
 
+class BatchCancelled(Exception):
+    """Every rank stopped the batch after `step` steps (its requests were all abandoned)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the batch was cancelled after step {step}")
+        self.step = step
+
+
 @dataclass
 class DenoisedImage:
     task: ImageTask
@@ -58,10 +66,13 @@ def is_decode_rank(parallel: ParallelState) -> bool:
 @torch.inference_mode()
 def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelState, metrics: RankMetrics,
             on_step: Callable[[int, int], None] | None = None, show_progress: bool = False,
-            decode: Sequence[bool] | None = None) -> list[DenoisedImage]:
+            decode: Sequence[bool] | None = None, should_stop: Callable[[int], bool] | None = None
+            ) -> list[DenoisedImage]:
     """Denoises images that share size, steps and guidance (their prompts may differ) and, where
     the pipeline can, decodes those with decode[k] (default: all). Fills metrics' step times and
-    peak memory."""
+    peak memory. should_stop(steps done), asked on every rank after every step but the last, must
+    answer alike on every rank (the worker's is rank 0's answer, broadcast); True raises
+    BatchCancelled there."""
     first, device = tasks[0], parallel.device
     n = len(tasks)
     num_branches = pipe.info.num_guidance_branches(first.guidance_scale)
@@ -91,6 +102,9 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
         timer.stop()
         if on_step is not None:
             on_step(i + 1, len(scheduler))
+        if should_stop is not None and i + 1 < len(scheduler) and should_stop(i + 1):
+            metrics.step_seconds = timer.seconds()
+            raise BatchCancelled(i + 1)
     metrics.step_seconds = timer.seconds()  # this batch's
     bad = nonfinite_step.tolist()
     latents = latents.float().cpu()

@@ -32,8 +32,8 @@ from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGrou
                                   torchrun_ranks, under_torchrun)
 from .params import EngineConfig, SamplingParams
 from .planner import BatchPlanner
-from .worker import (BatchResult, CollectRoutingStats, Command, Done, Progress, Ready, RunBatch, Stop, Stopped,
-                     engine_worker)
+from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, Progress, Ready, RunBatch, Stop,
+                     Stopped, engine_worker)
 
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
@@ -53,6 +53,10 @@ class QueueFullError(RuntimeError):
 
 class ImageFailedError(RuntimeError):
     """An image came out wrong (non-finite latents); the message names the rank and the step."""
+
+
+class RequestAbandonedError(RuntimeError):
+    """The caller gave the request up (Engine.abandon) before it finished."""
 
 
 @dataclass
@@ -159,6 +163,8 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._in_flight = None
+        self._batch_started: float | None = None  # when the batch in flight was sent
+        self._last_step: float | None = None  # when it last reported a finished step
         self._commands: deque[tuple[Command, Future]] = deque()  # commands other than batches, with their answers
         self._closing = False
         self.error: str | None = None
@@ -218,6 +224,40 @@ class Engine:
         with self._lock:
             self._planner.cancel(request_id)
             self._requests.pop(request_id, None)
+
+    def abandon(self, future: Future) -> None:
+        """The caller no longer wants this request (its client left, or its time ran out). Not
+        started: dropped. Started: its images not yet run are dropped, its future fails with
+        RequestAbandonedError, and once every request of the batch in flight is abandoned, every
+        rank stops that batch at its next step and the engine goes on with the next."""
+        if future.cancel():  # not started: the done callback drops it
+            return
+        cancel = None
+        with self._lock:
+            request_id = next((r.request_id for r in self._requests.values() if r.future is future), None)
+            if request_id is None:  # finished, failed or abandoned already
+                return
+            self._planner.cancel(request_id)
+            del self._requests[request_id]
+            in_flight = self._in_flight[0] if self._in_flight is not None else None
+            if isinstance(in_flight, RunBatch) and not any(
+                    item.request_id in self._requests for item in in_flight.batch.images):
+                cancel = CancelBatch(in_flight.batch.batch_id)
+                self._workers.channel.command(cancel)
+        _fail(future, RequestAbandonedError("the request was abandoned before it finished"))
+        if cancel is not None:
+            log.info("epdiff: every request of batch %d was abandoned: stopping it", cancel.batch_id)
+
+    @property
+    def batch_age(self) -> tuple[float, float] | None:
+        """(seconds since the batch in flight started, seconds since its last finished step), or None
+        when none runs: a batch whose steps keep coming is busy; one whose last step is old is stuck."""
+        with self._lock:
+            started, last = self._batch_started, self._last_step
+        if started is None:
+            return None
+        now = time.perf_counter()
+        return now - started, now - last
 
     @property
     def num_waiting(self) -> int:
@@ -286,11 +326,13 @@ class Engine:
                     request.started = now
                     request.future.set_running_or_notify_cancel()
             self._in_flight = (RunBatch(batch), None)
+            self._batch_started = self._last_step = now
             self._workers.channel.command(self._in_flight[0])
 
     def _handle(self, event):
         # WorkerFailed events are the workers' failure() business; Stopped is close()'s.
         if isinstance(event, Progress):
+            self._last_step = time.perf_counter()
             for request in self._requests_in_flight():
                 if request.on_progress is not None:
                     try:
@@ -315,7 +357,7 @@ class Engine:
     def _finish_batch(self, result: BatchResult):
         done = []
         with self._lock:
-            self._in_flight = None
+            self._in_flight = self._batch_started = self._last_step = None
             for rank, (steps, peak) in enumerate(zip(result.step_seconds, result.peak_memory_bytes)):
                 metrics = self.rank_metrics[rank]
                 metrics["step_seconds"] += steps
@@ -347,8 +389,9 @@ class Engine:
             img = bad[0]
             request.future.set_exception(ImageFailedError(
                 f"non-finite values (NaN or inf) in the latents of image {img.image_index} (seed {img.seed}) on "
-                f"rank {img.rank} at step {img.nonfinite_step + 1} of {params.num_inference_steps}: a corrupt "
-                f"checkpoint or an overflow in this dtype; no image was made"))
+                f"rank {img.rank} at step {img.nonfinite_step + 1} of {params.num_inference_steps}: the numbers "
+                f"overflowed in {self.config.dtype} with guidance scale {params.guidance_scale:g}, or the model's "
+                f"weights are corrupt; no image was made"))
             return
         images = [GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels)
                   for k, img in sorted(request.images.items())]

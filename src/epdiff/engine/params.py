@@ -24,6 +24,8 @@ LOAD_FORMATS = ("safetensors", "dummy")
 DEVICES = ("auto", "cuda", "cpu")
 # torch.Generator.manual_seed accepts this range; every image's seed must fall in it.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Classifier-free guidance scales in use stay far below this; a larger one only overflows.
+MAX_GUIDANCE_SCALE = 100.0
 
 
 class RequestError(ValueError):
@@ -118,6 +120,11 @@ class EngineConfig:
         return model_info(os.path.abspath(default_model_dir() if self.model is None else self.model))
 
 
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -141,8 +148,16 @@ class SamplingParams:
     def resolve(self, config: EngineConfig) -> "SamplingParams":
         """Defaults filled from the model, every field checked; raises RequestError."""
         info, layout = config.model_info, config.parallel
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if not isinstance(self.prompt, str):
+            raise RequestError("prompt", f"prompt must be a string, got {type(self.prompt).__name__} "
+                                         f"{_shown(self.prompt)}")
+        if not self.prompt.strip():
             raise RequestError("prompt", f"prompt is empty: {self.prompt!r}")
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError("prompt", f"prompt is not valid text: character {e.start} is a lone surrogate "
+                                         f"({self.prompt[e.start]!r})") from None
         if not _is_int(self.n) or self.n < 1:
             raise RequestError("n", f"number of images must be a positive integer, got {self.n!r}")
         steps = info.default_num_inference_steps if self.num_inference_steps is None else self.num_inference_steps
@@ -151,8 +166,8 @@ class SamplingParams:
         guidance = info.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise RequestError("guidance_scale", f"guidance_scale must be a finite number, got {guidance!r}")
-        if guidance < 0:
-            raise RequestError("guidance_scale", f"guidance_scale must be >= 0, got {guidance}")
+        if not 0 <= guidance <= MAX_GUIDANCE_SCALE:
+            raise RequestError("guidance_scale", f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], got {guidance}")
         if layout.cfg_parallel_size == 2 and info.num_guidance_branches(guidance) < 2:
             raise RequestError("guidance_scale", f"--cfg-parallel-size 2 runs the two guidance branches on two ranks, "
                                                  f"but guidance scale {guidance} needs only the conditional branch")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..distributed.parallel_state import ParallelState
 from ..moe.layer import moe_layers
 from ..moe.stats import collect_routing_stats
-from .denoise import RankMetrics, denoise, is_decode_rank
+from .denoise import BatchCancelled, RankMetrics, denoise, is_decode_rank
 from .planner import Batch
 
 # Rank 0 broadcasts a no-op this often while idle, so that a rank waiting for the next command
@@ -42,10 +42,18 @@ class CollectRoutingStats:
 
 @dataclass(frozen=True)
 class Stop:
-    """Every rank leaves its loop (the answer is a "stopped" event)."""
+    """Every rank leaves its loop (the answer is a Stopped event)."""
 
 
-Command = RunBatch | CollectRoutingStats | Stop
+@dataclass(frozen=True)
+class CancelBatch:
+    """Sent while batch `batch_id` runs, when every request in it has been abandoned: every rank
+    stops it at the next step boundary (its answer is the batch's Done, with `cancelled_at`). Ignored
+    when it comes after the batch."""
+    batch_id: int
+
+
+Command = RunBatch | CollectRoutingStats | Stop | CancelBatch
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class BatchResult:
     seconds: float  # rank 0's wall time for the batch, decode included
     step_seconds: list[list[float]]  # per rank
     peak_memory_bytes: list[int | None]  # per rank
+    cancelled_at: int | None = None  # the step after which every rank stopped (CancelBatch), or None
 
 
 class ControlPlane:
@@ -106,6 +115,14 @@ class ControlPlane:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag, on every rank (a one-element gloo broadcast: no GPU is waited for)."""
+        if self.group is None:
+            return flag
+        box = torch.tensor([int(flag)])
+        dist.broadcast(box, src=0, group=self.group)
+        return bool(box.item())
 
     def gather(self, obj) -> list | None:
         """Every rank's object on rank 0 (by rank), None elsewhere."""
@@ -137,6 +154,8 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
             continue
         if isinstance(command, Stop):
             break
+        if isinstance(command, CancelBatch):  # its batch has finished meanwhile
+            continue
         if isinstance(command, RunBatch):
             reply = run_batch(pipe, parallel, control, metrics, command.batch, channel, show_progress)
         elif isinstance(command, CollectRoutingStats):
@@ -159,9 +178,16 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
             if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
                 raise RuntimeError("the engine was closed during this batch")
             channel.send(Progress(batch.batch_id, step, total))
+    def should_stop(step: int) -> bool:  # on every rank, at every step boundary
+        return control.agree(channel is not None and cancel_requested(channel, batch.batch_id))
+
     real = [item.request_id is not None for item in items]  # filler is denoised, never decoded
-    denoised = denoise(pipe, items, parallel, metrics, on_step, show_progress, decode=real)
-    mine = []
+    mine, cancelled_at = [], None
+    try:
+        denoised = denoise(pipe, items, parallel, metrics, on_step, show_progress, decode=real,
+                           should_stop=should_stop)
+    except BatchCancelled as e:
+        denoised, cancelled_at = [], e.step
     if is_decode_rank(parallel):  # one rank per DP group reports its group's images
         mine = [ImageResult(item.request_id, item.image_index, item.seed, parallel.global_rank, d.latents,
                             None if d.pixels is None else d.pixels.numpy(), d.nonfinite_step)
@@ -170,7 +196,15 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
     if parts is None:
         return None
     return BatchResult(batch.batch_id, [image for part in parts for image in part[0]], time.perf_counter() - start,
-                       [part[1] for part in parts], [part[2] for part in parts])
+                       [part[1] for part in parts], [part[2] for part in parts], cancelled_at)
+
+
+def cancel_requested(channel, batch_id: int) -> bool:
+    """Whether the driver has asked to stop this batch (the only command it sends while one runs)."""
+    command = channel.poll()
+    if command is not None and not isinstance(command, CancelBatch):
+        raise RuntimeError(f"engine command {command!r} arrived while batch {batch_id} ran")
+    return command is not None and command.batch_id == batch_id
 
 
 def routing_summary(pipe, parallel: ParallelState, control: ControlPlane):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..engine import RequestError, RequestOutput, SamplingParams
 from ..engine.files import IMAGE_FORMATS, image_metadata, write_image
+from .config import ServerConfig
 
 # OpenAI's names; "jpg" too, since the CLI takes .jpg.
 OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
@@ -26,8 +27,6 @@ API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
 # Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
 # DALL-E's quality or style presets, nor moderation).
 IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation")
-# OpenAI's own limit on n; more would hold one client's images in memory and everyone behind them.
-MAX_IMAGES = 10
 # A seed left out is drawn from this range, so that seed + n - 1 stays far inside the engine's.
 RANDOM_SEED_RANGE = 2**31
 
@@ -59,15 +58,16 @@ def parse_size(size) -> tuple[int | None, int | None]:
     """'WxH' -> (height, width); None or 'auto' -> the model's base size."""
     if size is None or size == "auto":
         return None, None
-    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size) if isinstance(size, str) else None
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", size) if isinstance(size, str) else None
     if match is None:
         raise bad_request("size", f"size must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto', got {size!r}")
     width, height = int(match.group(1)), int(match.group(2))
     return height, width
 
 
-def parse_generation(body, engine_config) -> GenerationRequest:
-    """The request body -> a resolved request; ApiError (400) names the field and the value."""
+def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationRequest:
+    """The request body -> a resolved request; ApiError (400) names the field and the value, or
+    the server's limit and its flag. Tokenizes the prompt: run it off the event loop."""
     if not isinstance(body, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}")
     body = {key: value for key, value in body.items() if value is not None}  # clients send unset fields as null
@@ -86,13 +86,21 @@ def parse_generation(body, engine_config) -> GenerationRequest:
         raise bad_request("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
                                            f"got {output_format!r}")
     n = body.get("n", 1)
-    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_IMAGES:
-        raise bad_request("n", f"n must be at most {MAX_IMAGES}, got {n}")
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_images:
+        raise bad_request("n", f"n must be at most {limits.max_images} on this server (--max-images), got {n}")
+    steps = body.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > limits.max_inference_steps:
+        raise bad_request("num_inference_steps", f"num_inference_steps must be at most {limits.max_inference_steps} "
+                                                 f"on this server (--max-inference-steps), got {steps}")
+    prompt = body["prompt"]
+    if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
+        raise bad_request("prompt", f"prompt is {len(prompt)} characters, over this server's limit of "
+                                    f"{limits.max_prompt_chars} (--max-prompt-chars)")
     size = body.get("size")
     height, width = parse_size(size)
     seed = body.get("seed")
     params = SamplingParams(
-        prompt=body["prompt"], height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
+        prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
         seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -12,12 +13,19 @@ import threading
 import time
 from typing import Callable
 
-from fastapi import FastAPI, Request
+from concurrent.futures import CancelledError
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
-from .api import ApiError, encode_images, generation_response, parse_generation
+from ..engine.engine import RequestAbandonedError
+from .api import ApiError, bad_request, encode_images, generation_response, parse_generation
+from .config import ServerConfig
 from .service import EngineService
 
 log = logging.getLogger("epdiff.serve")
@@ -29,7 +37,10 @@ WAIT_POLL_S = 0.5
 WATCH_S = 0.2  # how often the engine's health is looked at
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
-STATUSES = ("200", "400", "429", "500", "503")
+STATUSES = ("200", "400", "401", "413", "415", "429", "499", "500", "503", "504")
+# Routes open without the API key: the probes, and the page (it holds no data; its requests carry
+# the key its user types).
+OPEN_PATHS = ("/health", "/ready", "/")
 
 
 class Metrics:
@@ -56,6 +67,15 @@ class Metrics:
             lambda: engine().num_unfinished if engine() is not None else 0)
         Gauge("epdiff_healthy", "1 when the model is loaded and every worker is alive", registry=registry
               ).set_function(lambda: float(service.healthy))
+        Gauge("epdiff_batch_running_seconds", "How long the batch in flight has run (0: none)", registry=registry
+              ).set_function(lambda: batch_age(0))
+        Gauge("epdiff_batch_since_last_step_seconds", "Seconds since the batch in flight finished a step (0: none)",
+              registry=registry).set_function(lambda: batch_age(1))
+
+        def batch_age(which: int) -> float:
+            age = engine().batch_age if engine() is not None else None
+            return 0.0 if age is None else age[which]
+
         self._steps_lock = threading.Lock()
         self._steps_seen = 0
 
@@ -69,8 +89,9 @@ class Metrics:
             self._steps_seen = metrics["steps_total"]
 
 
-def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = lambda: None,
-               shutdown_grace_s: float = 30.0) -> FastAPI:
+def create_app(service: EngineService, server: ServerConfig | None = None, *,
+               on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
+    server = server or ServerConfig().resolve()
     metrics = Metrics(service)
     layout = service.config.parallel.describe()
     model_name = os.path.basename(os.path.normpath(service.config.model))
@@ -91,9 +112,40 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
         watcher = asyncio.create_task(watch())
         yield
         watcher.cancel()
-        await asyncio.to_thread(service.close, shutdown_grace_s)
+        await asyncio.to_thread(service.close, server.shutdown_timeout)
 
-    app = FastAPI(title="epdiff", lifespan=lifespan, docs_url=None, redoc_url=None)
+    async def require_api_key(request: Request):
+        # A dependency, not an HTTP middleware: Starlette's middleware would hide a client's
+        # disconnect from the request it wraps.
+        if server.api_key is None or request.url.path in OPEN_PATHS:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+            what = "no API key" if not given else "a wrong API key"
+            raise ApiError(401, f"this server needs an API key: the request has {what} (send 'Authorization: "
+                                "Bearer KEY')", None, "invalid_api_key")
+
+    app = FastAPI(title="epdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(require_api_key)])
+    if server.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=server.origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: f"no route {request.url.path!r}", 405: f"{request.method} is not allowed on {request.url.path!r}"}
+        return error_response(ApiError(e.status_code, message.get(e.status_code, str(e.detail)), None,
+                                       codes.get(e.status_code, "http_error")), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return error_response(bad_request(None, f"malformed request: {e.errors()[0].get('msg', e)}"))
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -101,27 +153,49 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
 
     @app.get("/health")
     async def health():
-        if service.healthy:
-            return {"status": "ok"}
-        body = {"status": service.state, "error": service.unavailable_reason()}
-        return JSONResponse(body, status_code=503)
+        """Liveness: 200 while the model is loaded and every worker is alive (503 while loading,
+        and once a worker died). Says how old the running batch is and its last step."""
+        if not service.healthy:
+            return JSONResponse({"status": service.state, "error": service.unavailable_reason()}, status_code=503)
+        body = {"status": "ok"}
+        age = service.engine.batch_age
+        if age is not None:
+            body["batch"] = {"running_s": round(age[0], 3), "since_last_step_s": round(age[1], 3)}
+        return body
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: 200 when a request sent now is taken (loaded, alive, not draining, room in the queue)."""
+        reason = service.not_ready_reason()
+        if reason is None:
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "epdiff",
+                "parallel_layout": layout, **service.config.model_info.describe()}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "epdiff",
-            "parallel_layout": layout, **service.config.model_info.describe()}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return error_response(ApiError(404, f"no model {model_id!r}; this server serves {model_name!r}",
+                                           "model", "model_not_found"))
+        return model_card()
 
     @app.get("/metrics")
     async def prometheus():
+        metrics.observe_steps(service)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/images/progress/{progress_id}")
     async def progress(progress_id: str):
         entry = service.progress.get(progress_id)
         if entry is None:
-            return JSONResponse(ApiError(404, f"no request with id {progress_id!r}", "progress_id",
-                                         "not_found").body(), status_code=404)
+            return error_response(ApiError(404, f"no request with id {progress_id!r}", "progress_id", "not_found"))
         return entry
 
     @app.post("/v1/images/generations")
@@ -132,15 +206,14 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
             body, headers = await generate(request)
             status, response = 200, JSONResponse(body, headers=headers)
         except ApiError as e:
-            status = e.status
-            if status in (429, 503):
-                headers["Retry-After"] = "1"
-            response = JSONResponse(e.body(), status_code=status, headers=headers)
+            status, response = e.status, error_response(e, headers)
+        except (asyncio.CancelledError, CancelledError):  # the server is going down under this request
+            status, response = 503, error_response(unavailable("the server shut down before this request "
+                                                               "finished"), headers)
         except Exception as e:  # noqa: BLE001 - a bug still answers in the API's error format
             log.exception("epdiff serve: request failed")
-            status = 500
-            response = JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error",
-                                             "server_error").body(), status_code=500)
+            status, response = 500, error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", None,
+                                                            "internal_error", "server_error"), headers)
         metrics.requests.labels(str(status)).inc()
         if status == 200:
             metrics.latency.observe(time.perf_counter() - start)
@@ -152,11 +225,13 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
             raise ApiError(400, f"X-Request-ID must be 1 to 64 letters, digits, '-' or '_', got {progress_id!r}",
                            None, "invalid_request_id")
         headers = {} if progress_id is None else {"X-Request-ID": progress_id}
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        parsed = parse_generation(body, service.config)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}", None,
+                           "unsupported_media_type")
+        raw = await read_body(request, server.max_body_bytes)
+        # Parsing, tokenizing and checking run off the event loop: /health answers meanwhile.
+        parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
         try:
             future = service.submit(parsed.params, progress_id)
         except QueueFullError as e:
@@ -169,12 +244,12 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
         metrics.images.inc(len(data))
         metrics.inference.observe(output.inference_seconds)
         metrics.queue.observe(output.queue_seconds)
-        metrics.observe_steps(service)
         return generation_response(output, data, parsed.output_format), headers
 
     async def wait_for(future, request: Request):
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
+        deadline = time.monotonic() + server.request_timeout if server.request_timeout else None
 
         def wake(_):
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
@@ -188,19 +263,62 @@ def create_app(service: EngineService, *, on_engine_dead: Callable[[], None] = l
                 break
             if service.closed.is_set():
                 raise unavailable("the server shut down before this request finished")
+            # Abandoned (client gone or out of time): not started, the engine drops it; started, its
+            # batch stops at the next step once no request in it is wanted.
             if await request.is_disconnected():
-                # Not started yet: the engine drops it. Started: it finishes and the result is
-                # dropped; either way the engine goes on with the next request.
-                future.cancel()
+                service.abandon(future)
                 raise ApiError(499, "the client disconnected", None, "client_closed_request")
+            if deadline is not None and time.monotonic() > deadline:
+                service.abandon(future)
+                raise ApiError(504, f"the request took longer than this server's {server.request_timeout:g} s "
+                                    "(--request-timeout)", None, "timeout", "server_error")
         try:
             return future.result()
         except EngineDeadError as e:
             raise unavailable(str(e)) from None
         except ImageFailedError as e:
             raise ApiError(500, str(e), None, "image_failed", "server_error") from None
+        except (CancelledError, RequestAbandonedError):
+            raise unavailable("the request was given up before it finished") from None
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it passes limit bytes (the declared length is looked at first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size} bytes or more, over this server's limit of {limit} "
+                         "(--max-body-bytes)", None, "request_too_large")
+
+
+def parse_request(raw: bytes, engine_config, server: ServerConfig):
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting thousands deep
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise ApiError(400, f"the request body is not JSON this server reads: {reason}", None, "invalid_json") from None
+    return parse_generation(body, engine_config, server)
+
+
+def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if error.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def unavailable(message: str) -> ApiError:

@@ -21,6 +21,7 @@ import uvicorn
 from ..config import ConfigError
 from ..engine import EngineConfig
 from .app import create_app
+from .config import ServerConfig
 from .service import EngineService, stop_children
 
 log = logging.getLogger("epdiff.serve")
@@ -75,35 +76,32 @@ class _Server(uvicorn.Server):
         timer.start()
 
 
-def run_server(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int | None = None,
-               shutdown_grace_s: float = 30.0, log_level: str = "info") -> int:
+def run_server(config: EngineConfig, server: ServerConfig, log_level: str = "info") -> int:
     """Serves until a signal or a dead worker; returns the exit code."""
-    if max_queue is not None and max_queue < 1:
-        raise ConfigError(f"--max-queue must be at least 1, got {max_queue}")
-    if shutdown_grace_s < 0:
-        raise ConfigError(f"--shutdown-timeout must be >= 0, got {shutdown_grace_s}")
+    server = server.resolve()
     config = config.resolve()
-    sock = bind(host, port)
+    sock = bind(server.host, server.port)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    service = EngineService(config, max_queue)
-    server = None
+    service = EngineService(config, server.max_queue)
+    uvicorn_server = None
 
     def engine_died():
-        server.engine_died()
+        uvicorn_server.engine_died()
 
-    app = create_app(service, on_engine_dead=engine_died, shutdown_grace_s=shutdown_grace_s)
-    server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"),
-                     service, shutdown_grace_s)
-    log.info("epdiff serve: http://%s:%d, loading the model (%s)", host, port, config.parallel.describe())
+    app = create_app(service, server, on_engine_dead=engine_died)
+    uvicorn_server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"),
+                             service, server.shutdown_timeout)
+    log.info("epdiff serve: http://%s:%d, loading the model (%s)%s", server.host, server.port,
+             config.parallel.describe(), "; API key required" if server.api_key else "")
     try:
-        server.run(sockets=[sock])
+        uvicorn_server.run(sockets=[sock])
     finally:
-        service.close(shutdown_grace_s)  # already done unless uvicorn left early
+        service.close(server.shutdown_timeout)  # already done unless uvicorn left early
         stop_children()
-    if server.exit_code != EXIT_OK:
+    if uvicorn_server.exit_code != EXIT_OK:
         log.error("epdiff serve: exiting: %s", service.error)
-    return server.exit_code
+    return uvicorn_server.exit_code

@@ -151,6 +151,22 @@ class EngineService:
                 progress_id, status="failed" if f.cancelled() or f.exception() is not None else "done"))
         return future
 
+    def abandon(self, future: Future) -> None:
+        """A request nobody waits for any more (the engine drops it or stops its batch)."""
+        engine = self.engine
+        if engine is not None:
+            engine.abandon(future)
+        else:
+            future.cancel()
+
+    def not_ready_reason(self) -> str | None:
+        """Why a request sent now would not be taken, or None."""
+        if not self.healthy or self.state != "ready":
+            return self.unavailable_reason() if self.state != "ready" else (self.error or "the engine stopped")
+        if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
+            return f"the queue is full ({self.engine.num_waiting} requests waiting)"
+        return None
+
     def unavailable_reason(self) -> str:
         if self.state == "loading":
             return "the model is still loading"
