@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU's denoising step for two trees of epdiff in one run, interleaved, so that both see the
 # same GPU, clocks and neighbours: the release-width model cut to 8 layers in bf16 (twice each,
-# A B A B) and the whole release size in FP8 (once each; needs an H200's memory).
+# A B A B) and FP8 (once each): the whole release size on an H200; on a GPU of less than 100 GiB,
+# where the FP8 release size (80 GiB) does not fit, its first 24 layers.
 #   bash benchmarks/ab_step.sh BASELINE_TREE [NEW_TREE]    # src/ and benchmarks/ of two commits
 #                                                        # (git archive; NEW_TREE defaults to .)
 # Prints one JSON line per run (step_scaling.py's), labelled; JSON files go to $OUT/<label>/.
@@ -21,6 +22,8 @@ for rep in 1 2; do
   run "$base" "base-bf16-$rep" --layers 8 --steps 8
   run "$new" "new-bf16-$rep" --layers 8 --steps 8
 done
-run "$base" base-fp8 --layers 32 --steps 6 --quantization fp8
-run "$new" new-fp8 --layers 32 --steps 6 --quantization fp8
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+fp8_layers=$([ "${mib%.*}" -gt 100000 ] && echo 32 || echo 24)
+run "$base" "base-fp8-$fp8_layers" --layers "$fp8_layers" --steps 6 --quantization fp8
+run "$new" "new-fp8-$fp8_layers" --layers "$fp8_layers" --steps 6 --quantization fp8
 echo "=== done $(date +%T)"
