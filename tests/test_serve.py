@@ -53,7 +53,7 @@ def cli_images(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "epdiff.cli", "generate", *prompts, "--seed", str(SEED),
                     "--num-inference-steps", str(STEPS), "--no-progress", "--output", str(out), *LAYOUT],
                    check=True, capture_output=True, timeout=300)
-    return [np.asarray(Image.open(out.with_name(f"cli-{i}-0.png"))).astype(int) for i in range(len(REQUESTS))]
+    return [np.asarray(Image.open(out.with_name(f"cli-{i:02d}-0.png"))).astype(int) for i in range(len(REQUESTS))]
 
 
 def decode(item) -> Image.Image:

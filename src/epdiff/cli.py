@@ -89,6 +89,8 @@ def read_prompts(args) -> list[str]:
                 prompts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not prompts and args.prompt_file:
+        raise ConfigError(f"--prompt-file {args.prompt_file!r} has no prompt (every line is blank)")
     if not prompts:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
     return prompts
@@ -101,8 +103,7 @@ def cmd_generate(args) -> int:
 
     from .distributed.launch import is_rank_zero
     from .engine import Engine, ImageFailedError
-    from .engine.files import check_image_path, check_writable, image_metadata, image_path, save_image, save_json, \
-        write_atomically
+    from .engine.files import check_image_path, check_writable, image_path, save_image, save_json, write_atomically
     from .engine.params import prompt_requests
 
     config = engine_config_from_args(args).resolve()
@@ -117,11 +118,17 @@ def cmd_generate(args) -> int:
     requests = prompt_requests(config, prompts, height=args.height, width=args.width,
                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                seed=args.seed, num_images_per_prompt=args.num_images_per_prompt)
+    first = requests[0]
+    snapped = (args.height or args.width) and (args.height, args.width) != (first.height, first.width)
     with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
         if not engine.is_driver:  # torchrun, rank > 0: it has served rank 0 until the end
             return 0
+        if snapped:
+            asked = f"{args.height or first.height}x{args.width or first.width}"
+            print(f"epdiff: size {asked} (HxW) is made at the model's nearest size, {first.height}x{first.width}",
+                  flush=True)
         futures = engine.submit_all(requests)
-        total, latents, failures, written = len(prompts) * args.num_images_per_prompt, {}, [], []
+        total, latents, failures = len(prompts) * args.num_images_per_prompt, {}, []
         layout = config.parallel.describe()
         for i, future in enumerate(futures):
             try:
@@ -133,10 +140,10 @@ def cmd_generate(args) -> int:
                 if args.save_latents:
                     latents[f"prompt{i}_image{image.index}"] = image.latents.contiguous()
                 if output:
-                    path = image_path(output, i, image.index, total)
+                    path = image_path(output, i, image.index, len(prompts), args.num_images_per_prompt)
                     try:
-                        save_image(path, image.pixels, image_metadata(image, out.params, config))
-                        written.append(path)
+                        save_image(path, image.pixels, image.metadata)
+                        print(f"  wrote {path}", flush=True)  # as it is written: a prompt file may be long
                     except OSError as e:
                         failures.append(f"cannot write image {path!r}: {e.strerror or e}")
         routing = engine.routing_stats() if args.routing_stats else []
@@ -146,10 +153,8 @@ def cmd_generate(args) -> int:
             "seed": str(args.seed), "layout": layout}))
     if args.metrics_json:
         save_json(args.metrics_json, metrics)
-    print(f"epdiff: {total - len(failures)} of {total} image(s), {requests[0].height}x{requests[0].width}, "
-          f"{requests[0].num_inference_steps} steps, {layout}")
-    for path in written:
-        print(f"  wrote {path}")
+    print(f"epdiff: {total - len(failures)} of {total} image(s), {first.height}x{first.width}, "
+          f"{first.num_inference_steps} steps, {layout}")
     steps = [s for m in metrics for s in m["step_seconds"][1:]] or [s for m in metrics for s in m["step_seconds"]]
     if steps:
         print(f"  {sum(steps) / len(steps):.3f} s per step (mean over ranks, each rank's first step excluded)")
@@ -236,8 +241,15 @@ def cmd_quantize(args) -> int:
 
     summary = family_for_folder(args.model).quantize(args.model, args.out_dir, args.quantization, args.device)
     print(f"wrote {summary['out_dir']}: {summary['quantized_tensors']} expert tensors in {args.quantization}, "
-          f"{summary['bytes_in'] / 1e9:.2f} GB -> {summary['bytes_out'] / 1e9:.2f} GB")
+          f"{human_bytes(summary['bytes_in'])} -> {human_bytes(summary['bytes_out'])}")
     return 0
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,16 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="a file with one prompt a line, spread over the data-parallel ranks")
     p.add_argument("--output", "-o", default="out.png",
                    help="image path (.png carries the metadata; .jpg, .webp); with several images, "
-                        "-<prompt>-<image> is added before the extension")
+                        "-<prompt>-<image> is added before the extension (default: %(default)s)")
     p.add_argument("--height", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
     p.add_argument("--width", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: generation_config.json")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
     p.add_argument("--seed", type=int, default=0,
-                   help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own seed")
-    p.add_argument("--num-images-per-prompt", type=int, default=1,
-                   help="images per prompt, spread over the data-parallel groups")
+                   help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own "
+                        "seed (default: %(default)s)")
+    p.add_argument("--num-images-per-prompt", "-n", type=int, default=1,
+                   help="images per prompt, spread over the data-parallel groups (default: %(default)s)")
     p.add_argument("--save-latents", help="write the final latents as safetensors at the end (for comparisons; "
                                           "held in memory until then: 0.5 MB an image at 1024²)")
     p.add_argument("--metrics-json", help="write per-rank metrics: experts, bytes, memory, times")

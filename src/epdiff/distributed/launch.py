@@ -158,7 +158,9 @@ def _run_rank(rank: int, world_size: int, local_rank: int, local_world: int, fn,
     except BaseException as e:
         message = f"{type(e).__name__}: {e}"
         if not isinstance(e, KeyboardInterrupt):
-            print(f"[epdiff rank {rank}] {message}", file=sys.stderr, flush=True)
+            # One write: a print's text and newline go separately, and ranks' lines would interleave.
+            sys.stderr.write(f"[epdiff rank {rank}] {message}\n")
+            sys.stderr.flush()
         if report is not None:
             report(message)
         if world_size > 1:

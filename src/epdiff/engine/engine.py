@@ -30,6 +30,7 @@ import torch
 
 from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGroup, _run_rank, pick_device,
                                   torchrun_ranks, under_torchrun)
+from .files import image_metadata, pil_image
 from .params import EngineConfig, SamplingParams
 from .planner import BatchPlanner
 from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, Progress, Ready, RunBatch, Stop,
@@ -66,13 +67,13 @@ class GeneratedImage:
     seed: int  # regenerates exactly this image as a single image
     latents: torch.Tensor  # [C, h, w] fp32
     pixels: np.ndarray | None  # uint8 [H, W, 3]; None when the engine does not decode
+    metadata: dict = field(default_factory=dict)  # what regenerates it (files.image_metadata)
 
     def to_pil(self):
-        from PIL import Image
-
+        """A PIL image whose `save` writes the metadata too (PNG text, JPEG comment)."""
         if self.pixels is None:
             raise ValueError("this engine does not decode (decode=False): the image has latents only")
-        return Image.fromarray(self.pixels)
+        return pil_image(self.pixels, self.metadata)
 
 
 @dataclass
@@ -393,8 +394,11 @@ class Engine:
                 f"overflowed in {self.config.dtype} with guidance scale {params.guidance_scale:g}, or the model's "
                 f"weights are corrupt; no image was made"))
             return
-        images = [GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels)
-                  for k, img in sorted(request.images.items())]
+        images = []
+        for k, img in sorted(request.images.items()):
+            image = GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels)
+            image.metadata = image_metadata(image, params, self.config)
+            images.append(image)
         request.future.set_result(RequestOutput(
             request_id=request.request_id, params=params, images=images,
             queue_seconds=(request.started or request.submitted) - request.submitted,

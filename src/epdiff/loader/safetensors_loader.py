@@ -22,6 +22,16 @@ HIGH_PRECISION_DTYPES = ("BF16", "F16", "F32", "F64")
 CHECKPOINT_DTYPES = HIGH_PRECISION_DTYPES + STORED_DTYPES
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """A safetensors file readable like every other file written (safetensors itself makes it 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 

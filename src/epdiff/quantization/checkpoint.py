@@ -11,9 +11,7 @@ import os
 import shutil
 from typing import Callable
 
-from safetensors.torch import save_file
-
-from ..loader.safetensors_loader import CheckpointError, SafetensorsCheckpoint
+from ..loader.safetensors_loader import CheckpointError, SafetensorsCheckpoint, save_tensors
 from .base import QuantizationConfig
 
 
@@ -46,7 +44,7 @@ def write_quantized_checkpoint(model_dir: str, out_dir: str, config: Quantizatio
                 quantized += 1
             else:
                 tensors[name] = t
-        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+        save_tensors(tensors, os.path.join(out_dir, file))
         for name, t in tensors.items():
             weight_map[name] = file
             bytes_out += t.numel() * t.element_size()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..engine import RequestError, RequestOutput, SamplingParams
-from ..engine.files import IMAGE_FORMATS, image_metadata, write_image
+from ..engine.files import IMAGE_FORMATS, write_image
 from .config import ServerConfig
 
 # OpenAI's names; "jpg" too, since the CLI takes .jpg.
@@ -120,23 +120,28 @@ def request_error(error: RequestError, size) -> ApiError:
     return bad_request(error.field, message)
 
 
-def encode_images(output: RequestOutput, output_format: str, engine_config) -> list[dict]:
+def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
     """One OpenAI data item per image: its bytes in base64, and its own seed."""
     items = []
     for image in output.images:
         buffer = io.BytesIO()
-        write_image(buffer, output_format, image.pixels, image_metadata(image, output.params, engine_config))
+        write_image(buffer, output_format, image.pixels, image.metadata)
         items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed})
     return items
 
 
-def generation_response(output: RequestOutput, data: list[dict], output_format: str) -> dict:
+def generation_response(output: RequestOutput, data: list[dict], output_format: str,
+                        requested_size: str | None = None) -> dict:
+    """The OpenAI answer plus epdiff's own fields; `requested_size` when the size made differs."""
     params = output.params
     peak = output.peak_memory_bytes
+    made = f"{params.width}x{params.height}"
+    extra = {} if requested_size in (None, "auto", made) else {"requested_size": requested_size}
     return {
         "created": int(time.time()),
         "data": data,
-        "size": f"{params.width}x{params.height}",
+        "size": made,
+        **extra,
         "output_format": output_format.lower(),
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,

@@ -240,11 +240,11 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         except EngineDeadError as e:
             raise unavailable(str(e)) from None
         output = await wait_for(future, request)
-        data = await asyncio.to_thread(encode_images, output, parsed.output_format, service.config)
+        data = await asyncio.to_thread(encode_images, output, parsed.output_format)
         metrics.images.inc(len(data))
         metrics.inference.observe(output.inference_seconds)
         metrics.queue.observe(output.queue_seconds)
-        return generation_response(output, data, parsed.output_format), headers
+        return generation_response(output, data, parsed.output_format, parsed.size), headers
 
     async def wait_for(future, request: Request):
         loop = asyncio.get_running_loop()

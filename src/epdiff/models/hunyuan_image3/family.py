@@ -39,6 +39,12 @@ class HunyuanImage3Info(ModelInfo):
                               f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
 
     def resolve_size(self, height, width):
+        sides = [side for bucket in self.resolution.buckets for side in bucket]
+        low, high = min(sides) // 2, 2 * max(sides)
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, bool) and isinstance(side, (int, float)) and side > 0 and not low <= side <= high:
+                raise ValueError(f"requested size {height}x{width} (HxW): {name} {side} is far from the model's "
+                                 f"sizes ({min(sides)} to {max(sides)} pixels a side); give {low} to {high}")
         _, height, width = self.resolution.snap(height, width)
         return height, width
 

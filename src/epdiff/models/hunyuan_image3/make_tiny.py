@@ -12,10 +12,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 
 from ...distributed.parallel_state import ParallelState
 from ...loader.dummy import init_dummy_weights
+from ...loader.safetensors_loader import save_tensors
 from .config import GenerationConfig, HunyuanImage3Config
 from .model import HunyuanImage3Transformer
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -56,7 +56,7 @@ def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: in
         if not part:
             continue
         file = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in part}, os.path.join(out_dir, file), metadata={"format": "pt"})
+        save_tensors({n: tensors[n].contiguous() for n in part}, os.path.join(out_dir, file))
         for n in part:
             weight_map[n] = file
             total += tensors[n].numel() * tensors[n].element_size()
