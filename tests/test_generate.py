@@ -61,7 +61,9 @@ def test_layout_gives_the_single_rank_image(tmp_path, single, layout):
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "  "], "prompt is empty: '  '"),
     (["--prompt", "x", "--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a folder"),
-    (["--prompt", "x", "--height", "1024", "--width", "100"], "aspect ratio"),
+    (["--prompt", "x", "--height", "500", "--width", "100"], "aspect ratio"),
+    (["--prompt", "x", "--height", "99999", "--width", "99999"], "height 99999 is far from the model's sizes (64 to "
+                                                                 "256 pixels a side); give 32 to 512"),
     (["--prompt", "x", "--num-inference-steps", "0"], "num_inference_steps must be at least 1, got 0"),
     (["--prompt", "x", "--guidance-scale", "-1"], "guidance_scale must be in [0, 100], got -1.0"),
     (["--prompt", "x", "--guidance-scale", "nan"], "guidance_scale must be a finite number, got nan"),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import connection as mp_connection
 from torch.multiprocessing import _prctl_pr_set_pdeathsig
 
 # A collective that waits longer than this is a hang (a peer died mid-collective): fail, don't wait.
@@ -209,13 +210,25 @@ def _spawned(local_rank: int, world_size: int, port: int, parent_pid: int, comma
     os._exit(0)
 
 
+def _reap(processes, timeout_s: float) -> None:
+    """Waits up to timeout_s for the processes to end, joining each the moment it does (none stays
+    a zombie while the others finish)."""
+    deadline = time.time() + timeout_s
+    running = [p for p in processes if p.exitcode is None]
+    while running and time.time() < deadline:
+        ended = mp_connection.wait([p.sentinel for p in running], max(0.0, deadline - time.time()))
+        for p in running:
+            if p.sentinel in ended:
+                p.join()
+        running = [p for p in running if p.exitcode is None]
+
+
 def _stop(processes, grace_s: float = 5.0):
     for p in processes:
         if p.is_alive():
             p.terminate()
-    deadline = time.time() + grace_s
+    _reap(processes, grace_s)
     for p in processes:
-        p.join(max(0.0, deadline - time.time()))
         if p.is_alive():
             p.kill()
             p.join()
@@ -268,9 +281,7 @@ class WorkerGroup:
         return all(p.exitcode is not None for p in self.context.processes)
 
     def join(self, timeout_s: float) -> None:
-        deadline = time.time() + timeout_s
-        for p in self.context.processes:
-            p.join(max(0.0, deadline - time.time()))
+        _reap(self.context.processes, timeout_s)
 
     def stop(self, grace_s: float = 5.0) -> None:
         _stop(self.context.processes, grace_s)
