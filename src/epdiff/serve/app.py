@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
 from ..engine.engine import RequestAbandonedError
@@ -207,6 +208,9 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             status, response = 200, JSONResponse(body, headers=headers)
         except ApiError as e:
             status, response = e.status, error_response(e, headers)
+        except ClientDisconnect:  # gone while its body was read
+            status, response = 499, error_response(ApiError(499, "the client disconnected", None,
+                                                            "client_closed_request"), headers)
         except (asyncio.CancelledError, CancelledError):  # the server is going down under this request
             status, response = 503, error_response(unavailable("the server shut down before this request "
                                                                "finished"), headers)
