@@ -97,6 +97,17 @@ def test_generate_twice_loads_once_and_dp_groups_run_different_prompts_together(
     assert first[1].images[0].seed == 12 and first[0].params.num_inference_steps == 3
 
 
+def test_python_api_images_carry_their_metadata(generator, tmp_path):
+    image = generator.generate("a small red circle on the left", num_inference_steps=2, seed=21)[0]
+    assert image.info["seed"] == "21" and image.info["prompt"] == "a small red circle on the left"
+    image.save(tmp_path / "x.png")
+    image.save(tmp_path / "x.jpg")
+    from PIL import Image
+    text = Image.open(tmp_path / "x.png").text
+    assert text["seed"] == "21" and text["steps"] == "2" and "DP=2" in text["parallel_layout"]
+    assert b'"seed": "21"' in Image.open(tmp_path / "x.jpg").info["comment"]
+
+
 def test_concurrent_submissions_all_complete(generator):
     engine = generator.engine
     futures = [engine.submit(params(f"a small {c} circle on the left", seed=i))
