@@ -1,5 +1,7 @@
 """End to end on CPU: `epdiff generate` on every layout gives the single-rank image and latents."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,3 +134,42 @@ def test_torchrun_runs_the_same_command(tmp_path, single):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ref = single[1][1]["prompt0_image0"]
     assert (load_file(str(lat))["prompt0_image0"] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_the_first_hour_of_the_command_line(tmp_path, capsys):
+    """-n, names that sort, a 'wrote' line per image in order, the size actually made said, an
+    empty prompt file named, defaults in --help."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["a small red circle on the left"] * 11) + "\n")
+    out = tmp_path / "img.png"
+    assert main(["generate", "--prompt-file", str(prompts), "-n", "2", "--num-inference-steps", "1",
+                 "--no-progress", "--height", "100", "--width", "100", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    wrote = [line.split()[-1] for line in printed.splitlines() if line.startswith("  wrote ")]
+    names = [f"img-{i:02d}-{k}.png" for i in range(11) for k in range(2)]
+    assert [p.rsplit("/", 1)[-1] for p in wrote] == names == sorted(names)
+    assert "size 100x100 (HxW) is made at the model's nearest size, 128x128" in printed
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert main(["generate", "--prompt-file", str(blank)]) == 2
+    assert f"--prompt-file {str(blank)!r} has no prompt (every line is blank)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: out.png)" in help_text and "(default: 0)" in help_text
+
+
+def test_written_checkpoints_are_readable_by_others(tmp_path, capsys):
+    import os
+    import stat
+
+    model = tmp_path / "tiny"
+    assert main(["make-tiny", str(model), "--hidden-size", "32", "--num-hidden-layers", "1", "--num-attention-heads",
+                 "2", "--num-key-value-heads", "1", "--num-experts", "4", "--moe-intermediate-size", "16",
+                 "--image-base-size", "128", "--patch-embed-hidden-dim", "32"]) == 0
+    assert main(["quantize", str(model), str(tmp_path / "q"), "--quantization", "fp8"]) == 0
+    assert re.search(r"8 expert tensors in fp8, [0-9.]+ [km]B -> [0-9.]+ [km]B", capsys.readouterr().out, re.I)
+    for folder in (model, tmp_path / "q"):
+        for name in os.listdir(folder):
+            mode = stat.S_IMODE(os.stat(folder / name).st_mode)
+            assert mode & 0o044 == 0o044, f"{name}: {oct(mode)}"

@@ -168,3 +168,23 @@ def test_a_busy_server_says_how_old_its_batch_is(client):
     gauge = [line for line in client.get("/metrics").text.splitlines()
              if line.startswith("epdiff_batch_running_seconds ")]
     assert gauge == ["epdiff_batch_running_seconds 0.0"]
+
+
+def test_cors_is_off_unless_origins_are_allowed_and_the_key_may_come_from_the_environment(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from epdiff.engine import EngineConfig
+    from epdiff.serve.app import create_app
+    from epdiff.serve.config import ServerConfig
+    from epdiff.serve.service import EngineService
+
+    monkeypatch.setenv("EPDIFF_API_KEY", "from-env")
+    config = EngineConfig().resolve()
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in ((None, None), ("https://a.example, https://b.example", "https://a.example")):
+        server = ServerConfig(allowed_origins=origins).resolve()
+        assert server.api_key == "from-env"
+        with TestClient(create_app(EngineService(config, 4), server)) as client:
+            assert client.options(GENERATE, headers=preflight).headers.get("access-control-allow-origin") == allowed
+            assert client.get("/v1/models").status_code == 401
+            assert client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
