@@ -22,8 +22,6 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,9 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from serve_helpers import children  # noqa: E402
-
-from epdiff.distributed.launch import free_port  # noqa: E402
+from serve_helpers import ServerProcess  # noqa: E402
 
 GENERATE = "/v1/images/generations"
 POOL = [("a small red circle on the left", 11, 3), ("a large blue square at the top", 12, 2),
@@ -91,27 +87,17 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(args.out or ".", "soak_serve.log"), "wb")
-    server = subprocess.Popen([sys.executable, "-m", "epdiff.cli", "serve", "--port", str(port), "-dp", "2",
-                               "--enable-expert-parallel", "--max-queue", "64", "--request-timeout",
-                               str(args.request_timeout)], stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(["-dp", "2", "--enable-expert-parallel", "--max-queue", "64", "--request-timeout",
+                            str(args.request_timeout)], os.path.join(args.out or ".", "soak_serve.log"))
+    url = server.url
     client = httpx.Client(base_url=url, timeout=120)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        server.wait_healthy()
         references = {}
         for prompt, seed, steps in POOL:  # one at a time: each image alone in its batch
             body = client.post(GENERATE, json={"prompt": prompt, "seed": seed, "num_inference_steps": steps}).json()
             references[(prompt, seed, steps)] = pixels(body["data"][0])
-        processes = [server.pid] + children(server.pid)
+        processes = [server.pid] + server.children()
         memory_before = {pid: rss_mib(pid) for pid in processes}
         sent = collections.Counter()  # what each answer's status was, as the clients saw it
         wrong = []
@@ -173,12 +159,7 @@ def main():
         healthy = client.get("/health").status_code == 200
     finally:
         client.close()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
     # The server's counts, without the reference requests, against the clients'.
     served = {status: n for status, n in counts.items() if status != "unfinished" and n}
     served["200"] = served.get("200", 0) - len(POOL)
