@@ -18,7 +18,7 @@ run() {  # tree label step_scaling-args...
   PYTHONPATH=$tree/src:$tree/benchmarks timeout 300 python3 "$tree/benchmarks/step_scaling.py" --layouts "1 GPU" \
     --out "$OUT/$label" "$@" 2>&1 | grep -E '^\{|Error|error' | sed "s/^/$label /"
 }
-for rep in 1 2; do
+for rep in $(seq "${REPS:-2}"); do
   run "$base" "base-bf16-$rep" --layers 8 --steps 8
   run "$new" "new-bf16-$rep" --layers 8 --steps 8
 done
