@@ -188,3 +188,30 @@ def test_cors_is_off_unless_origins_are_allowed_and_the_key_may_come_from_the_en
             assert client.options(GENERATE, headers=preflight).headers.get("access-control-allow-origin") == allowed
             assert client.get("/v1/models").status_code == 401
             assert client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_two_ctrl_c_during_a_request_answer_it_with_503(tmp_path):
+    import signal
+
+    from serve_helpers import ServerProcess
+
+    server = ServerProcess(["-dp", "2", "--enable-expert-parallel"], tmp_path / "server.log")
+    try:
+        server.wait_healthy()
+        answer = {}
+
+        def long_request():
+            answer["r"] = httpx.post(server.url + GENERATE, timeout=60,
+                                     json={"prompt": "a small red circle on the left", "num_inference_steps": 150})
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(1.5)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGINT)
+        thread.join(60)
+        assert "the server shut down" in error(answer["r"], 503, "service_unavailable")["message"]
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
