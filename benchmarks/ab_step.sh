@@ -22,6 +22,7 @@ for rep in $(seq "${REPS:-2}"); do
   run "$base" "base-bf16-$rep" --layers 8 --steps 8
   run "$new" "new-bf16-$rep" --layers 8 --steps 8
 done
+[ "${FP8:-1}" = 0 ] && { echo "=== done $(date +%T)"; exit 0; }  # FP8=0: the bf16 runs only
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 fp8_layers=$([ "${mib%.*}" -gt 100000 ] && echo 32 || echo 24)
 run "$base" "base-fp8-$fp8_layers" --layers "$fp8_layers" --steps 6 --quantization fp8
