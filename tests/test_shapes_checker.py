@@ -31,8 +31,24 @@ def test_captions_round_trip_and_use_the_small_vocabulary():
     assert shapes.parse_caption("a large blue square on the right and a small red circle on the left") == two
 
 
+def test_a_one_object_caption_may_leave_out_size_and_position():
+    scene = Scene((ShapeObject("triangle", "green", "right", "small"),))
+    for say_size, say_position, text in [(True, False, "a small green triangle"),
+                                         (False, True, "a green triangle on the right"),
+                                         (False, False, "a green triangle")]:
+        partial = shapes.partial(scene, say_size, say_position)
+        assert shapes.caption(partial) == text and shapes.parse_caption(text) == partial
+    drawn = shapes.render(scene, rng=random.Random(0))
+    asked = checker.score("a small green triangle", drawn)
+    assert (asked["total"], asked["attributes"], asked["exact"]) == (3, 3, True)  # position not asked
+    wrong = checker.score("a large green triangle", drawn)
+    assert (wrong["total"], wrong["attributes"], wrong["exact"]) == (3, 2, False)
+    assert checker.score("a green triangle", drawn)["total"] == 2
+
+
 @pytest.mark.parametrize("text", [
-    "", "a small red circle", "a small red circle at the left", "a big red circle on the left",
+    "", "a small red circle at the left", "a big red circle on the left",
+    "a small red circle and a large blue square on the right",
     "a small red circle on the left and", "a small red circle on the left and a small red circle in the centre",
     "a small red circle on the left and a small blue square on the left",
 ])

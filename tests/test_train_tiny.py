@@ -79,3 +79,20 @@ def test_score_runs_on_two_ranks_with_ep(trained, capsys, tmp_path):
     assert "extra objects" in out and "routing, stage 0:" in out
     (summary,) = json.loads(report.read_text())
     assert summary["images"] == 4 and summary["total"] == 4 * 8 and len(summary["scores"]) == 4
+
+
+def test_the_pool_captions_some_one_object_images_partially():
+    import random
+
+    train, _ = shapes.split_scenes()
+    pool = ImagePool(train, 400, random.Random(0), "cpu", one_object_share=0.5, partial_caption_share=1.0)
+    for scene, text in zip(pool.scenes, pool.captions):
+        parsed = shapes.parse_caption(text)
+        if len(scene.objects) == 2:
+            assert text == shapes.caption(scene)
+        else:  # every one-object caption leaves out its size, its position or both
+            assert parsed.objects[0].size is None or parsed.objects[0].position is None
+            assert (parsed.objects[0].shape, parsed.objects[0].colour) == (scene.objects[0].shape,
+                                                                           scene.objects[0].colour)
+    plain = ImagePool(train, 50, random.Random(0), "cpu", one_object_share=0.5)
+    assert plain.captions == [shapes.caption(s) for s in plain.scenes]

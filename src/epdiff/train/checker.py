@@ -195,8 +195,13 @@ def detect(image) -> list[ShapeObject]:
     return [obj for _, obj in found]
 
 
+def _asked(expected: ShapeObject) -> list[str]:
+    """The attributes a caption asks for (a partial caption leaves out size or position)."""
+    return [n for n in ATTRIBUTES if getattr(expected, n) is not None]
+
+
 def _agreement(expected: ShapeObject, seen: ShapeObject | None) -> dict[str, bool]:
-    return {n: seen is not None and getattr(expected, n) == getattr(seen, n) for n in ATTRIBUTES}
+    return {n: seen is not None and getattr(expected, n) == getattr(seen, n) for n in _asked(expected)}
 
 
 def score(scene_or_caption: Scene | str, image) -> dict:
@@ -205,7 +210,8 @@ def score(scene_or_caption: Scene | str, image) -> dict:
     Each asked-for object is paired with a different detected object (or none), choosing the
     pairing that gets most attributes right, then the largest detections. A missing object gets
     all its attributes wrong; every detection left unpaired is an extra object. accuracy = right
-    attributes / (4 per asked-for object); exact = all of them right and no extra object.
+    attributes / the attributes asked for (4 per object, fewer where a caption leaves out size or
+    position); exact = all of them right and no extra object.
     """
     scene = parse_caption(scene_or_caption) if isinstance(scene_or_caption, str) else scene_or_caption
     detected = detect(image)
@@ -216,19 +222,19 @@ def score(scene_or_caption: Scene | str, image) -> dict:
     best = None
     for pairing in itertools.permutations(range(len(candidates)), len(expected)):
         agreements = [_agreement(e, candidates[i]) for e, i in zip(expected, pairing)]
-        right = sum(a[n] for a in agreements for n in ATTRIBUTES)
+        right = sum(sum(a.values()) for a in agreements)
         if best is None or right > best[0]:  # strict: earlier (larger) detections win ties
             best = (right, agreements, pairing)
     right, agreements, pairing = best
     matched = sum(candidates[i] is not None for i in pairing)
-    total = len(ATTRIBUTES) * len(expected)
+    total = sum(len(_asked(e)) for e in expected)
     extra = len(detected) - matched
     return {
         "caption": caption(scene),
         "attributes": right,
         "total": total,
         "accuracy": right / total,
-        "per_attribute": {n: sum(a[n] for a in agreements) for n in ATTRIBUTES},
+        "per_attribute": {n: sum(a.get(n, False) for a in agreements) for n in ATTRIBUTES},
         "objects": len(expected),
         "missing": len(expected) - matched,
         "extra": extra,

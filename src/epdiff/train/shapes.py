@@ -66,14 +66,17 @@ HELDOUT_TWO_OBJECT = 180  # of 1800
 
 @dataclass(frozen=True)
 class ShapeObject:
+    """One object; in a caption that leaves them out (a one-object scene's), position and size are
+    None: not asked for."""
+
     shape: str
     colour: str
-    position: str
-    size: str
+    position: str | None
+    size: str | None
 
     def __post_init__(self):
-        for value, allowed in ((self.shape, SHAPES), (self.colour, COLOURS), (self.position, POSITIONS),
-                               (self.size, SIZES)):
+        for value, allowed in ((self.shape, SHAPES), (self.colour, COLOURS), (self.position, POSITIONS + (None,)),
+                               (self.size, SIZES + (None,))):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
 
@@ -84,6 +87,8 @@ class Scene:
 
     def __post_init__(self):
         if len(self.objects) == 2:
+            if any(o.position is None or o.size is None for o in self.objects):
+                raise ValueError("each object of a two-object scene needs its position and size")
             positions = tuple(o.position for o in self.objects)
             if positions not in OPPOSITE_PAIRS:
                 raise ValueError(f"two objects must be placed {' or '.join('/'.join(p) for p in OPPOSITE_PAIRS)}"
@@ -93,34 +98,57 @@ class Scene:
 
 
 def object_phrase(obj: ShapeObject) -> str:
-    return f"a {obj.size} {obj.colour} {obj.shape} {PREPOSITION[obj.position]} the {obj.position}"
+    """'a [SIZE] COLOUR SHAPE [on/at/in the POSITION]': what is None is not said."""
+    size = f"{obj.size} " if obj.size else ""
+    where = f" {PREPOSITION[obj.position]} the {obj.position}" if obj.position else ""
+    return f"a {size}{obj.colour} {obj.shape}{where}"
 
 
 def caption(scene: Scene) -> str:
     return " and ".join(object_phrase(o) for o in scene.objects)
 
 
+def partial(scene: Scene, say_size: bool, say_position: bool) -> Scene:
+    """A one-object scene as a caption that leaves out its size or position (or both) asks for it."""
+    (obj,) = scene.objects
+    return Scene((ShapeObject(obj.shape, obj.colour, obj.position if say_position else None,
+                              obj.size if say_size else None),))
+
+
+def _parse_phrase(phrase: list[str], text: str) -> ShapeObject:
+    expected = f"cannot parse caption {text!r}: expected 'a [SIZE] COLOUR SHAPE [on/at/in the POSITION]'"
+    if len(phrase) < 3 or phrase[0] != "a":
+        raise ValueError(expected)
+    rest = phrase[1:]
+    size = rest.pop(0) if rest[0] in SIZES else None
+    if len(rest) not in (2, 5):
+        raise ValueError(expected)
+    colour, shape = rest[:2]
+    position = None
+    if len(rest) == 5:
+        preposition, the, position = rest[2:]
+        if the != "the" or PREPOSITION.get(position) != preposition:
+            raise ValueError(expected)
+    try:
+        return ShapeObject(shape, colour, position, size)
+    except ValueError as e:
+        raise ValueError(f"cannot parse caption {text!r}: {e}") from None
+
+
 def parse_caption(text: str) -> Scene:
-    """The scene a caption describes; the two objects may be given in either order."""
+    """The scene a caption describes; the two objects may be given in either order. One object may
+    leave out its size or its position (not asked for: None)."""
     words = text.split()
     phrases = [list(group) for is_and, group in itertools.groupby(words, lambda w: w == "and") if not is_and]
-    objects = []
-    for phrase in phrases:
-        if len(phrase) != 7:
-            raise ValueError(f"cannot parse caption {text!r}: expected 'a SIZE COLOUR SHAPE on/at/in the POSITION'")
-        article, size, colour, shape, preposition, the, position = phrase
-        if (article, the) != ("a", "the") or PREPOSITION.get(position) != preposition:
-            raise ValueError(f"cannot parse caption {text!r}: expected 'a SIZE COLOUR SHAPE on/at/in the POSITION'")
-        try:
-            objects.append(ShapeObject(shape, colour, position, size))
-        except ValueError as e:
-            raise ValueError(f"cannot parse caption {text!r}: {e}") from None
+    objects = [_parse_phrase(phrase, text) for phrase in phrases]
     if not phrases:
         raise ValueError(f"cannot parse caption {text!r}: no object")
     # "and" must join exactly two phrases: no leading, trailing or doubled "and"
     if words.count("and") != len(phrases) - 1:
         raise ValueError(f"cannot parse caption {text!r}: misplaced 'and'")
-    objects.sort(key=lambda o: POSITIONS.index(o.position))  # left before right, top before bottom
+    if len(objects) == 2 and any(o.position is None or o.size is None for o in objects):
+        raise ValueError(f"cannot parse caption {text!r}: each of two objects needs its size and position")
+    objects.sort(key=lambda o: POSITIONS.index(o.position) if o.position else 0)  # left before right, top before bottom
     try:
         return Scene(tuple(objects))
     except ValueError as e:

@@ -125,6 +125,8 @@ class TrainTinyOptions:
                                         "transformer")
     one_object_share: float = option(0.15, "fraction of training images with one object (scenes drawn "
                                            "uniformly would give 7 %%)")
+    partial_caption_share: float = option(0.0, "fraction of one-object images captioned without their size, "
+                                               "position or both (the model then draws 'a small green triangle')")
     max_minutes: float | None = option(None, "cap the whole run: the transformer takes as many of its steps as fit")
     hidden_size: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
     num_hidden_layers: int | None = option(None, "transformer size (default: train_tiny.MODEL_SIZE)")
@@ -140,7 +142,7 @@ def _train_tiny(out_dir: str, o: TrainTinyOptions) -> str:
     train_tiny(out_dir, o.vae_steps, o.transformer_steps, o.vae_batch_size, o.batch_size, o.device, o.seed,
                pool_size=o.pool_size, lr=o.lr, model_size={k: v for k, v in sizes.items() if v is not None},
                max_minutes=o.max_minutes, init_from=o.init_from, vae_from=o.vae_from,
-               one_object_share=o.one_object_share)
+               one_object_share=o.one_object_share, partial_caption_share=o.partial_caption_share)
     return f"trained the shapes model into {out_dir}"
 
 

@@ -50,9 +50,12 @@ class ImagePool:
 
     one_object_share: the fraction of images that hold one object (None: scenes drawn uniformly,
     which makes it 126 / 1746 = 7 %, too few for the model to learn that a one-object prompt
-    means nothing else in the picture)."""
+    means nothing else in the picture). partial_caption_share: the fraction of one-object images
+    captioned without their size, their position or both (a third each), so that the model draws
+    the shape for a prompt that leaves them out ("a small green triangle")."""
 
-    def __init__(self, scenes, size: int, rng: random.Random, device, one_object_share: float | None = None):
+    def __init__(self, scenes, size: int, rng: random.Random, device, one_object_share: float | None = None,
+                 partial_caption_share: float = 0.0):
         if one_object_share is None:
             self.scenes = [rng.choice(scenes) for _ in range(size)]
         else:
@@ -61,6 +64,14 @@ class ImagePool:
             ones = [s for s in scenes if len(s.objects) == 1]
             twos = [s for s in scenes if len(s.objects) == 2]
             self.scenes = [rng.choice(ones if rng.random() < one_object_share else twos) for _ in range(size)]
+        if not 0 <= partial_caption_share <= 1:
+            raise ValueError(f"partial_caption_share={partial_caption_share}: give a fraction in [0, 1]")
+        self.captions = [shapes.caption(s) for s in self.scenes]
+        for i, scene in enumerate(self.scenes):
+            # (no draw at all at share 0: the pool's renders stay those of earlier trainings)
+            if partial_caption_share and len(scene.objects) == 1 and rng.random() < partial_caption_share:
+                say_size, say_position = rng.choice([(False, True), (True, False), (False, False)])
+                self.captions[i] = shapes.caption(shapes.partial(scene, say_size, say_position))
         pixels = [torch.frombuffer(bytearray(shapes.render(s, IMAGE_SIZE, rng=rng).tobytes()), dtype=torch.uint8)
                   for s in self.scenes]
         self.images = torch.stack(pixels).view(size, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).to(device)
@@ -115,8 +126,7 @@ class PromptGroup:
 
 def prompt_groups(pool: ImagePool, tokenizer, ratio: int, grid, base_size: int, device) -> list[PromptGroup]:
     by_caption, by_length = {}, {}
-    for i, scene in enumerate(pool.scenes):
-        text = shapes.caption(scene)
+    for i, text in enumerate(pool.captions):
         if text not in by_caption:
             ids = tokenizer.encode(text)
             by_caption[text] = (tokenizer.build_sequence(ids, ratio, *grid, base_size),
@@ -215,12 +225,13 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
                batch: int = 128, device: str | None = None, seed: int = 0, log=print, pool_size: int = 32768,
                lr: float = 6e-4, model_size: dict | None = None, max_minutes: float | None = None,
                init_from: str | None = None, vae_from: str | None = None,
-               one_object_share: float | None = 0.15) -> str:
+               one_object_share: float | None = 0.15, partial_caption_share: float = 0.0) -> str:
     """Train and write the shapes model. model_size overrides MODEL_SIZE's keys; max_minutes caps
     the whole run (the transformer stage takes as many steps as fit, up to transformer_steps).
     init_from: a trained shapes model whose VAE is kept (no VAE training) and whose transformer
     training continues (its size wins over model_size). vae_from: a trained shapes model whose
-    VAE is kept, with a new transformer of model_size. one_object_share: see ImagePool."""
+    VAE is kept, with a new transformer of model_size. one_object_share, partial_caption_share:
+    see ImagePool."""
     if init_from and vae_from:
         raise ValueError(f"give init_from ({init_from!r}) or vae_from ({vae_from!r}), not both")
     start = time.time()
@@ -234,7 +245,7 @@ def train_tiny(out_dir: str, vae_steps: int = 2000, transformer_steps: int = 800
     train, _ = shapes.split_scenes()
     build_tiny_tokenizer(out_dir, IMAGE_SIZE)  # tokenizer.json and tokenizer_config.json
     tokenizer = HunyuanTokenizer.from_pretrained(out_dir)
-    pool = ImagePool(train, pool_size, rng, device, one_object_share)
+    pool = ImagePool(train, pool_size, rng, device, one_object_share, partial_caption_share)
     log(f"rendered {len(pool)} training images ({sum(len(s.objects) == 1 for s in pool.scenes)} of one object) "
         f"in {time.time() - start:.0f} s")
     size = {**MODEL_SIZE, **(model_size or {})}
