@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from epdiff.distributed import collectives as C
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.loader.slicing import copy_checked
 from epdiff.moe import MoELayer, collect_routing_stats
@@ -159,3 +161,67 @@ def holdings(rank: int, config):
     expert_params = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("experts."))
     return dict(ep_rank=state.ep.rank, ids=ids, exact=exact, expert_params=expert_params,
                 up_gate_proj=tuple(layer.experts.up_gate_proj.shape))
+
+
+# -- expert choice (Nucleus-Image's routing) ---------------------------------------------------------
+
+EC_IMAGES, EC_TOKENS, EC_CAPACITY, EC_SCALE = 2, 16, 1.5, 2.5  # C = ceil(1.5 · 16 / 16) = 2 per expert
+
+
+def expert_choice_layer(state, w, router_input_size, kernel="loop", d: Dims = SMALL):
+    from epdiff.moe.router import ExpertChoiceRouter
+
+    router = ExpertChoiceRouter(router_input_size, d.experts, EC_CAPACITY, state.sp, route_scale=EC_SCALE)
+    layer = MoELayer(d.hidden, d.experts, d.experts, d.inter, state, shared_intermediate_size=d.shared_inter,
+                     expert_kernel=kernel, device=state.device, router=router)
+    load_moe_block(layer, {**w, "gate.weight": w["router"]})
+    return layer
+
+
+def expert_choice_inputs(seed: int, d: Dims = SMALL):
+    """Weights, and per image: hidden states [B, S, D] and router inputs [B, S, 2D] (a timestep
+    embedding beside the unmodulated state, as Nucleus-Image routes)."""
+    w, _ = make_weights(seed, "random", True, 1, d)
+    g = torch.Generator().manual_seed(seed + 7)
+    w["router"] = torch.randn(d.experts, 2 * d.hidden, generator=g) * 0.5
+    x = torch.randn(EC_IMAGES, EC_TOKENS, d.hidden, generator=g)
+    r = torch.cat([torch.randn(EC_IMAGES, 1, d.hidden, generator=g).expand(-1, EC_TOKENS, -1),
+                   torch.randn(EC_IMAGES, EC_TOKENS, d.hidden, generator=g)], dim=-1)
+    return w, x, r
+
+
+def reference_expert_choice(x, r, w, d: Dims = SMALL) -> torch.Tensor:
+    """diffusers' NucleusMoELayer, written out in float64: each expert's top-C tokens per image,
+    a token's gates over the experts that chose it, times route_scale; the shared expert on all."""
+    x, r = x.double(), r.double()
+    B, S, D = x.shape
+    affinity = (r @ w["router"].double().t()).softmax(-1).transpose(1, 2)  # [B, E, S]
+    capacity = max(1, math.ceil(EC_CAPACITY * S / d.experts))
+    top = affinity.topk(capacity, dim=-1)
+    gates = torch.zeros_like(affinity).scatter_(-1, top.indices, top.values)
+    gates = gates / (gates.sum(1, keepdim=True) + 1e-12) * EC_SCALE  # [B, E, S]
+    up, gate = (x @ w["shared_expert.up_gate_proj"].double().t()).chunk(2, -1)
+    out = (up * F.silu(gate)) @ w["shared_expert.down_proj"].double().t()
+    for e in range(d.experts):
+        up, gate = (x @ w[f"experts.{e}.up_gate_proj"].double().t()).chunk(2, -1)
+        out += gates[:, e, :, None] * ((up * F.silu(gate)) @ w[f"experts.{e}.down_proj"].double().t())
+    return out
+
+
+def expert_choice_equivalence(rank: int, configs):
+    """This rank's part of the expert-choice MoE on each layout against one rank: each DP x CFG
+    group takes one of the images, each SP rank its chunk of that image's tokens."""
+    w, x_all, r_all = expert_choice_inputs(3)
+    one = expert_choice_layer(ParallelState.single(), w, 2 * SMALL.hidden)(x_all, router_input=r_all)
+    rows = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        image = (state.dp.rank * state.cfg.size + state.cfg.rank) % EC_IMAGES
+        lo, hi = C.even_chunk(EC_TOKENS, state.sp.rank, state.sp.size)
+        layer = expert_choice_layer(state, w, 2 * SMALL.hidden)
+        out = layer(x_all[image:image + 1, lo:hi], router_input=r_all[image:image + 1, lo:hi])
+        ref = one[image:image + 1, lo:hi]
+        load = collect_routing_stats([layer], state).tokens_per_expert[0]
+        rows.append(dict(layout=config.describe(), rank=rank, err=float((out - ref).abs().max()),
+                         scale=float(ref.abs().max()), load=load.tolist()))
+    return rows

@@ -48,6 +48,16 @@ class Placement:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    # An expert id of -1 is an empty slot (an expert-choice router's expert that did not pick the
+    # token): it stays -1, never an index from the end.
+    def local(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> this rank's local index, or -1 (another rank's, or an empty slot)."""
+        return torch.where(ids >= 0, self.expert_map[ids.clamp_min(0)], -1)
+
+    def owners(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> the EP rank holding each, or -1 for an empty slot."""
+        return torch.where(ids >= 0, self.owner[ids.clamp_min(0)], -1)
+
 
 class Dispatcher(ABC):
     """Moves each token's rows to the ranks holding its experts, and their outputs back."""
@@ -92,7 +102,7 @@ class LocalDispatch(Dispatcher):
     (experts TP-sharded) and when EP spans only the TP group (tokens already on every rank)."""
 
     def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
-        return C.Pending.done((x, placement.expert_map[ids], weights, None))
+        return C.Pending.done((x, placement.local(ids), weights, None))
 
     def combine(self, y, handle):
         return y
@@ -116,7 +126,7 @@ class AllGatherReduceScatter(Dispatcher):
 
         def finish():
             x_all, ids_all, w_all = self._received(rows_all.wait(), meta_all.wait(), ids.shape[1], x.dtype)
-            return x_all, placement.expert_map[ids_all], w_all, counts
+            return x_all, placement.local(ids_all), w_all, counts
         return C.Pending(None, finish)
 
     def combine(self, y_all, counts):
@@ -135,7 +145,7 @@ class AllToAll(Dispatcher):
     def start_dispatch(self, x, ids, weights, placement, token_counts=None) -> C.Pending:
         lo, hi = C.even_chunk(x.shape[0], self.tp.rank, self.tp.size)
         x_own, ids_own, w_own = x[lo:hi], ids[lo:hi], weights[lo:hi]
-        dest = placement.owner[ids_own]  # [To, k] EP rank of each choice
+        dest = placement.owners(ids_own)  # [To, k] EP rank of each choice (-1: an empty slot)
         ranks = torch.arange(self.group.size, device=x.device)
         goes = dest.unsqueeze(1) == ranks[None, :, None]  # [To, EP, k]
         send = goes.any(-1)  # [To, EP]: each token once per destination rank
@@ -146,7 +156,7 @@ class AllToAll(Dispatcher):
         send_list, recv_list = both[:self.group.size], both[self.group.size:]
         on_dst = goes[tok, dst]  # [S, k]: which of the token's choices live on that rank
         rows, row_values = self.experts_method.pack_tokens(x_own)
-        meta = self._metadata(torch.where(on_dst, placement.local_index[ids_own[tok]], -1),
+        meta = self._metadata(torch.where(on_dst, placement.local_index[ids_own[tok].clamp_min(0)], -1),
                               torch.where(on_dst, w_own[tok], 0.0), None if row_values is None else row_values[tok])
         x_recv = C.all_to_all_rows_async(rows[tok], send_list, recv_list, self.group)
         meta_recv = C.all_to_all_rows_async(meta, send_list, recv_list, self.group)

@@ -27,12 +27,13 @@ class MoELayer(nn.Module):
                  parallel: ParallelState, shared_intermediate_size: int = 0, scoring: str = "softmax",
                  renormalize: bool = True, scaling_factor: float = 1.0, num_groups: int = 1, topk_groups: int = 1,
                  dtype=torch.float32, device=None, expert_kernel: str = "auto", quant_config=None,
-                 router_input_size: int | None = None):
+                 router_input_size: int | None = None, router: nn.Module | None = None):
         """Routing options are the Router's (see there). quant_config: the quantization of the
         routed experts (which also picks the form tokens travel to them in) and of the shared
         expert's projections; None keeps them in dtype. router_input_size: the width of the router's
         own input, for a model whose router sees something besides the hidden states (default:
-        hidden_size, the router sees them). The layout is trusted (validated once,
+        hidden_size, the router sees them). router: a router of another kind (ExpertChoiceRouter),
+        instead of the token-choice Router the routing options make. The layout is trusted (validated once,
         docs/architecture.md, 'Ranks and groups')."""
         super().__init__()
         config = parallel.config
@@ -46,8 +47,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"expert width {intermediate_size} cannot be split over TP {self.expert_tp}")
         self.placement = Placement(torch.tensor(expert_owners(num_experts, shards, config.expert_placement)), shard)
         self.placement.to(device or "cpu")
-        self.gate = Router(router_input_size or hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
-                           topk_groups)
+        self.gate = router if router is not None else Router(
+            router_input_size or hidden_size, num_experts, top_k, scoring, renormalize, scaling_factor, num_groups,
+            topk_groups)
         self.gate.to(device)
         self.shared_expert = (SwiGLUMLP(hidden_size, shared_intermediate_size, parallel.tp, reduce=False,
                                         dtype=dtype, device=device, quant_config=quant_config)
@@ -71,11 +73,12 @@ class MoELayer(nn.Module):
         return self.placement.global_ids.tolist()
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., D] -> [..., D]. router_input [..., R]: what the router scores, one row per row
-        of x, where the model routes on something else than x itself."""
+        """x [..., D] -> [..., D] ([images, tokens, D] for a router that routes whole images).
+        router_input [..., R]: what the router scores, one row per row of x, where the model routes
+        on something else than x itself."""
         shape = x.shape
+        ids, weights = self.gate(x if router_input is None else router_input)
         x = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(x if router_input is None else router_input.reshape(x.shape[0], -1))
         token_counts = None if self.token_counts is None else self.token_counts.get(x.shape[0], x.device)
         pending = self.dispatch.start_dispatch(x, ids, weights, self.placement, token_counts)
         shared = self.shared_expert(x) if self.shared_expert is not None else None  # while the tokens travel

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from ..distributed.sequence_parallel import gather_sequence
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -39,8 +43,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
-        logits = x.float() @ self.weight.float().t()
+        """x [..., D] (T tokens) -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
+        logits = x.reshape(-1, x.shape[-1]).float() @ self.weight.float().t()
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.num_groups > 1:
             scores = self._limit_to_best_groups(scores)
@@ -56,3 +60,54 @@ class Router(nn.Module):
         best = grouped.amax(dim=-1).topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best, True)
         return grouped.masked_fill(~keep[..., None], 0.0).view_as(scores)
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice (Nucleus-Image's routing; docs/architecture.md, 'The MoE block'): each expert
+    takes the top-C tokens of each image by affinity, C = max(1, ceil(capacity_factor · S / E)) for
+    an image of S tokens; a token's gates are divided by their sum over the experts that chose it,
+    then multiplied by `route_scale`. Every expert thus computes exactly C rows per image.
+
+    The selection needs every score of an image: under sequence parallelism each rank holds S/SP
+    tokens of it, so the scores [B, E, S/SP] are gathered over the SP group (not the hidden
+    states), every SP rank selects the same, and keeps the picks of its own tokens. DP and CFG
+    ranks hold whole images already.
+
+    Returns the token-centric form the dispatchers take: for each of this rank's tokens, one slot
+    per expert: ids [T, E] (the expert, or -1 where it did not pick the token) and weights [T, E].
+    Scores are computed in `dtype`, the softmax or sigmoid in fp32 and cast back (as the reference).
+    """
+
+    def __init__(self, input_size: int, num_experts: int, capacity_factor: float, sp, scoring: str = "softmax",
+                 route_scale: float = 1.0, dtype=torch.float32):
+        super().__init__()
+        if scoring not in SCORING_FUNCS:
+            raise ValueError(f"unknown router scoring {scoring!r}; choose one of {SCORING_FUNCS}")
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        self.num_experts, self.top_k = num_experts, num_experts  # a slot per expert
+        self.capacity_factor, self.route_scale, self.scoring, self.sp = capacity_factor, float(route_scale), scoring, sp
+        self.weight = nn.Parameter(torch.empty(num_experts, input_size, dtype=dtype))
+
+    def capacity(self, tokens_per_image: int) -> int:
+        return min(tokens_per_image, max(1, math.ceil(self.capacity_factor * tokens_per_image / self.num_experts)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
+        if x.dim() != 3:
+            raise ValueError(f"expert choice routes whole images: give [images, tokens, features], got {tuple(x.shape)}")
+        B, s, _ = x.shape
+        logits = x.to(self.weight.dtype) @ self.weight.t()
+        scores = (logits.float().softmax(-1) if self.scoring == "softmax" else logits.float().sigmoid()).to(logits.dtype)
+        affinity = gather_sequence(scores.transpose(1, 2).contiguous(), self.sp, dim=-1)  # [B, E, S]
+        S = affinity.shape[-1]
+        top = torch.topk(affinity, self.capacity(S), dim=-1)  # per image and expert: its C tokens
+        picked = torch.zeros(B, self.num_experts, S, dtype=affinity.dtype, device=x.device)
+        picked.scatter_(-1, top.indices, top.values)  # [B, E, S]: the gate where picked, else 0
+        chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, top.indices, True)
+        gates = picked / (picked.sum(1, keepdim=True) + 1e-12) * self.route_scale
+        lo = self.sp.rank * s  # this rank's chunk of each image
+        gates, chosen = gates[..., lo:lo + s].transpose(1, 2), chosen[..., lo:lo + s].transpose(1, 2)  # [B, s, E]
+        experts = torch.arange(self.num_experts, device=x.device).expand_as(chosen)
+        ids = torch.where(chosen, experts, -1).reshape(B * s, self.num_experts)
+        return ids, torch.where(chosen, gates, 0.0).float().reshape(B * s, self.num_experts)
