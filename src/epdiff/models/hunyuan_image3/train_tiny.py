@@ -148,7 +148,8 @@ def load_balance_loss(model) -> tuple[list, callable]:
 
     def hook(router, args, output):
         ids, _ = output
-        probs = (args[0].float() @ router.weight.float().t()).softmax(-1)
+        x = args[0].reshape(-1, args[0].shape[-1])  # the router takes [..., D]
+        probs = (x.float() @ router.weight.float().t()).softmax(-1)
         chosen = torch.zeros_like(probs).scatter_(1, ids, 1.0)
         terms.append(router.num_experts * (chosen.mean(0) * probs.mean(0)).sum() / router.top_k)
 
