@@ -29,6 +29,7 @@ import time
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from serve_helpers import ServerProcess  # noqa: E402
@@ -69,12 +70,14 @@ def rss_mib(pid: int) -> float:
 
 
 def metric_counts(client) -> dict[str, float]:
+    """Requests finished per status, and "unfinished", from the server's /metrics."""
     counts = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("epdiff_requests_total{"):
-            counts[line.split('status="')[1].split('"')[0]] = float(line.split()[-1])
-        elif line.startswith("epdiff_requests_unfinished "):
-            counts["unfinished"] = float(line.split()[-1])
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "epdiff_requests_total":
+                counts[sample.labels["status"]] = sample.value
+            elif sample.name == "epdiff_requests_unfinished":
+                counts["unfinished"] = sample.value
     return counts
 
 
@@ -84,7 +87,7 @@ def main():
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--memory-bound-mib", type=float, default=64.0)
     p.add_argument("--request-timeout", type=float, default=20.0, help="the server's --request-timeout")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="folder for soak_serve.json and the server's log")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     server = ServerProcess(["-dp", "2", "--enable-expert-parallel", "--max-queue", "64", "--request-timeout",

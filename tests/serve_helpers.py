@@ -16,6 +16,14 @@ from epdiff.distributed.launch import free_port
 STARTUP_TIMEOUT_S = 180
 
 
+def metric(client, name: str, labels: str = "") -> float:
+    """One sample of the server's /metrics, e.g. metric(client, "epdiff_requests_total", '{status="200"}')."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}{labels}")
+
+
 class ServerProcess:
     def __init__(self, args: list[str], log_path, launcher: list[str] = ()):
         """launcher: what starts `-m epdiff.cli serve ...` (default: this Python; e.g. torchrun)."""

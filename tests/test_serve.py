@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_helpers import ServerProcess, alive, healthy_server
+from serve_helpers import ServerProcess, alive, healthy_server, metric
 
 LAYOUT = ["-dp", "2", "--enable-expert-parallel"]
 STEPS = 3
@@ -223,13 +223,6 @@ def test_a_client_that_disconnects_does_not_break_the_engine(client, server):
     assert response.status_code == 200
     assert client.get("/health").status_code == 200
     assert metric(client, "epdiff_requests_unfinished") == 0
-
-
-def metric(client, name: str, labels: str = "") -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + labels + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric {name}{labels}")
 
 
 def test_metrics(client):

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import healthy_server
+from serve_helpers import healthy_server, metric
 
 KEY = "not-a-real-key"
 GENERATE = "/v1/images/generations"
@@ -111,15 +111,8 @@ def test_the_openai_client_lists_and_retrieves_the_model(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def steps_counted(client) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("epdiff_step_seconds_count "):
-            return float(line.split()[-1])
-    raise AssertionError("no epdiff_step_seconds_count")
-
-
 def test_a_request_past_its_deadline_gets_504_and_its_batch_stops(client):
-    before = steps_counted(client)
+    before = metric(client, "epdiff_step_seconds_count")
     start = time.time()
     long = client.post(GENERATE, json={"prompt": "a small red circle on the left", "num_inference_steps": 200})
     waited = time.time() - start
@@ -131,7 +124,7 @@ def test_a_request_past_its_deadline_gets_504_and_its_batch_stops(client):
     assert quick.status_code == 200 and quick.json()["queue_time_s"] < 1.0, quick.json()
     assert time.time() - start < 3
     assert "batch" not in client.get("/health").json()
-    assert steps_counted(client) > before  # steps of a request that failed are counted too
+    assert metric(client, "epdiff_step_seconds_count") > before  # steps of a request that failed are counted too
 
 
 def test_a_long_request_whose_client_left_stops_and_frees_the_engine(server, client):
