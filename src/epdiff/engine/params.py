@@ -15,12 +15,12 @@ import os
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, ParallelConfig, check_choices, option
+from ..loader import LOAD_FORMATS
 from ..models.base import ModelInfo
 from ..models.registry import model_info
 from ..quantization import QUANTIZATION_METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("safetensors", "dummy")
 DEVICES = ("auto", "cuda", "cpu")
 # torch.Generator.manual_seed accepts this range; every image's seed must fall in it.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1

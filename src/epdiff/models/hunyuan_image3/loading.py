@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ...loader import LOAD_FORMATS
 from ...loader.dummy import init_dummy_weights
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...quantization import get_quantization_config
 from .config import HunyuanImage3Config, read_generation_config
 from .model import HunyuanImage3Transformer
 from .weights import checkpoint_quantization, load_checkpoint
-
-LOAD_FORMATS = ("safetensors", "dummy")
 
 
 def load_model(model_dir: str, parallel, dtype=torch.float32, device="cpu", load_format: str = "safetensors",
