@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the offending values."""
 
 
+def is_int(value) -> bool:
+    """An integer, and not a bool (JSON's true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def option(default, help: str, *, short: str | None = None, choices=None):
     """A config field that is also a command-line flag (`--field-name`, cli.add_dataclass_args) and
     a keyword of the Python API: its help, short flag and choices live here, once."""
@@ -54,7 +59,7 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "sequence_parallel_size", "cfg_parallel_size",
                      "data_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.cfg_parallel_size not in (1, 2):
             raise ConfigError(

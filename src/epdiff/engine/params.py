@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, ParallelConfig, check_choices, option
+from ..config import ConfigError, ParallelConfig, check_choices, is_int, option
 from ..loader import LOAD_FORMATS
 from ..models.base import ModelInfo
 from ..models.registry import model_info
@@ -85,7 +85,7 @@ class EngineConfig:
         if not os.path.isdir(model):
             raise ConfigError(f"model path {model!r} is not a folder")
         check_choices(self)
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+        if not is_int(self.max_batch_size) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         device = self._pick_device()
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
@@ -125,10 +125,6 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """One request: images of one prompt. Image k is drawn from seed + k (so each image can be
@@ -158,10 +154,10 @@ class SamplingParams:
         except UnicodeEncodeError as e:
             raise RequestError("prompt", f"prompt is not valid text: character {e.start} is a lone surrogate "
                                          f"({self.prompt[e.start]!r})") from None
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise RequestError("n", f"number of images must be a positive integer, got {self.n!r}")
         steps = info.default_num_inference_steps if self.num_inference_steps is None else self.num_inference_steps
-        if not _is_int(steps) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise RequestError("num_inference_steps", f"num_inference_steps must be at least 1, got {steps!r}")
         guidance = info.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -171,7 +167,7 @@ class SamplingParams:
         if layout.cfg_parallel_size == 2 and info.num_guidance_branches(guidance) < 2:
             raise RequestError("guidance_scale", f"--cfg-parallel-size 2 runs the two guidance branches on two ranks, "
                                                  f"but guidance scale {guidance} needs only the conditional branch")
-        if not _is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
+        if not is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
             raise RequestError("seed", f"seed must be an integer with seed .. seed + n - 1 in [{SEED_MIN}, "
                                        f"{SEED_MAX}], got {self.seed!r} with n = {self.n}")
         height = info.default_size[0] if self.height is None else self.height

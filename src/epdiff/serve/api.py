@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from ..config import is_int
 from ..engine import RequestError, RequestOutput, SamplingParams
 from ..engine.files import IMAGE_FORMATS, write_image
 from .config import ServerConfig
@@ -86,10 +87,10 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
         raise bad_request("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
                                            f"got {output_format!r}")
     n = body.get("n", 1)
-    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_images:
+    if is_int(n) and n > limits.max_images:
         raise bad_request("n", f"n must be at most {limits.max_images} on this server (--max-images), got {n}")
     steps = body.get("num_inference_steps")
-    if isinstance(steps, int) and not isinstance(steps, bool) and steps > limits.max_inference_steps:
+    if is_int(steps) and steps > limits.max_inference_steps:
         raise bad_request("num_inference_steps", f"num_inference_steps must be at most {limits.max_inference_steps} "
                                                  f"on this server (--max-inference-steps), got {steps}")
     prompt = body["prompt"]

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError, option
+from ..config import ConfigError, is_int, option
 
 API_KEY_ENV = "EPDIFF_API_KEY"
 
@@ -35,7 +35,7 @@ class ServerConfig:
         """Checks every limit; the API key from the environment where none is given."""
         for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_body_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
         for name in ("shutdown_timeout", "request_timeout"):
             if getattr(self, name) < 0:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import is_int
+
 # GroupNorm group count is hard-coded in the release; every channel count must divide by it.
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -60,10 +62,6 @@ _REQUIRED_INT_KEYS = ("in_channels", "out_channels", "latent_channels", "layers_
 
 # ----------------------------------------------------------------------------------------------
 # config
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -137,7 +135,7 @@ def validate_vae_config(config: dict) -> dict:
     cfg.setdefault("shift_factor", None)
 
     for key in _REQUIRED_INT_KEYS:
-        if not _is_int(cfg[key]) or cfg[key] < 1:
+        if not is_int(cfg[key]) or cfg[key] < 1:
             raise ValueError(f"vae.{key} must be a positive integer, got {cfg[key]!r}")
     for key in ("downsample_match_channel", "upsample_match_channel"):
         if not isinstance(cfg[key], bool):
@@ -153,7 +151,7 @@ def validate_vae_config(config: dict) -> dict:
                          "time is only halved at levels that also halve space")
 
     channels = cfg["block_out_channels"]
-    if not isinstance(channels, (list, tuple)) or not channels or not all(_is_int(c) and c > 0 for c in channels):
+    if not isinstance(channels, (list, tuple)) or not channels or not all(is_int(c) and c > 0 for c in channels):
         raise ValueError(f"vae.block_out_channels must be a non-empty list of positive integers, got {channels!r}")
     cfg["block_out_channels"] = list(channels)
     n_spatial = int(math.log2(fs))
