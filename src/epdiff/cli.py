@@ -22,6 +22,11 @@ def add_dataclass_args(p, cls, *, skip: tuple[str, ...] = ()):
     add_field_args(p, [f for f in dataclasses.fields(cls) if f.name not in skip])
 
 
+def dataclass_from_args(cls, args, **given):
+    """The inverse of add_dataclass_args: an instance of cls from the parsed flags (and `given`)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
+
+
 def add_field_args(p, fields, *, defaults: bool = True):
     """add_dataclass_args for these fields; defaults=False: an absent flag is None, so the caller
     knows which were given."""
@@ -43,7 +48,7 @@ def add_parallel_args(p: argparse.ArgumentParser):
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
-    return ParallelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ParallelConfig)})
+    return dataclass_from_args(ParallelConfig, args)
 
 
 def cmd_layout(args) -> int:
@@ -77,8 +82,7 @@ def add_engine_args(p: argparse.ArgumentParser):
 def engine_config_from_args(args):
     from .engine import EngineConfig
 
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                           if f.name != "parallel"}, parallel=parallel_config_from_args(args))
+    return dataclass_from_args(EngineConfig, args, parallel=parallel_config_from_args(args))
 
 
 def read_prompts(args) -> list[str]:
@@ -179,7 +183,7 @@ def cmd_serve(args) -> int:
     from .serve import run_server
     from .serve.config import ServerConfig
 
-    return run_server(config, ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}))
+    return run_server(config, dataclass_from_args(ServerConfig, args))
 
 
 def family_tools() -> dict[str, dict]:
