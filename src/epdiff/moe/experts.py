@@ -63,7 +63,7 @@ class GroupedExperts(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.kernel, self.dtype = kernel, dtype
         self.quant_method = experts_method(quant_config)
-        self.quant_method.create_weights(self, num_local_experts, hidden_size, intermediate_size, dtype, device)
+        self.quant_method.create_weights(self, self.weight_shapes(), dtype, device)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The logical (high-precision) shape of each weight kind, all local experts stacked."""

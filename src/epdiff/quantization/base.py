@@ -24,10 +24,6 @@ from ..kernels import moe as moe_kernels
 from ..layers.activation import swiglu_up_gate
 from ..loader.slicing import copy_checked
 
-# The experts' logical weights, in the order they are created, drawn and loaded.
-EXPERT_WEIGHTS = ("up_gate_proj", "down_proj")
-
-
 def new_parameter(shape, dtype, device, requires_grad: bool = True) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=requires_grad)
 
@@ -72,9 +68,9 @@ class ExpertsMethod(ABC):
     stored_scale_suffix: str | None = None
 
     @abstractmethod
-    def create_weights(self, experts: nn.Module, num_local_experts: int, hidden_size: int, intermediate_size: int,
-                       dtype, device) -> None:
-        """Registers `up_gate_proj` [E, 2I, D] and `down_proj` [E, D, I] (and the method's own)."""
+    def create_weights(self, experts: nn.Module, shapes: dict[str, tuple[int, ...]], dtype, device) -> None:
+        """Registers each logical weight (`shapes`: name -> its shape, GroupedExperts.weight_shapes:
+        `up_gate_proj` [E, 2I, D], `down_proj` [E, D, I]) and the method's own."""
 
     @abstractmethod
     def load_expert(self, experts: nn.Module, local: int, kind: str, value: torch.Tensor,
@@ -139,9 +135,9 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class UnquantizedExpertsMethod(ExpertsMethod):
-    def create_weights(self, experts, num_local_experts, hidden_size, intermediate_size, dtype, device):
-        experts.up_gate_proj = new_parameter((num_local_experts, 2 * intermediate_size, hidden_size), dtype, device)
-        experts.down_proj = new_parameter((num_local_experts, hidden_size, intermediate_size), dtype, device)
+    def create_weights(self, experts, shapes, dtype, device):
+        for kind, shape in shapes.items():
+            setattr(experts, kind, new_parameter(shape, dtype, device))
 
     def load_expert(self, experts, local, kind, value, scale, name):
         if scale is not None or not value.is_floating_point() or value.element_size() < 2:

@@ -26,8 +26,7 @@ from ..kernels import moe as moe_kernels
 from ..layers.activation import swiglu_up_gate
 from ..loader.slicing import copy_checked, read_row_shard
 from . import fp8
-from .base import EXPERT_WEIGHTS, ExpertsMethod, LinearMethod, QuantizationConfig, UnquantizedLinearMethod, \
-    new_parameter
+from .base import ExpertsMethod, LinearMethod, QuantizationConfig, UnquantizedLinearMethod, new_parameter
 
 # The activation scale is computed per row on the fly; a checkpoint carries weight scales only.
 ACTIVATION_SCHEMES = ("dynamic",)
@@ -76,13 +75,10 @@ class Fp8ExpertsMethod(ExpertsMethod):
     stored_dtype = fp8.SAFETENSORS_FP8
     stored_scale_suffix = SCALE_SUFFIX
 
-    def create_weights(self, experts, num_local_experts, hidden_size, intermediate_size, dtype, device):
-        shapes = {"up_gate_proj": (num_local_experts, 2 * intermediate_size, hidden_size),
-                  "down_proj": (num_local_experts, hidden_size, intermediate_size)}
-        for kind in EXPERT_WEIGHTS:
-            setattr(experts, kind, new_parameter(shapes[kind], fp8.FP8_DTYPE, device, requires_grad=False))
-            setattr(experts, kind + SCALE_SUFFIX,
-                    new_parameter(shapes[kind][:2], torch.float32, device, requires_grad=False))
+    def create_weights(self, experts, shapes, dtype, device):
+        for kind, shape in shapes.items():
+            setattr(experts, kind, new_parameter(shape, fp8.FP8_DTYPE, device, requires_grad=False))
+            setattr(experts, kind + SCALE_SUFFIX, new_parameter(shape[:2], torch.float32, device, requires_grad=False))
 
     def load_expert(self, experts, local, kind, value, scale, name):
         param = getattr(experts, kind)[local]
