@@ -20,12 +20,12 @@ from torch import nn
 from ...distributed.parallel_state import ParallelState
 from ...distributed.pipeline_parallel import StageLink, stage_layers
 from ...distributed.sequence_parallel import gather_sequence, local_chunk
-from .attention import Attention, KVCache
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
-from .rotary import rope_2d
 from ...moe.layer import MoELayer, reset_token_counts
+from .attention import Attention, KVCache
 from .config import HunyuanImage3Config
+from .rotary import rope_2d
 
 
 class TimestepEmbedder(nn.Module):
