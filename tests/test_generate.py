@@ -1,6 +1,8 @@
 """End to end on CPU: `epdiff generate` on every layout gives the single-rank image and latents."""
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,3 +175,10 @@ def test_written_checkpoints_are_readable_by_others(tmp_path, capsys):
         for name in os.listdir(folder):
             mode = stat.S_IMODE(os.stat(folder / name).st_mode)
             assert mode & 0o044 == 0o044, f"{name}: {oct(mode)}"
+
+
+def test_commands_other_than_serve_need_no_server_packages():
+    # A training or generation machine need not have the web server installed.
+    code = ("import sys; sys.modules['uvicorn'] = sys.modules['fastapi'] = None\n"
+            "from epdiff.cli import build_parser; build_parser().parse_args(['generate', '--prompt', 'x'])")
+    subprocess.run([sys.executable, "-c", code], check=True)

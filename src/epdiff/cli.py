@@ -180,8 +180,8 @@ def cmd_serve(args) -> int:
 
         Engine(config)
         return 0
-    from .serve import run_server
     from .serve.config import ServerConfig
+    from .serve.server import run_server
 
     return run_server(config, dataclass_from_args(ServerConfig, args))
 

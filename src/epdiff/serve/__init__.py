@@ -3,8 +3,6 @@
 `api` maps the API's fields onto the engine's SamplingParams (whose `resolve` is the one
 validation), `service` keeps the engine's life (load, watch, drain, close), `app` has the routes
 and the Prometheus metrics, `server` runs it under uvicorn with the signal and exit handling.
+The package itself imports none of them: every command's parser reads `serve.config`, and only
+`serve` needs uvicorn.
 """
-
-from .server import run_server
-
-__all__ = ["run_server"]
