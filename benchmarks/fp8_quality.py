@@ -19,13 +19,13 @@ import numpy as np
 from compare_images import psnr
 from epdiff.engine import ImageGenerator
 from epdiff.train import checker
-from epdiff.train.score import heldout_captions
+from epdiff.train.score import captions as shape_captions
 
 
 def run(quantization, args):
     images, scores = {}, []
     with ImageGenerator(args.model, dtype=args.dtype, device=args.device, quantization=quantization) as generator:
-        captions = heldout_captions(args.num_prompts)
+        captions = shape_captions(args.num_prompts)
         for seed in args.seed:
             images[seed] = generator.generate(captions, seed=seed)
             scores += [checker.score(text, image) for text, image in zip(captions, images[seed])]

@@ -5,7 +5,7 @@ exactly right, no extra object) is measured by `epdiff score -tp 2 --enable-expe
 (BENCHMARKS.md); this test holds the same three numbers on a subset that fits in a minute."""
 
 from epdiff.engine import ImageGenerator
-from epdiff.train.score import score_heldout
+from epdiff.train.score import score_prompts
 
 
 def test_builtin_model_draws_held_out_prompts_exactly():
@@ -13,7 +13,7 @@ def test_builtin_model_draws_held_out_prompts_exactly():
     # own sampling settings (generation_config.json: 20 steps, guidance 4), the strict checker;
     # one batch of 12 per seed (fewer lockstep rounds between the two gloo ranks than batches of 4).
     with ImageGenerator(tensor_parallel_size=2, enable_expert_parallel=True, max_batch_size=12) as generator:
-        summary = score_heldout(generator, num_prompts=12, seeds=(0, 1, 2))
+        summary = score_prompts(generator, num_prompts=12, seeds=(0, 1, 2))
     assert summary["images"] == 36
     assert summary["accuracy"] >= 0.95, summary["report"]
     assert summary["exact"] >= 0.8, summary["report"]

@@ -166,3 +166,18 @@ def test_checker_command_line(tmp_path, capsys):
     (tmp_path / "manifest.tsv").write_text(f"{shapes.caption(SCENES[7])}\ta.png\n")
     assert checker.main(["--manifest", str(tmp_path / "manifest.tsv")]) == 0
     assert "100.0% of attributes right" in capsys.readouterr().out
+
+
+def test_partial_prompt_set_leaves_out_size_or_position_of_every_one_object_scene():
+    scenes = shapes.partial_scenes()
+    assert len(scenes) == len(set(scenes)) == len(shapes.SHAPES) * len(shapes.COLOURS) * (1 + 2 + 5)
+    for scene in scenes:
+        (obj,) = scene.objects
+        assert obj.size is None or obj.position is None
+        assert shapes.parse_caption(shapes.caption(scene)) == scene
+    # Each attribute's share is over the captions that asked for it: one size-only caption drawn
+    # right is 100 % size, and its unasked position counts for nothing.
+    drawn = shapes.render(shapes.parse_caption("a small green triangle on the left"), rng=random.Random(0))
+    summary = checker.summarize([checker.score("a small green triangle", drawn),
+                                 checker.score("a green triangle on the right", drawn)])
+    assert summary["per_attribute"] == {"shape": 1.0, "colour": 1.0, "position": 0.0, "size": 1.0}

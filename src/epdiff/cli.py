@@ -218,16 +218,16 @@ def cmd_score(args) -> int:
     (steps, guidance) combination asked for."""
     from .engine import ImageGenerator
     from .engine.files import save_json
-    from .train.score import score_heldout
+    from .train.score import score_prompts
 
     results = []
     with ImageGenerator.from_config(engine_config_from_args(args)) as generator:
         for steps in args.num_inference_steps or [None]:
             for guidance in args.guidance_scale or [None]:
-                summary = score_heldout(generator, args.num_prompts, steps, guidance, args.seed)
+                summary = score_prompts(generator, args.num_prompts, steps, guidance, args.seed, args.prompts)
                 if summary is None:  # not the driving rank
                     return 0
-                print(f"{summary['num_inference_steps']} steps, guidance {summary['guidance_scale']:g}, "
+                print(f"{args.prompts} prompts, {summary['num_inference_steps']} steps, guidance {summary['guidance_scale']:g}, "
                       f"seeds {' '.join(map(str, args.seed))}: {summary['report']}")
                 for seed, per_seed in summary["per_seed"].items():
                     print(f"  seed {seed}: {per_seed['report']}")
@@ -319,8 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
             add_field_args(p, new, defaults=False)
         p.set_defaults(func=cmd_family_tool, tools=tools, tool_flags=flags)
 
-    p = sub.add_parser("score", help="draw the held-out shape prompts and check each image")
-    p.add_argument("--num-prompts", type=int, default=40, help="the first N held-out prompts")
+    from .train.shapes import PROMPT_SETS
+
+    p = sub.add_parser("score", help="draw shape prompts and check each image")
+    p.add_argument("--prompts", choices=list(PROMPT_SETS), default="heldout",
+                   help="heldout: 204 scenes never seen in training; partial: the 120 one-object captions "
+                        "that leave out size, position or both (default: %(default)s)")
+    p.add_argument("--num-prompts", type=int, default=40, help="the first N prompts of the set")
     p.add_argument("--num-inference-steps", type=int, nargs="+", default=None,
                    help="default: the model's; several: one report each")
     p.add_argument("--guidance-scale", type=float, nargs="+", default=None,

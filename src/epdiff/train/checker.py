@@ -235,6 +235,7 @@ def score(scene_or_caption: Scene | str, image) -> dict:
         "total": total,
         "accuracy": right / total,
         "per_attribute": {n: sum(a.get(n, False) for a in agreements) for n in ATTRIBUTES},
+        "asked": {n: sum(n in a for a in agreements) for n in ATTRIBUTES},
         "objects": len(expected),
         "missing": len(expected) - matched,
         "extra": extra,
@@ -245,7 +246,6 @@ def score(scene_or_caption: Scene | str, image) -> dict:
 
 def summarize(scores: list[dict]) -> dict:
     """Totals of `score` results, with a printable one-line "report"."""
-    objects = sum(s["objects"] for s in scores)
     attributes = sum(s["attributes"] for s in scores)
     total = sum(s["total"] for s in scores)
     exact = sum(s["exact"] for s in scores)
@@ -254,8 +254,9 @@ def summarize(scores: list[dict]) -> dict:
         "attributes": attributes,
         "total": total,
         "accuracy": attributes / total if total else 0.0,
-        # each attribute's share right, over asked-for objects
-        "per_attribute": {n: sum(s["per_attribute"][n] for s in scores) / max(objects, 1) for n in ATTRIBUTES},
+        # each attribute's share right, over the objects whose caption asked for it
+        "per_attribute": {n: sum(s["per_attribute"][n] for s in scores) / max(sum(s["asked"][n] for s in scores), 1)
+                          for n in ATTRIBUTES},
         "exact_scenes": exact,
         "exact": exact / max(len(scores), 1),
         "missing": sum(s["missing"] for s in scores),

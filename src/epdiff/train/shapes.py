@@ -186,6 +186,22 @@ def split_scenes() -> tuple[list[Scene], list[Scene]]:
     return [s for s in scenes if s not in held], heldout
 
 
+def partial_scenes() -> list[Scene]:
+    """Every distinct one-object caption that leaves out the size, the position or both (what a user
+    types who says less than the training captions: "a small green triangle"), 15 x 8 = 120, in
+    salted-hash order so that any prefix is an unbiased sample of the three kinds."""
+    said = {partial(s, say_size, say_position) for s in all_scenes() if len(s.objects) == 1
+            for say_size, say_position in ((False, True), (True, False), (False, False))}
+    return sorted(said, key=_split_key)
+
+
+# The prompt sets a model is scored on (`epdiff score --prompts`).
+PROMPT_SETS = {
+    "heldout": lambda: split_scenes()[1],  # 204 scenes never seen in training
+    "partial": partial_scenes,  # 120 one-object captions that leave out size, position or both
+}
+
+
 def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> Image.Image:
     """The scene drawn on a size x size white RGB image; with `rng`, positions and sizes jitter a little."""
     image = Image.new("RGB", (size, size), BACKGROUND)
