@@ -84,13 +84,14 @@ class TrackedSlice:
 
 
 class SafetensorsCheckpoint:
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, weights_name: str = "model"):
+        """weights_name: the files' stem (transformers' `model`, diffusers' `diffusion_pytorch_model`)."""
         self.model_dir = model_dir
         self.bytes_read = 0
         self.tensors_read: set[str] = set()
         self._handles = {}
-        index_path = os.path.join(model_dir, "model.safetensors.index.json")
-        single = os.path.join(model_dir, "model.safetensors")
+        index_path = os.path.join(model_dir, f"{weights_name}.safetensors.index.json")
+        single = os.path.join(model_dir, f"{weights_name}.safetensors")
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as f:
@@ -98,9 +99,11 @@ class SafetensorsCheckpoint:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
         elif os.path.isfile(single):
-            self.weight_map = {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
+            file = os.path.basename(single)
+            self.weight_map = {name: file for name in self._open(file).keys()}
         else:
-            raise CheckpointError(f"{model_dir}: neither model.safetensors.index.json nor model.safetensors found")
+            raise CheckpointError(f"{model_dir}: neither {os.path.basename(index_path)} nor {os.path.basename(single)} "
+                                  "found")
         for file in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(model_dir, file)):
                 example = next(n for n, f in self.weight_map.items() if f == file)

@@ -29,6 +29,8 @@ class FamilyEntry:
 FAMILIES = (
     FamilyEntry("hunyuan_image3", "epdiff.models.hunyuan_image3.family:HunyuanImage3Family",
                 architectures=("HunyuanImage3ForCausalMM",)),
+    FamilyEntry("nucleus_image", "epdiff.models.nucleus_image.family:NucleusImageFamily",
+                diffusers_pipelines=("NucleusMoEImagePipeline",)),
 )
 
 

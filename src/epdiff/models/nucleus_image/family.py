@@ -1,0 +1,141 @@
+"""Nucleus-Image as a model family (models/base.py): a diffusers folder whose model_index.json names
+NucleusMoEImagePipeline, read once."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ...config import ConfigError, ParallelConfig, option
+from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
+from .config import NucleusImageConfig
+
+COMPONENTS = ("transformer", "scheduler", "text_encoder", "vae")
+# The diffusers pipeline's defaults (NucleusMoEImagePipeline.__call__ and its default_sample_size).
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIDE = 50, 4.0, 1024
+# Sides in pixels: whole patches of latents (VAE factor 8 × patch 2), within the RoPE table's
+# 4096 positions per axis.
+SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 16, 64, 4096
+ROPE_POSITIONS = 4096
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return value
+
+
+class NucleusImageInfo(ModelInfo):
+    def __init__(self, model_dir: str, family: "NucleusImageFamily"):
+        from transformers import AutoTokenizer, Qwen3VLConfig
+
+        self.model_dir, self.family = model_dir, family
+        index_path = os.path.join(model_dir, "model_index.json")
+        index = _read_json(index_path)
+        tokenizer_part = "processor" if "processor" in index else "tokenizer"
+        for part in COMPONENTS + (tokenizer_part,):
+            if part not in index:
+                raise ConfigError(f"{index_path}: no {part!r} entry: a NucleusMoEImagePipeline folder has "
+                                  f"{', '.join(COMPONENTS)} and processor")
+            if not os.path.isdir(self.component(part)):
+                raise ConfigError(f"{index_path} lists {part!r}, but {self.component(part)} is not a folder")
+        self.config = NucleusImageConfig.from_pretrained(self.component("transformer"))
+        self.scheduler_config = _read_json(os.path.join(self.component("scheduler"), "scheduler_config.json"))
+        if self.scheduler_config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+            raise ConfigError(f"{self.component('scheduler')}/scheduler_config.json: _class_name "
+                              f"{self.scheduler_config.get('_class_name')!r}, expected 'FlowMatchEulerDiscreteScheduler'")
+        self.vae_config = _read_json(os.path.join(self.component("vae"), "config.json"))
+        te_path = os.path.join(self.component("text_encoder"), "config.json")
+        _read_json(te_path)
+        self.text_encoder_config = Qwen3VLConfig.from_pretrained(self.component("text_encoder"))
+        width = self.text_encoder_config.text_config.hidden_size
+        if width != self.config.joint_attention_dim:
+            raise ConfigError(f"{self.config.source}: joint_attention_dim {self.config.joint_attention_dim} differs "
+                              f"from the text encoder's hidden_size {width} ({te_path})")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.component(tokenizer_part))
+        self.default_num_inference_steps, self.default_guidance_scale = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.default_size = (DEFAULT_SIDE, DEFAULT_SIDE)
+
+    def component(self, name: str) -> str:
+        return os.path.join(self.model_dir, name)
+
+    def check_layout(self, parallel: ParallelConfig) -> None:
+        c = self.config
+        parallel.validate(num_experts=c.num_experts, num_layers=c.num_layers)
+        split = parallel.tensor_parallel_size * parallel.sequence_parallel_size
+        if c.kv_heads % split:
+            raise ConfigError(f"num_key_value_heads {c.kv_heads} cannot be split over TP "
+                              f"{parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
+
+    def resolve_size(self, height, width):
+        for name, side in (("height", height), ("width", width)):
+            if not (MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0):
+                raise ValueError(f"requested size {height}x{width} (HxW): {name} {side} is not a size Nucleus-Image "
+                                 f"draws; give multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}")
+        return int(height), int(width)
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        tokens = SIDE_MULTIPLE  # pixels per image token a side
+        return height // tokens, width // tokens
+
+    def image_tokens(self, height, width):
+        h, w = self._grid(height, width)
+        return h * w
+
+    def check_prompt(self, prompt, height, width):
+        h, w = self._grid(height, width)
+        n = len(self.tokenizer(prompt)["input_ids"])
+        limit = ROPE_POSITIONS - max(h // 2, w // 2) - 256  # the chat template's tokens besides the prompt
+        if n > limit:
+            raise ValueError(f"prompt is {n} tokens: at {height}x{width} the text may have at most {limit}")
+
+    def describe(self) -> dict:
+        return {"family": self.family.name,
+                "image_sizes": f"multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} a side",
+                "default_size": f"{DEFAULT_SIDE}x{DEFAULT_SIDE}",
+                "default_num_inference_steps": self.default_num_inference_steps,
+                "default_guidance_scale": self.default_guidance_scale}
+
+    def load_pipeline(self, parallel, dtype: torch.dtype, load_format: str, quantization: str | None,
+                      decode: bool) -> ImagePipeline:
+        from .pipeline import NucleusImagePipeline
+
+        return NucleusImagePipeline(self, parallel, dtype, load_format, quantization, decode)
+
+
+@dataclass
+class TinyModelOptions:
+    """`epdiff make-tiny --family nucleus_image`: the small folder's sizes."""
+
+    hidden_size: int = option(64, "transformer width (attention heads × head size)")
+    num_layers: int = option(6, "transformer blocks (the first three and the last dense, as the release)")
+    num_attention_heads: int = option(4, "attention heads")
+    num_key_value_heads: int = option(2, "key/value heads")
+    num_experts: int = option(8, "routed experts per MoE block")
+    moe_intermediate_dim: int = option(32, "expert width (and the shared expert's)")
+    text_hidden_size: int = option(32, "the Qwen3-VL text encoder's width")
+    seed: int = option(0, "seed of the random weights")
+
+
+def _make_tiny(out_dir: str, options: TinyModelOptions) -> str:
+    from .make_tiny import make_tiny
+
+    make_tiny(out_dir, **vars(options))
+    return f"wrote a tiny Nucleus-Image folder to {out_dir}"
+
+
+class NucleusImageFamily(ModelFamily):
+    name = "nucleus_image"
+    tools = {"make-tiny": FamilyTool("write a small model in the release's diffusers layout", TinyModelOptions,
+                                     _make_tiny)}
+
+    def read(self, model_dir: str) -> NucleusImageInfo:
+        return NucleusImageInfo(model_dir, self)
