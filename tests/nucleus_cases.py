@@ -1,0 +1,53 @@
+"""Worker functions of the Nucleus-Image tests (run on every rank of the test world)."""
+
+from __future__ import annotations
+
+import torch
+
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.engine.denoise import RankMetrics, denoise
+from epdiff.models.base import ImageTask
+from epdiff.models.registry import model_info
+
+PROMPTS = ["a small red circle on the left", "a large blue square at the top and a green triangle"]
+_reference: dict = {}
+
+
+def task(prompt_index: int, steps: int = 2, size: int = 64) -> ImageTask:
+    return ImageTask(PROMPTS[prompt_index], seed=3 + prompt_index, height=size, width=size,
+                     num_inference_steps=steps, guidance_scale=4.0)
+
+
+def draw(folder: str, state: ParallelState, tasks, decode: bool = False):
+    pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", None, decode)
+    images = denoise(pipe, tasks, state, RankMetrics(rank=state.global_rank, layout=state.config.describe()))
+    return pipe, images
+
+
+def reference(folder: str, prompt_index: int) -> torch.Tensor:
+    if (folder, prompt_index) not in _reference:
+        _, images = draw(folder, ParallelState.single(), [task(prompt_index)])
+        _reference[folder, prompt_index] = images[0].latents
+    return _reference[folder, prompt_index]
+
+
+def layouts_against_one_rank(rank: int, folder: str, configs) -> list[dict]:
+    rows = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        prompt_index = state.dp.rank % len(PROMPTS)
+        _, images = draw(folder, state, [task(prompt_index)])
+        out, ref = images[0].latents, reference(folder, prompt_index)
+        err = float((out - ref).abs().max())
+        rows.append(dict(layout=config.describe(), rank=rank, ep=config.enable_expert_parallel,
+                         backend=config.all2all_backend, err=err, scale=float(ref.abs().max()),
+                         close=err <= 1e-5 * float(ref.abs().max())))
+    return rows
+
+
+def checkpoint_bytes(rank: int, folder: str, config) -> dict:
+    state = ParallelState.build(config, "cpu")
+    pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", None, False)
+    from epdiff.moe.layer import moe_layers
+
+    return {"bytes_read": pipe.checkpoint_bytes_read, "experts": moe_layers(pipe.transformer)[0].local_expert_ids}
