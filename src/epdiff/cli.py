@@ -274,8 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="out.png",
                    help="image path (.png carries the metadata; .jpg, .webp); with several images, "
                         "-<prompt>-<image> is added before the extension (default: %(default)s)")
-    p.add_argument("--height", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
-    p.add_argument("--width", type=int, default=None, help="snapped to the nearest of the model's 33 buckets")
+    p.add_argument("--height", type=int, default=None,
+                   help="default: the model's; HunyuanImage-3.0 snaps a size to the nearest of its 33 buckets, "
+                        "Nucleus-Image takes multiples of 16")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the model's; HunyuanImage-3.0 snaps a size to the nearest of its 33 buckets, "
+                        "Nucleus-Image takes multiples of 16")
     p.add_argument("--num-inference-steps", type=int, default=None, help="default: generation_config.json")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")

@@ -131,7 +131,7 @@ class SamplingParams:
     regenerated alone from its own seed)."""
 
     prompt: str
-    height: int | None = None  # None: the model's base size; snapped to the nearest aspect bucket
+    height: int | None = None  # None: the model's default size; the family resolves it (ModelInfo.resolve_size)
     width: int | None = None
     num_inference_steps: int | None = None  # None: generation_config.json
     guidance_scale: float | None = None  # None: generation_config.json; <= 1: conditional branch only

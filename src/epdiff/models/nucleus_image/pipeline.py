@@ -71,8 +71,16 @@ class FlowMatchSteps:
 class NucleusImagePipeline(ImagePipeline):
     def __init__(self, info, parallel: ParallelState, dtype: torch.dtype, load_format: str = "safetensors",
                  quantization: str | None = None, decode: bool = True):
+        import diffusers
+        import transformers
         from diffusers import AutoencoderKLQwenImage, NucleusMoEImagePipeline
         from transformers import Qwen3VLForConditionalGeneration
+
+        # Their loading progress bars and advice (install accelerate) would run through every
+        # rank's output; load errors still raise.
+        transformers.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        diffusers.logging.set_verbosity_error()
 
         self.info, self.parallel, self.device, self.dtype = info, parallel, parallel.device, dtype
         self.config = info.config
