@@ -330,4 +330,4 @@ def test_make_tiny_is_the_familys_tool(tmp_path, capsys):
     info = registry.family_for_folder(out).read(out)
     assert (info.config.hidden_size, info.config.num_hidden_layers, info.config.num_experts) == (64, 1, 4)
     with pytest.raises(SystemExit):
-        main(["make-tiny", out, "--family", "nucleus_image"])
+        main(["make-tiny", out, "--family", "flux"])

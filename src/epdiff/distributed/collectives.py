@@ -127,3 +127,17 @@ def all_gather_tensor(x: torch.Tensor, group: Group) -> torch.Tensor:
     out = x.new_empty(group.size * x.numel())
     _all_gather_single(out, x.reshape(-1).contiguous(), group=group.process_group)
     return out.view((group.size,) + tuple(x.shape))
+
+
+def broadcast_from_first(x: torch.Tensor | None, group: Group, dtype: torch.dtype, device) -> torch.Tensor:
+    """The tensor of the group's first rank (x there; None elsewhere), shape and all, on every rank."""
+    if group.size == 1:
+        return x
+    src = group.ranks[0]
+    ndim = torch.tensor([x.dim() if group.rank == 0 else 0], device=device)
+    dist.broadcast(ndim, src=src, group=group.process_group)
+    shape = torch.tensor(x.shape if group.rank == 0 else [0] * int(ndim), dtype=torch.long, device=device)
+    dist.broadcast(shape, src=src, group=group.process_group)
+    out = x.contiguous() if group.rank == 0 else torch.empty(shape.tolist(), dtype=dtype, device=device)
+    dist.broadcast(out, src=src, group=group.process_group)
+    return out

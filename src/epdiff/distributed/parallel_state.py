@@ -3,7 +3,8 @@
 
 rank = tp + TP·(sp + SP·(cfg + CFG·(dp + DP·pp))): the mesh is arange(world) reshaped to
 (pp, dp, cfg, sp, tp). The EP group is the flattening of (dp, cfg, sp, tp), one per pipeline
-stage; the token group is the flattening of (dp, cfg, sp), one per (stage, TP index).
+stage; the token group is the flattening of (dp, cfg, sp), one per (stage, TP index); the replica
+group is the flattening of (pp, cfg, sp, tp): every rank that works on one DP group's images.
 
 `rank_groups` computes the rank lists with no processes (for `epdiff layout`); `ParallelState`
 builds the same groups with torch.distributed.device_mesh from the same grid.
@@ -21,7 +22,8 @@ from ..config import MESH_DIMS, ParallelConfig
 # Groups a layer may ask for: the mesh dims plus the two flattened ones.
 EP_DIMS = ("dp", "cfg", "sp", "tp")
 TOKEN_DIMS = ("dp", "cfg", "sp")
-GROUP_NAMES = MESH_DIMS + ("ep", "token")
+REPLICA_DIMS = ("pp", "cfg", "sp", "tp")
+GROUP_NAMES = MESH_DIMS + ("ep", "token", "replica")
 
 
 def rank_grid(config: ParallelConfig) -> torch.Tensor:
@@ -43,6 +45,7 @@ def rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
     groups = {dim: _groups_along(grid, (dim,)) for dim in MESH_DIMS}
     groups["ep"] = _groups_along(grid, EP_DIMS)
     groups["token"] = _groups_along(grid, TOKEN_DIMS)
+    groups["replica"] = _groups_along(grid, REPLICA_DIMS)
     return groups
 
 
@@ -102,9 +105,11 @@ class ParallelState:
         mesh = DeviceMesh(device.type, rank_grid(config), mesh_dim_names=MESH_DIMS)
         ep_mesh = mesh[EP_DIMS]._flatten("ep")
         token_mesh = mesh[TOKEN_DIMS]._flatten("token")
+        replica_mesh = mesh[REPLICA_DIMS]._flatten("replica")
         me = dist.get_rank()
         groups = {}
-        for name, sub in [(d, mesh[d]) for d in MESH_DIMS] + [("ep", ep_mesh), ("token", token_mesh)]:
+        flattened = [("ep", ep_mesh), ("token", token_mesh), ("replica", replica_mesh)]
+        for name, sub in [(d, mesh[d]) for d in MESH_DIMS] + flattened:
             ranks = sub.mesh.flatten().tolist()
             groups[name] = Group(name, ranks, ranks.index(me),
                                  sub.get_group() if len(ranks) > 1 else None)

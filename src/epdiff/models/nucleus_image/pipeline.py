@@ -6,6 +6,10 @@ system prompt and chat template, the Qwen3-VL text encoder's hidden state it pic
 mask), its noise draw and latent packing, its flow-matching scheduler with the resolution-dependent
 shift, and its VAE decode, all through a diffusers `NucleusMoEImagePipeline` that holds only the
 text encoder, the processor and (on decode ranks) the VAE. The transformer is epdiff's.
+
+The text encoder runs on one rank of each DP group (the first of its replica group, which also
+decodes), once per batch for every prompt and the negative one; its states go to the group's other
+ranks in one broadcast, and every stage projects them into its blocks' text keys and values once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...distributed.collectives import broadcast_from_first
 from ...distributed.parallel_state import ParallelState
 from ...loader import LOAD_FORMATS
 from ...loader.dummy import init_dummy_weights
@@ -86,14 +91,20 @@ class NucleusImagePipeline(ImagePipeline):
         self.config = info.config
         self.transformer, checkpoint = load_transformer(info, parallel, dtype, self.device, load_format, quantization)
         self.checkpoint_bytes_read = checkpoint.bytes_read if checkpoint else 0
+        self.encodes = parallel.replica.rank == 0
+        text_encoder = vae = None
         if load_format == "dummy":  # random weights of the folder's sizes
-            text_encoder = Qwen3VLForConditionalGeneration._from_config(info.text_encoder_config, dtype=dtype)
+            if self.encodes:
+                text_encoder = Qwen3VLForConditionalGeneration._from_config(info.text_encoder_config, dtype=dtype)
             vae = AutoencoderKLQwenImage.from_config(info.vae_config).to(dtype) if decode else None
         else:
-            text_encoder = Qwen3VLForConditionalGeneration.from_pretrained(info.component("text_encoder"), dtype=dtype)
+            if self.encodes:
+                text_encoder = Qwen3VLForConditionalGeneration.from_pretrained(info.component("text_encoder"),
+                                                                               dtype=dtype)
             vae = AutoencoderKLQwenImage.from_pretrained(info.component("vae"), torch_dtype=dtype) if decode else None
-        self.parts = NucleusMoEImagePipeline(transformer=None, scheduler=None, vae=vae,
-                                             text_encoder=text_encoder.to(self.device).eval(),
+        if text_encoder is not None:
+            text_encoder.to(self.device).eval()
+        self.parts = NucleusMoEImagePipeline(transformer=None, scheduler=None, vae=vae, text_encoder=text_encoder,
                                              processor=info.tokenizer)
         if vae is not None:
             vae.to(self.device).eval()
@@ -104,27 +115,35 @@ class NucleusImagePipeline(ImagePipeline):
     def moe_layer_ids(self) -> list[int]:
         return [int(i) for i, block in self.transformer.transformer_blocks.items() if block.is_moe]
 
-    def _encode(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
-        """prompt -> (its text encoder states [L, D] without padding, L)."""
+    def _encode_rows(self, rows: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's states of each row's prompt [R, L, D], padded to the longest, and
+        the mask [R, L] (False at padding). Each distinct prompt is encoded once; padding at the
+        end changes no real token's state (the text encoder is causal), as diffusers pads a batch."""
+        prompts = list(dict.fromkeys(rows))
         embeds, mask = self.parts.encode_prompt(prompt=prompts, device=self.device)
         lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(1).tolist()
-        return {p: (embeds[k, :n], n) for k, (p, n) in enumerate(zip(prompts, lengths))}
+        longest = max(lengths)
+        text = torch.zeros(len(rows), longest, embeds.shape[-1], dtype=self.dtype, device=self.device)
+        keep = torch.zeros(len(rows), longest, dtype=torch.bool, device=self.device)
+        for r, prompt in enumerate(rows):
+            k = prompts.index(prompt)
+            text[r, :lengths[k]], keep[r, :lengths[k]] = embeds[k, :lengths[k]], True
+        return text, keep
 
     def start_batch(self, tasks, branches) -> DenoisingBatch:
         first, p = tasks[0], self.config.patch_size
         factor = self.parts.vae_scale_factor
         grid = (first.height // factor // p, first.width // factor // p)
         texts = [[task.prompt for task in tasks], [""] * len(tasks)]  # the negative prompt: diffusers' default
-        rows = [texts[branch][k] for branch in branches for k in range(len(tasks))]
-        encoded = self._encode(list(dict.fromkeys(rows)))
-        longest = max(n for _, n in encoded.values())
-        # Padding to the longest, masked: as diffusers pads a batch (the text is causal: padding
-        # at the end changes no real token's state).
-        text = torch.zeros(len(rows), longest, self.config.joint_attention_dim, dtype=self.dtype, device=self.device)
-        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=self.device)
-        for r, prompt in enumerate(rows):
-            states, n = encoded[prompt]
-            text[r, :n], mask[r, :n] = states, True
+        # Every branch's rows are encoded (another CFG rank of the replica may predict the other branch).
+        num_branches = len(texts) if self.parallel.cfg.size > 1 else len(branches)
+        every_row = [texts[branch][k] for branch in range(num_branches) for k in range(len(tasks))]
+        text, mask = self._encode_rows(every_row) if self.encodes else (None, None)
+        replica = self.parallel.replica
+        text = broadcast_from_first(text, replica, self.dtype, self.device)
+        mask = broadcast_from_first(mask, replica, torch.bool, self.device)
+        rows = torch.tensor([branch * len(tasks) + k for branch in branches for k in range(len(tasks))])
+        text, mask = text[rows.to(self.device)], mask[rows.to(self.device)]
         cache = self.transformer.encode_text(text, None if bool(mask.all()) else mask, grid)
 
         latents = torch.cat([self._noise(task.seed, first.height, first.width) for task in tasks])
