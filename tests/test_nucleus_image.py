@@ -42,20 +42,31 @@ def diffusers_pipeline(folder):
         processor=AutoTokenizer.from_pretrained(f"{folder}/processor"))
 
 
-def test_same_latents_and_image_as_the_diffusers_pipeline(nucleus):
-    prompt, kw = "a small red circle on the left", dict(num_inference_steps=4, guidance_scale=4.0, height=64, width=96)
+@pytest.mark.parametrize("prompts, guidance", [
+    (["a small red circle on the left"], 4.0),
+    # two prompts of different lengths in one batch: padded and masked text, a generator each
+    (["a red circle", "a large blue square at the top and a small green triangle at the bottom"], 4.0),
+    (["a small red circle on the left"], 1.0),  # no guidance: one branch
+])
+def test_same_latents_and_image_as_the_diffusers_pipeline(nucleus, prompts, guidance):
+    kw = dict(num_inference_steps=4, guidance_scale=guidance, height=64, width=96)
     with ImageGenerator(model=nucleus) as generator:
-        ours = generator.generate_outputs(prompt, seed=7, **kw)[0].images[0]
+        ours = generator.generate_outputs(prompts, seed=7, **kw)  # prompt i with seed 7 + i
     pipe = diffusers_pipeline(nucleus)
-    with torch.no_grad():
-        latents = pipe(prompt, generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images[0]
-        pixels = pipe(prompt, generator=torch.Generator().manual_seed(7), output_type="np", **kw).images[0]
-    ours_latents = ours.latents.flatten(0, 1)
-    assert ours.latents.shape == (4, 6, 64)  # the patch grid of a 64x96 image: 4 x 6 tokens
-    assert float((ours_latents - latents).norm() / latents.norm()) <= 1e-4
-    levels = (pixels * 255).round().astype(np.uint8)
-    assert ours.pixels.shape == levels.shape == (64, 96, 3)
-    assert np.abs(ours.pixels.astype(int) - levels.astype(int)).max() <= 1
+
+    def run(output_type):
+        generators = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
+        with torch.no_grad():
+            return pipe(prompts, generator=generators, output_type=output_type, **kw).images
+
+    latents, pixels = run("latent"), run("np")
+    for i, out in enumerate(ours):
+        image = out.images[0]
+        assert image.latents.shape == (4, 6, 64)  # the patch grid of a 64x96 image: 4 x 6 tokens
+        assert float((image.latents.flatten(0, 1) - latents[i]).norm() / latents[i].norm()) <= 1e-4
+        levels = (pixels[i] * 255).round().astype(np.uint8)
+        assert image.pixels.shape == levels.shape == (64, 96, 3)
+        assert np.abs(image.pixels.astype(int) - levels.astype(int)).max() <= 1
 
 
 LAYOUTS = {
