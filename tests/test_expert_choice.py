@@ -14,11 +14,16 @@ from moe_cases import (EC_IMAGES, EC_TOKENS, SMALL, expert_choice_equivalence, e
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
-def test_expert_choice_equals_the_reference_and_balances_every_expert(kernel):
+@pytest.mark.parametrize("expert_major", [True, False], ids=["expert-major", "token-centric"])
+def test_expert_choice_equals_the_reference_and_balances_every_expert(kernel, expert_major):
     if kernel == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no grouped GEMM")
     w, x, r = expert_choice_inputs(3)
     layer = expert_choice_layer(ParallelState.single(), w, 2 * SMALL.hidden, kernel)
+    # One rank holding whole images: the experts get exactly their rows (expert-major); the
+    # token-centric form (a slot per expert, what the dispatchers move) gives the same.
+    assert layer.expert_major
+    layer.expert_major = expert_major
     out = layer(x, router_input=r)
     torch.testing.assert_close(out.double(), reference_expert_choice(x, r, w), rtol=1e-5, atol=1e-6)
     capacity = layer.gate.capacity(EC_TOKENS)

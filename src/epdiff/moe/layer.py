@@ -16,7 +16,7 @@ from ..distributed.collectives import all_reduce
 from ..distributed.parallel_state import ParallelState
 from ..layers.mlp import SwiGLUMLP
 from ..loader.slicing import read_col_shard, read_row_shard
-from .dispatch import Placement, TokenCounts, make_dispatcher
+from .dispatch import LocalDispatch, Placement, TokenCounts, make_dispatcher
 from .expert_map import expert_owners
 from .experts import GroupedExperts
 from .router import Router
@@ -58,6 +58,10 @@ class MoELayer(nn.Module):
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel,
                                       num_experts=num_experts, quant_config=quant_config)
         self.dispatch = make_dispatcher(parallel, self.experts.quant_method)
+        # An expert-choice router on a rank that keeps its tokens and holds whole images hands
+        # the experts exactly their B·C rows each (the token-centric form has E slots a token).
+        self.expert_major = (hasattr(self.gate, "expert_major") and isinstance(self.dispatch, LocalDispatch)
+                             and parallel.sp.size == 1)
         self.token_counts = None
         if self.dispatch.needs_token_counts:
             # Every MoE layer of a forward has the same rows: one exchange serves them all.
@@ -76,6 +80,8 @@ class MoELayer(nn.Module):
         """x [..., D] -> [..., D] ([images, tokens, D] for a router that routes whole images).
         router_input [..., R]: what the router scores, one row per row of x, where the model routes
         on something else than x itself."""
+        if self.expert_major:
+            return self._forward_expert_major(x, x if router_input is None else router_input)
         shape = x.shape
         ids, weights = self.gate(x if router_input is None else router_input)
         x = x.reshape(-1, shape[-1])
@@ -86,6 +92,23 @@ class MoELayer(nn.Module):
         y, load = self.experts(rows, local_ids, row_weights)
         out = self.dispatch.combine(y, handle)
         self.expert_load.index_add_(0, self.placement.global_ids, load)
+        if shared is not None:
+            out = out + shared
+        return all_reduce(out, self.parallel.tp).reshape(shape)
+
+    def _forward_expert_major(self, x: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens, gates = self.gate.expert_major(router_input)  # [E, N] each
+        x = x.reshape(-1, shape[-1])
+        shared = self.shared_expert(x) if self.shared_expert is not None else None
+        mine = self.placement.global_ids
+        rows = tokens[mine].flatten()  # this rank's experts' rows, expert after expert
+        ids = mine.repeat_interleave(tokens.shape[1])[:, None]
+        pending = self.dispatch.start_dispatch(x[rows], ids, gates[mine].flatten()[:, None], self.placement)
+        routed, local_ids, row_weights, _ = pending.wait()
+        y, load = self.experts(routed, local_ids, row_weights)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
+        self.expert_load.index_add_(0, mine, load)
         if shared is not None:
             out = out + shared
         return all_reduce(out, self.parallel.tp).reshape(shape)

@@ -73,8 +73,10 @@ class ExpertChoiceRouter(nn.Module):
     states), every SP rank selects the same, and keeps the picks of its own tokens. DP and CFG
     ranks hold whole images already.
 
-    Returns the token-centric form the dispatchers take: for each of this rank's tokens, one slot
-    per expert: ids [T, E] (the expert, or -1 where it did not pick the token) and weights [T, E].
+    `forward` returns the token-centric form the dispatchers take: for each of this rank's tokens,
+    one slot per expert: ids [T, E] (the expert, or -1 where it did not pick the token) and weights
+    [T, E]. `expert_major` returns each expert's B·C rows, for a rank that runs its experts on its
+    own whole images (no token movement, no SP): exactly the pairs, static shapes.
     Scores are computed in `dtype`, the softmax or sigmoid in fp32 and cast back (as the reference).
     """
 
@@ -92,22 +94,40 @@ class ExpertChoiceRouter(nn.Module):
     def capacity(self, tokens_per_image: int) -> int:
         return min(tokens_per_image, max(1, math.ceil(self.capacity_factor * tokens_per_image / self.num_experts)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
+    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S_local, R] -> each expert's C tokens of each image [B, E, C] (positions in the
+        whole image) and their gates [B, E, C] (in the scores' dtype)."""
         if x.dim() != 3:
             raise ValueError(f"expert choice routes whole images: give [images, tokens, features], got {tuple(x.shape)}")
-        B, s, _ = x.shape
+        B = x.shape[0]
         logits = x.to(self.weight.dtype) @ self.weight.t()
         scores = (logits.float().softmax(-1) if self.scoring == "softmax" else logits.float().sigmoid()).to(logits.dtype)
         affinity = gather_sequence(scores.transpose(1, 2).contiguous(), self.sp, dim=-1)  # [B, E, S]
         S = affinity.shape[-1]
         top = torch.topk(affinity, self.capacity(S), dim=-1)  # per image and expert: its C tokens
-        picked = torch.zeros(B, self.num_experts, S, dtype=affinity.dtype, device=x.device)
-        picked.scatter_(-1, top.indices, top.values)  # [B, E, S]: the gate where picked, else 0
-        chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, top.indices, True)
-        gates = picked / (picked.sum(1, keepdim=True) + 1e-12) * self.route_scale
+        picks = top.indices.flatten(1)  # [B, E·C]
+        sums = torch.zeros(B, S, dtype=affinity.dtype, device=x.device).scatter_add_(1, picks, top.values.flatten(1))
+        gates = top.values / (sums.gather(1, picks).view_as(top.values) + 1e-12) * self.route_scale
+        return top.indices, gates
+
+    def expert_major(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing as the experts see it, for a rank that holds whole images (no SP): x [B, S, R]
+        -> (tokens [E, B·C]: each expert's rows as indices into the B·S tokens, gates [E, B·C] fp32)."""
+        index, gates = self._select(x)
+        B, S = x.shape[:2]
+        tokens = index + S * torch.arange(B, device=x.device)[:, None, None]
+        return tokens.transpose(0, 1).reshape(self.num_experts, -1), gates.transpose(0, 1).reshape(
+            self.num_experts, -1).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
+        B, s, _ = x.shape
+        index, gates = self._select(x)
+        S = s * self.sp.size
+        picked = torch.zeros(B, self.num_experts, S, dtype=gates.dtype, device=x.device).scatter_(-1, index, gates)
+        chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, index, True)  # [B, E, S]
         lo = self.sp.rank * s  # this rank's chunk of each image
-        gates, chosen = gates[..., lo:lo + s].transpose(1, 2), chosen[..., lo:lo + s].transpose(1, 2)  # [B, s, E]
+        picked, chosen = picked[..., lo:lo + s].transpose(1, 2), chosen[..., lo:lo + s].transpose(1, 2)  # [B, s, E]
         experts = torch.arange(self.num_experts, device=x.device).expand_as(chosen)
         ids = torch.where(chosen, experts, -1).reshape(B * s, self.num_experts)
-        return ids, torch.where(chosen, gates, 0.0).float().reshape(B * s, self.num_experts)
+        return ids, torch.where(chosen, picked, 0.0).float().reshape(B * s, self.num_experts)
