@@ -121,8 +121,8 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
-        B, s, _ = x.shape
         index, gates = self._select(x)
+        B, s, _ = x.shape
         S = s * self.sp.size
         picked = torch.zeros(B, self.num_experts, S, dtype=gates.dtype, device=x.device).scatter_(-1, index, gates)
         chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, index, True)  # [B, E, S]
