@@ -18,30 +18,35 @@ def task(prompt_index: int, steps: int = 2, size: int = 64) -> ImageTask:
                      num_inference_steps=steps, guidance_scale=4.0)
 
 
-def draw(folder: str, state: ParallelState, tasks, decode: bool = False):
-    pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", None, decode)
+def draw(folder: str, state: ParallelState, tasks, decode: bool = False, quantization=None):
+    pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", quantization, decode)
     images = denoise(pipe, tasks, state, RankMetrics(rank=state.global_rank, layout=state.config.describe()))
     return pipe, images
 
 
-def reference(folder: str, prompt_index: int) -> torch.Tensor:
-    if (folder, prompt_index) not in _reference:
-        _, images = draw(folder, ParallelState.single(), [task(prompt_index)])
-        _reference[folder, prompt_index] = images[0].latents
-    return _reference[folder, prompt_index]
+def reference(folder: str, prompt_index: int, quantization=None) -> torch.Tensor:
+    key = (folder, prompt_index, quantization)
+    if key not in _reference:
+        _, images = draw(folder, ParallelState.single(), [task(prompt_index)], quantization=quantization)
+        _reference[key] = images[0].latents
+    return _reference[key]
 
 
-def layouts_against_one_rank(rank: int, folder: str, configs) -> list[dict]:
+def layouts_against_one_rank(rank: int, folder: str, configs, quantization=None) -> list[dict]:
+    """Each layout's latents against one rank's with the same quantization; with quantization,
+    also how far one quantized rank is from one unquantized rank ("quantization_err")."""
     rows = []
     for config in configs:
         state = ParallelState.build(config, "cpu")
         prompt_index = state.dp.rank % len(PROMPTS)
-        _, images = draw(folder, state, [task(prompt_index)])
-        out, ref = images[0].latents, reference(folder, prompt_index)
+        _, images = draw(folder, state, [task(prompt_index)], quantization=quantization)
+        out, ref = images[0].latents, reference(folder, prompt_index, quantization)
+        plain = reference(folder, prompt_index)
         err = float((out - ref).abs().max())
         rows.append(dict(layout=config.describe(), rank=rank, ep=config.enable_expert_parallel,
                          backend=config.all2all_backend, err=err, scale=float(ref.abs().max()),
-                         close=err <= 1e-5 * float(ref.abs().max())))
+                         close=err <= 1e-5 * float(ref.abs().max()),
+                         quantization_err=float((ref - plain).norm() / plain.norm())))
     return rows
 
 
