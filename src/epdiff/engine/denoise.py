@@ -88,14 +88,22 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     timer = StepTimer(device)
     steps = tqdm(range(len(scheduler)), desc=f"{n} image{'s' * (n > 1)}: {first.prompt[:30]}", leave=False,
                  disable=not (show_progress and parallel.global_rank == 0))
+    # Step caching: the same schedule on every rank (it depends on the settings alone), so a
+    # skipped step makes no model call and no collective anywhere.
+    full_steps, series = first.cache.full_steps(len(scheduler)), first.cache.extrapolator()
     for i in steps:
         timer.start()
-        velocity = batch.predict(latents, i)
-        if parallel.cfg.size == 2:
-            velocity = torch.cat(all_gather_tensor(velocity, parallel.cfg).unbind(0))  # [cond; uncond]
-        if num_branches == 2:
-            cond_v, uncond_v = velocity.chunk(2)
-            velocity = pipe.combine_guidance(cond_v, uncond_v, first.guidance_scale)
+        if full_steps[i]:
+            velocity = batch.predict(latents, i)
+            if parallel.cfg.size == 2:
+                velocity = torch.cat(all_gather_tensor(velocity, parallel.cfg).unbind(0))  # [cond; uncond]
+            if num_branches == 2:
+                cond_v, uncond_v = velocity.chunk(2)
+                velocity = pipe.combine_guidance(cond_v, uncond_v, first.guidance_scale)
+            if series is not None:
+                series.record(i, velocity)
+        else:
+            velocity = series.predict(i)
         latents = scheduler.step(velocity, latents, i)
         finite = torch.isfinite(latents).flatten(1).all(1)
         nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)

@@ -19,6 +19,7 @@ from ..loader import LOAD_FORMATS
 from ..models.base import ModelInfo
 from ..models.registry import model_info
 from ..quantization import QUANTIZATION_METHODS
+from ..sampling.step_cache import CACHE_KINDS, StepCacheConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cuda", "cpu")
@@ -59,6 +60,11 @@ class EngineConfig:
     device: str = option("auto", "auto: CUDA when there is a GPU for every local rank, CPU when there is none",
                          choices=DEVICES)
     max_batch_size: int = option(4, "images one rank denoises together")
+    cache: str = option("none", "step caching, for requests that do not choose: taylor skips the model on "
+                                "most steps and extrapolates its prediction (README, 'Step caching')",
+                        choices=CACHE_KINDS)
+    cache_interval: int = option(StepCacheConfig.interval, "taylor: a full step at least every this many steps")
+    cache_order: int = option(StepCacheConfig.order, "taylor: the order of the extrapolation")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
@@ -87,6 +93,10 @@ class EngineConfig:
         check_choices(self)
         if not is_int(self.max_batch_size) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
+        try:
+            self.default_cache.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         device = self._pick_device()
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         resolved = dataclasses.replace(self, model=model, device=device, dtype=dtype)
@@ -115,6 +125,11 @@ class EngineConfig:
         return "cuda" if gpus else "cpu"
 
     @property
+    def default_cache(self) -> StepCacheConfig:
+        """The step caching of a request that does not choose its own."""
+        return StepCacheConfig(self.cache, self.cache_interval, self.cache_order)
+
+    @property
     def model_info(self) -> ModelInfo:
         """The model folder read by its family (once per process)."""
         return model_info(os.path.abspath(default_model_dir() if self.model is None else self.model))
@@ -137,6 +152,7 @@ class SamplingParams:
     guidance_scale: float | None = None  # None: generation_config.json; <= 1: conditional branch only
     seed: int = 0
     n: int = 1
+    cache: StepCacheConfig | str | None = None  # None: the engine's; a kind name: that kind, default settings
 
     def image_seed(self, k: int) -> int:
         return self.seed + k
@@ -184,12 +200,19 @@ class SamplingParams:
             info.check_prompt(self.prompt, height, width)
         except ValueError as e:
             raise RequestError("prompt", str(e)) from None
+        cache = config.default_cache if self.cache is None else self.cache
+        try:
+            cache = (StepCacheConfig(cache) if isinstance(cache, str) else cache).check()
+        except (TypeError, ValueError, AttributeError) as e:
+            raise RequestError("cache", str(e) if isinstance(e, ValueError) else
+                               f"cache must be a kind name or a StepCacheConfig, got {_shown(cache)}") from None
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
-                                   guidance_scale=float(guidance))
+                                   guidance_scale=float(guidance), cache=cache)
 
 
 def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
-                    guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1) -> list[SamplingParams]:
+                    guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1,
+                    cache=None) -> list[SamplingParams]:
     """One resolved request per prompt; image k of prompt i is drawn from seed + i·num_images_per_prompt
     + k. Every request is checked before any runs (RequestError names the prompt and the field)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -200,7 +223,7 @@ def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, n
         # Prompt 0 is resolved first, so a seed or count of the wrong type is refused there.
         params = SamplingParams(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed + i * num_images_per_prompt if i else seed,
-                                n=num_images_per_prompt)
+                                n=num_images_per_prompt, cache=cache)
         try:
             out.append(params.resolve(config))
         except RequestError as e:

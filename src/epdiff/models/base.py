@@ -16,7 +16,7 @@ A family never sees the engine's requests, futures or workers: the loop hands it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ParallelConfig
 from ..distributed.parallel_state import ParallelState
 from ..sampling.scheduler import guidance
+from ..sampling.step_cache import StepCacheConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ImageTask:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    cache: StepCacheConfig = field(default=StepCacheConfig(), kw_only=True)  # the loop's, not the family's
 
 
 class Scheduler(Protocol):

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from ..config import is_int
 from ..engine import RequestError, RequestOutput, SamplingParams
 from ..engine.files import IMAGE_FORMATS, write_image
+from ..sampling.step_cache import StepCacheConfig
 from .config import ServerConfig
 
 # OpenAI's names; "jpg" too, since the CLI takes .jpg.
 OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed")
+ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache")
 API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
 # Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
 # DALL-E's quality or style presets, nor moderation).
@@ -103,12 +104,29 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
     params = SamplingParams(
         prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
-        seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed)
+        seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")))
     try:
         params = params.resolve(engine_config)
     except RequestError as e:
         raise request_error(e, size) from None
     return GenerationRequest(params, OUTPUT_FORMATS[output_format], size)
+
+
+CACHE_FIELDS = ("kind", "interval", "order")
+
+
+def parse_cache(cache) -> StepCacheConfig | str | None:
+    """'none', 'taylor' or {"kind": "taylor", "interval": 5, "order": 2}; None: the server's default.
+    The values are checked by SamplingParams.resolve."""
+    if cache is None or isinstance(cache, str):
+        return cache
+    if not isinstance(cache, dict):
+        raise bad_request("cache", f"cache must be a kind ('none', 'taylor') or an object with {', '.join(CACHE_FIELDS)}"
+                                   f", got {cache!r}")
+    unknown = sorted(set(cache) - set(CACHE_FIELDS))
+    if unknown:
+        raise bad_request("cache", f"cache: unknown field {unknown[0]!r}; the fields are {', '.join(CACHE_FIELDS)}")
+    return StepCacheConfig(**{"kind": "taylor", **cache})
 
 
 def request_error(error: RequestError, size) -> ApiError:
@@ -146,6 +164,8 @@ def generation_response(output: RequestOutput, data: list[dict], output_format: 
         "output_format": output_format.lower(),
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
+        "cache": params.cache.describe(),
+        "full_steps": sum(params.cache.full_steps(params.num_inference_steps)),
         "inference_time_s": round(output.inference_seconds, 4),
         "queue_time_s": round(output.queue_seconds, 4),
         "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
