@@ -8,14 +8,15 @@ from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.models.base import ImageTask
 from epdiff.models.registry import model_info
+from epdiff.sampling.step_cache import StepCacheConfig
 
 PROMPTS = ["a small red circle on the left", "a large blue square at the top and a green triangle"]
 _reference: dict = {}
 
 
-def task(prompt_index: int, steps: int = 2, size: int = 64) -> ImageTask:
+def task(prompt_index: int, steps: int = 2, size: int = 64, cache: StepCacheConfig = StepCacheConfig()) -> ImageTask:
     return ImageTask(PROMPTS[prompt_index], seed=3 + prompt_index, height=size, width=size,
-                     num_inference_steps=steps, guidance_scale=4.0)
+                     num_inference_steps=steps, guidance_scale=4.0, cache=cache)
 
 
 def draw(folder: str, state: ParallelState, tasks, decode: bool = False, quantization=None):
@@ -56,3 +57,36 @@ def checkpoint_bytes(rank: int, folder: str, config) -> dict:
     from epdiff.moe.layer import moe_layers
 
     return {"bytes_read": pipe.checkpoint_bytes_read, "experts": moe_layers(pipe.transformer)[0].local_expert_ids}
+
+
+def cached_layouts_against_one_rank(rank: int, folder: str, configs, cache: StepCacheConfig, steps: int) -> list[dict]:
+    """With step caching: each layout's latents against one rank's, and the steps on which this rank
+    called the model (counted at the pipeline's predict)."""
+    def run(state, prompt_index):
+        pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", None, False)
+        start, called = pipe.start_batch, []
+
+        def counting_start(tasks, branches):
+            batch = start(tasks, branches)
+            predict = batch.predict
+            batch.predict = lambda latents, i: (called.append(i), predict(latents, i))[1]
+            return batch
+
+        pipe.start_batch = counting_start
+        metrics = RankMetrics(rank=state.global_rank, layout=state.config.describe())
+        images = denoise(pipe, [task(prompt_index, steps, cache=cache)], state, metrics)
+        return images[0].latents, called
+
+    rows = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        prompt_index = state.dp.rank % len(PROMPTS)
+        out, called = run(state, prompt_index)
+        key = ("cached", folder, prompt_index, cache, steps)
+        if key not in _reference:
+            _reference[key] = run(ParallelState.single(), prompt_index)[0]
+        ref = _reference[key]
+        err = float((out - ref).abs().max())
+        rows.append(dict(layout=config.describe(), rank=rank, called=called, err=err, scale=float(ref.abs().max()),
+                         close=err <= 1e-5 * float(ref.abs().max())))
+    return rows

@@ -4,9 +4,16 @@ caching'). Independent of the model family: it runs in the engine's loop, on the
 `taylor` follows the schedule and defaults of Tencent's reference (`--use-taylor-cache` in its
 run_image_gen.py): a full step at step 0, at each of the first `first_full` steps and the last
 `last_full` steps, and after every `interval - 1` skipped steps; on the other steps the velocity
-is extrapolated by a Taylor series of order `order` around the last full step, its derivatives the
-divided differences of consecutive full steps (the chain starts at the last of the first steps, as
-there). Where epdiff differs from the reference, and why:
+is extrapolated from the last `order + 1` full steps (the chain starts at the last of the first
+steps, as there). Where epdiff differs from the reference, and why:
+- the derivative chain: the reference takes derivative k as the difference of derivative k - 1
+  between the last two full steps over their distance, and sums d^k/k! times them (TaylorSeer).
+  A backward difference is the derivative half a step back, not at the last step, so that series
+  is wrong already for a parabola (it misses by h·f''·d/2, h the distance between full steps, d
+  the distance from the last one). epdiff uses
+  Newton's divided differences over the last order + 1 full steps, the polynomial of that order
+  through them: exact for every polynomial of the order, whatever the spacing
+  (tests/test_step_cache.py shows both);
 - the reference extrapolates the backbone's last hidden state and runs the final layer on it;
   epdiff extrapolates the model's whole prediction (after guidance), so a skipped step makes no
   model call and no collective on any rank, for every family alike;
@@ -18,7 +25,6 @@ with no collective to agree on it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import is_int
@@ -75,24 +81,29 @@ class StepCacheConfig:
 
 
 class TaylorSeries:
-    """A value's Taylor series in the step index around the last full step: derivative k is the
-    divided difference of derivative k - 1 between the last two full steps."""
+    """A value extrapolated in the step index from the last order + 1 full steps: Newton's form of
+    the polynomial through them, differences[k] = f[x_n, ..., x_{n-k}] (x_n the last full step)."""
 
     def __init__(self, order: int, first_full: int):
         self.order, self.first_full = order, first_full
-        self.derivatives: list = []
+        self.differences: list = []
+        self.steps: list[int] = []  # the full steps the differences span, the last first
         self.last_step: int | None = None
 
     def record(self, step: int, value) -> None:
         """The value a full step computed."""
         if step >= self.first_full - 1:  # the first steps only start the chain with their last
             new = [value]
-            for k in range(min(self.order, len(self.derivatives))):
-                new.append((new[k] - self.derivatives[k]) / (step - self.last_step))
-            self.derivatives = new
+            for k in range(min(self.order, len(self.differences))):
+                new.append((new[k] - self.differences[k]) / (step - self.steps[k]))
+            self.differences = new
+            self.steps = [step] + self.steps[:self.order]
         self.last_step = step
 
     def predict(self, step: int):
         """The value at a skipped step."""
-        distance = step - self.last_step
-        return sum(d * (distance ** k / math.factorial(k)) for k, d in enumerate(self.derivatives))
+        out, product = 0, 1.0
+        for k, difference in enumerate(self.differences):
+            out = out + difference * product
+            product *= step - self.steps[k]
+        return out
