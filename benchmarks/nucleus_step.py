@@ -175,7 +175,7 @@ def main():
                 err = float((out.float() - baseline).norm() / baseline.norm())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = timed(lambda: model(latents, sigma, grid, cache), args.iters, device)
+        times = timed(lambda m=model, c=cache: m(latents, sigma, grid, c), args.iters, device)
         name = f"epdiff {'bf16' if dtype == torch.bfloat16 else str(dtype)}" + (f" {quantization}" if quantization else "")
         report(name, times, {"rel_err_vs_" + ("diffusers" if quantization is None else "epdiff_bf16"): err})
         del model, cache

@@ -7,6 +7,7 @@ layout costs nothing but an error message.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from .moe.backends import DEFAULT_DISPATCH_BACKEND, DISPATCH_BACKENDS
@@ -24,6 +25,18 @@ class ConfigError(ValueError):
 def is_int(value) -> bool:
     """An integer, and not a bool (JSON's true is no count)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding an object (a model folder's config files); ConfigError names the file."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def option(default, help: str, *, short: str | None = None, choices=None):

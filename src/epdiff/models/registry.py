@@ -9,12 +9,11 @@ family: its folder under models/ and one line in FAMILIES.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..config import ConfigError
+from ..config import ConfigError, read_json_object
 from .base import ModelFamily, ModelInfo
 
 
@@ -47,17 +46,6 @@ def get_family(name: str) -> ModelFamily:
     raise ConfigError(f"unknown model family {name!r}; the families are {', '.join(family_names())}")
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _known() -> str:
     names = [f"{e.name} ({', '.join(e.architectures + e.diffusers_pipelines)})" for e in FAMILIES]
     return "; ".join(names)
@@ -68,14 +56,14 @@ def family_for_folder(model_dir: str) -> ModelFamily:
     index = os.path.join(model_dir, "model_index.json")
     config = os.path.join(model_dir, "config.json")
     if os.path.isfile(index):
-        name = _read_json(index).get("_class_name")
+        name = read_json_object(index).get("_class_name")
         for entry in FAMILIES:
             if name in entry.diffusers_pipelines:
                 return get_family(entry.name)
         raise ConfigError(f"{index}: _class_name {name!r} is not a model epdiff runs; it runs {_known()}")
     if not os.path.isfile(config):
         raise ConfigError(f"{model_dir}: no config.json or model_index.json: not a model folder")
-    architectures = _read_json(config).get("architectures")
+    architectures = read_json_object(config).get("architectures")
     for entry in FAMILIES:
         if isinstance(architectures, list) and set(architectures) & set(entry.architectures):
             return get_family(entry.name)

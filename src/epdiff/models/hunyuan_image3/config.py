@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ...config import ConfigError
+from ...config import ConfigError, read_json_object
 
 
 _REQUIRED = object()
@@ -116,12 +116,7 @@ def read_generation_config(model_dir: str) -> GenerationConfig:
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
         return GenerationConfig()
-    try:
-        with open(path) as f:
-            generation = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    return GenerationConfig.from_dict(generation, path)
+    return GenerationConfig.from_dict(read_json_object(path), path)
 
 
 @dataclass

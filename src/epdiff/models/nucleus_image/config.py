@@ -4,11 +4,10 @@ here, naming the file and the field."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-from ...config import ConfigError, is_int
+from ...config import ConfigError, is_int, read_json_object
 
 # diffusers' `dense_moe_strategy` values: which layers keep a dense MLP (diffusers treats any other
 # string as all-MoE; a value it does not name is refused here instead).
@@ -49,13 +48,7 @@ class NucleusImageConfig:
     @classmethod
     def from_pretrained(cls, transformer_dir: str) -> "NucleusImageConfig":
         path = os.path.join(transformer_dir, "config.json")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        raw = read_json_object(path)
         if raw.get("_class_name", CLASS_NAME) != CLASS_NAME:
             raise ConfigError(f"{path}: _class_name {raw['_class_name']!r}, expected {CLASS_NAME!r}")
         known = {f for f in cls.__dataclass_fields__ if f != "source"}

@@ -3,13 +3,12 @@ NucleusMoEImagePipeline, read once."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ...config import ConfigError, ParallelConfig, option
+from ...config import ConfigError, ParallelConfig, option, read_json_object
 from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
 from .config import NucleusImageConfig
 
@@ -22,24 +21,13 @@ SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 16, 64, 4096
 ROPE_POSITIONS = 4096
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return value
-
-
 class NucleusImageInfo(ModelInfo):
     def __init__(self, model_dir: str, family: "NucleusImageFamily"):
         from transformers import AutoTokenizer, Qwen3VLConfig
 
         self.model_dir, self.family = model_dir, family
         index_path = os.path.join(model_dir, "model_index.json")
-        index = _read_json(index_path)
+        index = read_json_object(index_path)
         tokenizer_part = "processor" if "processor" in index else "tokenizer"
         for part in COMPONENTS + (tokenizer_part,):
             if part not in index:
@@ -48,13 +36,13 @@ class NucleusImageInfo(ModelInfo):
             if not os.path.isdir(self.component(part)):
                 raise ConfigError(f"{index_path} lists {part!r}, but {self.component(part)} is not a folder")
         self.config = NucleusImageConfig.from_pretrained(self.component("transformer"))
-        self.scheduler_config = _read_json(os.path.join(self.component("scheduler"), "scheduler_config.json"))
+        self.scheduler_config = read_json_object(os.path.join(self.component("scheduler"), "scheduler_config.json"))
         if self.scheduler_config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
             raise ConfigError(f"{self.component('scheduler')}/scheduler_config.json: _class_name "
                               f"{self.scheduler_config.get('_class_name')!r}, expected 'FlowMatchEulerDiscreteScheduler'")
-        self.vae_config = _read_json(os.path.join(self.component("vae"), "config.json"))
+        self.vae_config = read_json_object(os.path.join(self.component("vae"), "config.json"))
         te_path = os.path.join(self.component("text_encoder"), "config.json")
-        _read_json(te_path)
+        read_json_object(te_path)
         self.text_encoder_config = Qwen3VLConfig.from_pretrained(self.component("text_encoder"))
         width = self.text_encoder_config.text_config.hidden_size
         if width != self.config.joint_attention_dim:

@@ -14,8 +14,6 @@ ranks in one broadcast, and every stage projects them into its blocks' text keys
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
