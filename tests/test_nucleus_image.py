@@ -167,3 +167,13 @@ def test_a_tensor_of_the_wrong_shape_is_refused_naming_the_file_and_tensor(nucle
     info = family_for_folder(folder).read(folder)
     with pytest.raises(CheckpointError, match=f"{index[name]}: tensor {name} has shape"):
         load_transformer(info, ParallelState.single(), torch.float32, "cpu")
+
+
+def test_models_endpoint_describes_the_family_with_sizes_it_takes(nucleus):
+    info = family_for_folder(nucleus).read(nucleus)
+    described = info.describe()
+    assert described["family"] == "nucleus_image" and described["default_size"] == "1024x1024"
+    assert isinstance(described["image_sizes"], list) and "1024x1024" in described["image_sizes"]
+    for size in described["image_sizes"]:  # the page offers them: each must be one the model takes
+        width, height = map(int, size.split("x"))
+        assert info.resolve_size(height, width) == (height, width)

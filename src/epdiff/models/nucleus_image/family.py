@@ -18,6 +18,9 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIDE = 50, 4.0, 1024
 # Sides in pixels: whole patches of latents (VAE factor 8 × patch 2), within the RoPE table's
 # 4096 positions per axis.
 SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 16, 64, 4096
+# What /v1/models suggests (WxH): about a megapixel at common aspect ratios; any size the rule
+# above allows is taken.
+SUGGESTED_SIZES = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344", "512x512")
 ROPE_POSITIONS = 4096
 
 
@@ -86,8 +89,8 @@ class NucleusImageInfo(ModelInfo):
             raise ValueError(f"prompt is {n} tokens: at {height}x{width} the text may have at most {limit}")
 
     def describe(self) -> dict:
-        return {"family": self.family.name,
-                "image_sizes": f"multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} a side",
+        return {"family": self.family.name, "image_sizes": list(SUGGESTED_SIZES),
+                "image_size_rule": f"any WxH with sides multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}",
                 "default_size": f"{DEFAULT_SIDE}x{DEFAULT_SIDE}",
                 "default_num_inference_steps": self.default_num_inference_steps,
                 "default_guidance_scale": self.default_guidance_scale}
