@@ -66,8 +66,8 @@ def cached_layouts_against_one_rank(rank: int, folder: str, configs, cache: Step
         pipe = model_info(folder).load_pipeline(state, torch.float32, "safetensors", None, False)
         start, called = pipe.start_batch, []
 
-        def counting_start(tasks, branches):
-            batch = start(tasks, branches)
+        def counting_start(tasks, branches, block_cache=None):
+            batch = start(tasks, branches, block_cache)
             predict = batch.predict
             batch.predict = lambda latents, i: (called.append(i), predict(latents, i))[1]
             return batch
@@ -75,18 +75,19 @@ def cached_layouts_against_one_rank(rank: int, folder: str, configs, cache: Step
         pipe.start_batch = counting_start
         metrics = RankMetrics(rank=state.global_rank, layout=state.config.describe())
         images = denoise(pipe, [task(prompt_index, steps, cache=cache)], state, metrics)
-        return images[0].latents, called
+        return images[0].latents, called, images[0].full_steps
 
     rows = []
     for config in configs:
         state = ParallelState.build(config, "cpu")
         prompt_index = state.dp.rank % len(PROMPTS)
-        out, called = run(state, prompt_index)
+        out, called, full_steps = run(state, prompt_index)
         key = ("cached", folder, prompt_index, cache, steps)
         if key not in _reference:
             _reference[key] = run(ParallelState.single(), prompt_index)[0]
         ref = _reference[key]
         err = float((out - ref).abs().max())
-        rows.append(dict(layout=config.describe(), rank=rank, called=called, err=err, scale=float(ref.abs().max()),
+        rows.append(dict(layout=config.describe(), rank=rank, called=called, full_steps=full_steps, err=err,
+                         scale=float(ref.abs().max()),
                          close=err <= 1e-5 * float(ref.abs().max())))
     return rows

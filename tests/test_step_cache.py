@@ -71,7 +71,8 @@ def test_the_extrapolation_is_exact_for_polynomials_of_its_order_where_the_refer
     (StepCacheConfig("teacache"), "cache 'teacache' is not one epdiff has"),
     (StepCacheConfig("taylor", interval=0), "cache interval must be a positive integer, got 0"),
     (StepCacheConfig("taylor", order=9), "cache order must be an integer in [0, 4], got 9"),
-    ("fbcache", "cache 'fbcache' is not one epdiff has"),
+    ("deepcache", "cache 'deepcache' is not one epdiff has"),
+    (StepCacheConfig("fbcache", threshold=-0.1), "cache threshold must be a positive number, got -0.1"),
 ])
 def test_bad_cache_settings_are_refused_naming_the_value(cache, message):
     from epdiff.engine import EngineConfig, RequestError, SamplingParams
@@ -101,6 +102,20 @@ def test_cache_off_and_taylor_every_step_are_bit_identical_and_taylor_skips_most
         assert score(a.params.prompt, c.images[0].to_pil())["exact"]
 
 
+def test_fbcache_skips_steps_whose_first_block_barely_changed_and_never_below_its_threshold():
+    kw = dict(num_inference_steps=20, seed=3)
+    prompts = ["a small red circle on the left", "a large blue square at the top and a small green triangle at the bottom"]
+    with ImageGenerator() as generator:
+        plain = generator.generate_outputs(prompts, **kw)
+        never = generator.generate_outputs(prompts, cache=StepCacheConfig("fbcache", threshold=1e-12), **kw)
+        cached = generator.generate_outputs(prompts, cache="fbcache", **kw)
+    for a, b, c in zip(plain, never, cached):
+        assert torch.equal(a.images[0].latents, b.images[0].latents) and b.images[0].full_steps == 20
+        assert 4 <= c.images[0].full_steps < 20, c.images[0].full_steps  # 3 first, 1 last at least
+        assert c.images[0].metadata["cache"] == "fbcache (threshold 0.08, interval 5)"
+        assert score(a.params.prompt, c.images[0].to_pil())["exact"]
+
+
 @pytest.fixture(scope="module")
 def nucleus(tmp_path_factory):
     from epdiff.models.nucleus_image.make_tiny import make_tiny
@@ -120,4 +135,17 @@ def test_every_rank_skips_the_same_steps_and_layouts_with_ep_give_the_one_rank_r
     expected = [i for i, run in enumerate(cache.full_steps(9)) if run]
     assert expected == [0, 1, 4, 7, 8]
     assert all(r["called"] == expected for r in rows), [(r["layout"], r["rank"], r["called"]) for r in rows]
+    assert all(r["close"] for r in rows), rows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fbcache_decides_alike_on_every_rank_and_gives_the_one_rank_result(world8, nucleus, world):
+    configs = {2: [layout(cfg=2, ep=True), layout(sp=2, ep=True), layout(pp=2, ep=True)],
+               4: [layout(tp=2, dp=2, ep=True), layout(sp=2, pp=2, ep=True, backend="alltoall")]}[world]
+    cache = StepCacheConfig("fbcache", threshold=0.25, first_full=2, interval=3)
+    rows = [r for per_rank in world8.run(world, cached_layouts_against_one_rank, nucleus, configs, cache, 9)
+            for r in per_rank]
+    assert len(rows) == world * len(configs)
+    full = {r["full_steps"] for r in rows}
+    assert len(full) == 1 and 4 <= full.pop() < 9, [(r["layout"], r["rank"], r["full_steps"]) for r in rows]
     assert all(r["close"] for r in rows), rows

@@ -51,7 +51,7 @@ class ToyPipeline(ImagePipeline):
         self.transformer = ToyTransformer(parallel)
         self.can_decode = decode
 
-    def start_batch(self, tasks, branches):
+    def start_batch(self, tasks, branches, block_cache=None):
         first = tasks[0]
         h, w = first.height // PATCH, first.width // PATCH
         latents = torch.cat([torch.randn(1, CHANNELS, h, w, generator=torch.Generator().manual_seed(t.seed))

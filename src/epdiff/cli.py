@@ -132,7 +132,7 @@ def cmd_generate(args) -> int:
             print(f"epdiff: size {asked} (HxW) is made at the model's nearest size, {first.height}x{first.width}",
                   flush=True)
         futures = engine.submit_all(requests)
-        total, latents, failures = len(prompts) * args.num_images_per_prompt, {}, []
+        total, latents, failures, full_steps = len(prompts) * args.num_images_per_prompt, {}, [], []
         layout = config.parallel.describe()
         for i, future in enumerate(futures):
             try:
@@ -141,6 +141,7 @@ def cmd_generate(args) -> int:
                 failures.append(f"prompt {i}: {e}")
                 continue
             for image in out.images:
+                full_steps.append(image.full_steps)
                 if args.save_latents:
                     latents[f"prompt{i}_image{image.index}"] = image.latents.contiguous()
                 if output:
@@ -159,6 +160,9 @@ def cmd_generate(args) -> int:
         save_json(args.metrics_json, metrics)
     print(f"epdiff: {total - len(failures)} of {total} image(s), {first.height}x{first.width}, "
           f"{first.num_inference_steps} steps, {layout}")
+    if first.cache.enabled and full_steps:
+        print(f"  cache {first.cache.describe()}: {min(full_steps)} to {max(full_steps)} of "
+              f"{first.num_inference_steps} steps ran the whole model")
     steps = [s for m in metrics for s in m["step_seconds"][1:]] or [s for m in metrics for s in m["step_seconds"]]
     if steps:
         print(f"  {sum(steps) / len(steps):.3f} s per step (mean over ranks, each rank's first step excluded)")

@@ -4,7 +4,8 @@
 rank = tp + TP·(sp + SP·(cfg + CFG·(dp + DP·pp))): the mesh is arange(world) reshaped to
 (pp, dp, cfg, sp, tp). The EP group is the flattening of (dp, cfg, sp, tp), one per pipeline
 stage; the token group is the flattening of (dp, cfg, sp), one per (stage, TP index); the replica
-group is the flattening of (pp, cfg, sp, tp): every rank that works on one DP group's images.
+group is the flattening of (pp, cfg, sp, tp): every rank that works on one DP group's images; the
+world group holds every rank of the layout (a decision all must share: the first-block cache's).
 
 `rank_groups` computes the rank lists with no processes (for `epdiff layout`); `ParallelState`
 builds the same groups with torch.distributed.device_mesh from the same grid.
@@ -23,7 +24,7 @@ from ..config import MESH_DIMS, ParallelConfig
 EP_DIMS = ("dp", "cfg", "sp", "tp")
 TOKEN_DIMS = ("dp", "cfg", "sp")
 REPLICA_DIMS = ("pp", "cfg", "sp", "tp")
-GROUP_NAMES = MESH_DIMS + ("ep", "token", "replica")
+GROUP_NAMES = MESH_DIMS + ("ep", "token", "replica", "world")
 
 
 def rank_grid(config: ParallelConfig) -> torch.Tensor:
@@ -46,6 +47,7 @@ def rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
     groups["ep"] = _groups_along(grid, EP_DIMS)
     groups["token"] = _groups_along(grid, TOKEN_DIMS)
     groups["replica"] = _groups_along(grid, REPLICA_DIMS)
+    groups["world"] = _groups_along(grid, MESH_DIMS)
     return groups
 
 
@@ -106,9 +108,10 @@ class ParallelState:
         ep_mesh = mesh[EP_DIMS]._flatten("ep")
         token_mesh = mesh[TOKEN_DIMS]._flatten("token")
         replica_mesh = mesh[REPLICA_DIMS]._flatten("replica")
+        world_mesh = mesh._flatten("world")
         me = dist.get_rank()
         groups = {}
-        flattened = [("ep", ep_mesh), ("token", token_mesh), ("replica", replica_mesh)]
+        flattened = [("ep", ep_mesh), ("token", token_mesh), ("replica", replica_mesh), ("world", world_mesh)]
         for name, sub in [(d, mesh[d]) for d in MESH_DIMS] + flattened:
             ranks = sub.mesh.flatten().tolist()
             groups[name] = Group(name, ranks, ranks.index(me),

@@ -36,6 +36,7 @@ class DenoisedImage:
     latents: torch.Tensor  # [C, h, w] fp32, on the CPU
     nonfinite_step: int | None  # the first step whose latents held a NaN or inf
     pixels: torch.Tensor | None = None  # uint8 [H, W, 3] on decode ranks
+    full_steps: int = 0  # the steps that ran the whole model (step caching skips some)
 
 
 @dataclass
@@ -80,7 +81,8 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     if parallel.cfg.size == 2:
         branches = [branches[parallel.cfg.rank]]
     reset_token_counts(pipe.transformer)  # a new batch's token layout
-    batch = pipe.start_batch(tasks, branches)
+    block_cache = first.cache.block_cache(first.num_inference_steps, parallel.world)
+    batch = pipe.start_batch(tasks, branches, block_cache)
     latents, scheduler = batch.latents, batch.scheduler
     # The first step whose latents are not finite, per image: kept on the device and read once
     # after the loop, so checking costs no host sync inside a step.
@@ -94,6 +96,8 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     for i in steps:
         timer.start()
         if full_steps[i]:
+            if block_cache is not None:
+                block_cache.begin_step(i)
             velocity = batch.predict(latents, i)
             if parallel.cfg.size == 2:
                 velocity = torch.cat(all_gather_tensor(velocity, parallel.cfg).unbind(0))  # [cond; uncond]
@@ -116,7 +120,9 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     metrics.step_seconds = timer.seconds()  # this batch's
     bad = nonfinite_step.tolist()
     latents = latents.float().cpu()
-    out = [DenoisedImage(task, latents[k], bad[k] if bad[k] >= 0 else None) for k, task in enumerate(tasks)]
+    ran = block_cache.full_steps if block_cache is not None else sum(full_steps)
+    out = [DenoisedImage(task, latents[k], bad[k] if bad[k] >= 0 else None, full_steps=ran)
+           for k, task in enumerate(tasks)]
     if pipe.can_decode:
         for k, image in enumerate(out):
             if image.nonfinite_step is None and (decode is None or decode[k]):

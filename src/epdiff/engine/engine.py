@@ -67,6 +67,7 @@ class GeneratedImage:
     seed: int  # regenerates exactly this image as a single image
     latents: torch.Tensor  # [C, h, w] fp32
     pixels: np.ndarray | None  # uint8 [H, W, 3]; None when the engine does not decode
+    full_steps: int = 0  # the denoising steps that ran the whole model (step caching skips some)
     metadata: dict = field(default_factory=dict)  # what regenerates it (files.image_metadata)
 
     def to_pil(self):
@@ -396,7 +397,7 @@ class Engine:
             return
         images = []
         for k, img in sorted(request.images.items()):
-            image = GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels)
+            image = GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels, img.full_steps)
             image.metadata = image_metadata(image, params, self.config)
             images.append(image)
         request.future.set_result(RequestOutput(

@@ -61,10 +61,13 @@ class EngineConfig:
                          choices=DEVICES)
     max_batch_size: int = option(4, "images one rank denoises together")
     cache: str = option("none", "step caching, for requests that do not choose: taylor skips the model on "
-                                "most steps and extrapolates its prediction (README, 'Step caching')",
+                                "most steps and extrapolates its prediction; fbcache skips all blocks but the "
+                                "first where that block's output barely changed (README, 'Step caching')",
                         choices=CACHE_KINDS)
     cache_interval: int = option(StepCacheConfig.interval, "taylor: a full step at least every this many steps")
     cache_order: int = option(StepCacheConfig.order, "taylor: the order of the extrapolation")
+    cache_threshold: float = option(StepCacheConfig.threshold, "fbcache: skip the other blocks when the first "
+                                                               "block's output changed by less than this (relative)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
@@ -127,7 +130,7 @@ class EngineConfig:
     @property
     def default_cache(self) -> StepCacheConfig:
         """The step caching of a request that does not choose its own."""
-        return StepCacheConfig(self.cache, self.cache_interval, self.cache_order)
+        return StepCacheConfig(self.cache, self.cache_interval, self.cache_order, threshold=self.cache_threshold)
 
     @property
     def model_info(self) -> ModelInfo:
@@ -206,6 +209,9 @@ class SamplingParams:
         except (TypeError, ValueError, AttributeError) as e:
             raise RequestError("cache", str(e) if isinstance(e, ValueError) else
                                f"cache must be a kind name or a StepCacheConfig, got {_shown(cache)}") from None
+        if cache.kind == "fbcache" and not info.supports_block_cache:
+            raise RequestError("cache", f"cache 'fbcache' needs the model's blocks; the {info.family.name} family "
+                                        "does not run them through it (use 'taylor')")
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
                                    guidance_scale=float(guidance), cache=cache)
 

@@ -90,6 +90,7 @@ class ImageResult:
     latents: torch.Tensor  # [C, h, w] fp32
     pixels: object  # numpy uint8 [H, W, 3], or None (latents only, or not finite)
     nonfinite_step: int | None
+    full_steps: int  # the steps that ran the whole model
 
 
 @dataclass
@@ -190,7 +191,7 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
         denoised, cancelled_at = [], e.step
     if is_decode_rank(parallel):  # one rank per DP group reports its group's images
         mine = [ImageResult(item.request_id, item.image_index, item.seed, parallel.global_rank, d.latents,
-                            None if d.pixels is None else d.pixels.numpy(), d.nonfinite_step)
+                            None if d.pixels is None else d.pixels.numpy(), d.nonfinite_step, d.full_steps)
                 for item, d in zip(items, denoised) if item.request_id is not None]
     parts = control.gather((mine, metrics.step_seconds, metrics.peak_memory_bytes))
     if parts is None:

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import ParallelConfig
 from ..distributed.parallel_state import ParallelState
 from ..sampling.scheduler import guidance
-from ..sampling.step_cache import StepCacheConfig
+from ..sampling.step_cache import FirstBlockCache, StepCacheConfig
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,12 @@ class ImagePipeline(ABC):
     can_decode: bool = False  # the VAE is loaded here
 
     @abstractmethod
-    def start_batch(self, tasks: Sequence[ImageTask], branches: Sequence[int]) -> DenoisingBatch:
+    def start_batch(self, tasks: Sequence[ImageTask], branches: Sequence[int],
+                    block_cache: FirstBlockCache | None = None) -> DenoisingBatch:
         """Images that share size, steps and guidance (their prompts may differ). branches: the
-        guidance branches this rank predicts (0 = conditional, 1 = unconditional)."""
+        guidance branches this rank predicts (0 = conditional, 1 = unconditional). block_cache:
+        the batch's first-block cache, for a family whose ModelInfo.supports_block_cache: its model
+        runs its blocks through it (sampling/step_cache.py run_blocks)."""
 
     def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         return guidance(cond, uncond, scale)
@@ -98,6 +101,7 @@ class ModelInfo(ABC):
     default_guidance_scale: float
     default_size: tuple[int, int]  # (height, width)
     stored_quantization: str | None = None  # the scheme of a pre-quantized checkpoint
+    supports_block_cache: bool = False  # its pipeline takes a FirstBlockCache (`fbcache`)
 
     @abstractmethod
     def check_layout(self, parallel: ParallelConfig) -> None:

@@ -112,11 +112,11 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
     return GenerationRequest(params, OUTPUT_FORMATS[output_format], size)
 
 
-CACHE_FIELDS = ("kind", "interval", "order")
+CACHE_FIELDS = ("kind", "interval", "order", "threshold")
 
 
 def parse_cache(cache) -> StepCacheConfig | str | None:
-    """'none', 'taylor' or {"kind": "taylor", "interval": 5, "order": 2}; None: the server's default.
+    """'none', 'taylor', 'fbcache' or {"kind": "fbcache", "threshold": 0.1, ...}; None: the server's default.
     The values are checked by SamplingParams.resolve."""
     if cache is None or isinstance(cache, str):
         return cache
@@ -145,7 +145,8 @@ def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
     for image in output.images:
         buffer = io.BytesIO()
         write_image(buffer, output_format, image.pixels, image.metadata)
-        items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed})
+        items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed,
+                      "full_steps": image.full_steps})
     return items
 
 
@@ -165,7 +166,6 @@ def generation_response(output: RequestOutput, data: list[dict], output_format: 
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "cache": params.cache.describe(),
-        "full_steps": sum(params.cache.full_steps(params.num_inference_steps)),
         "inference_time_s": round(output.inference_seconds, 4),
         "queue_time_s": round(output.queue_seconds, 4),
         "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),

@@ -17,6 +17,8 @@ from .weights import checkpoint_quantization
 class HunyuanImage3Info(ModelInfo):
     """A HunyuanImage-3.0 folder: config.json, generation_config.json and the tokenizer, read once."""
 
+    supports_block_cache = True
+
     def __init__(self, model_dir: str, family: "HunyuanImage3Family"):
         self.model_dir, self.family = model_dir, family
         self.config = HunyuanImage3Config.from_pretrained(model_dir)

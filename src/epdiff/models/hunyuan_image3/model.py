@@ -11,6 +11,7 @@ text-to-image never uses.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,7 @@ from ...distributed.sequence_parallel import gather_sequence, local_chunk
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...moe.layer import MoELayer, reset_token_counts
+from ...sampling.step_cache import FirstBlockCache, run_blocks
 from .attention import Attention, KVCache
 from .config import HunyuanImage3Config
 from .rotary import rope_2d
@@ -205,10 +207,11 @@ class HunyuanImage3Transformer(nn.Module):
         return caches
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
-                caches: list[KVCache]) -> torch.Tensor:
+                caches: list[KVCache], block_cache: FirstBlockCache | None = None) -> torch.Tensor:
         """One denoising step. latents [B, C, h, w] (whole image on every rank), timesteps [B] on
         the 0..1000 scale, positions [1 + h·w, 2] of <timestep> and the image tokens ([B, 1 + h·w, 2]
         when the batch's prompts differ in length).
+        block_cache: the step's first-block cache, if the request runs one (sampling/step_cache.py).
         Returns the velocity [B, C, h, w] on every rank of every stage."""
         B, C, h, w = latents.shape
         sp = self.parallel.sp
@@ -221,11 +224,13 @@ class HunyuanImage3Transformer(nn.Module):
             image = self.patch_embed(latents, self.time_embed(timesteps))
             return torch.cat([self.timestep_emb(timesteps)[:, None], local_chunk(image, sp, dim=1)], dim=1)
 
+        decided = block_cache.decide_ahead() if block_cache is not None and not self.link.is_first else None
         x = self._receive_or(embed, (B, local, self.config.hidden_size))
         rope_positions = torch.cat([positions[..., :1, :], local_chunk(positions[..., 1:, :], sp, dim=-2)], dim=-2)
         cos, sin = self._rope(rope_positions)
-        for layer, cache in zip(self.model.layers.values(), caches):
-            x = layer(x, cos, sin, cache)
+        blocks = [functools.partial(layer, cos=cos, sin=sin, cache=cache)
+                  for layer, cache in zip(self.model.layers.values(), caches)]
+        x = run_blocks(x, blocks, block_cache, self.link.is_first, decided)
         velocity = None
         if self.link.is_last:
             image = gather_sequence(x[:, 1:], sp, dim=1)

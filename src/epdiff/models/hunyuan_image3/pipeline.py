@@ -53,7 +53,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
     def moe_layer_ids(self) -> list[int]:
         return [int(i) for i, layer in self.transformer.model.layers.items() if self.config.is_moe_layer(int(i))]
 
-    def start_batch(self, tasks, branches) -> DenoisingBatch:
+    def start_batch(self, tasks, branches, block_cache=None) -> DenoisingBatch:
         first, c = tasks[0], self.config
         ratio = self.info.resolution.ratio_index(first.height, first.width)
         h, w = first.height // c.vae_factor, first.width // c.vae_factor
@@ -73,7 +73,8 @@ class HunyuanImage3Pipeline(ImagePipeline):
 
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             t = timesteps[i].expand(len(rows))
-            return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches).float()
+            return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches,
+                                    block_cache).float()
 
         return DenoisingBatch(latents, scheduler, predict)
 

@@ -25,6 +25,8 @@ ROPE_POSITIONS = 4096
 
 
 class NucleusImageInfo(ModelInfo):
+    supports_block_cache = True
+
     def __init__(self, model_dir: str, family: "NucleusImageFamily"):
         from transformers import AutoTokenizer, Qwen3VLConfig
 

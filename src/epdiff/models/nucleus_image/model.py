@@ -16,6 +16,7 @@ every rank.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...moe.layer import MoELayer
 from ...moe.router import ExpertChoiceRouter
+from ...sampling.step_cache import FirstBlockCache, run_blocks
 from ..hunyuan_image3.attention import sdpa
 from .config import NucleusImageConfig
 
@@ -230,10 +232,11 @@ class NucleusImageTransformer(nn.Module):
         blocks = {i: block.text_kv(text, freqs) for i, block in self.transformer_blocks.items()}
         return TextCache(blocks, None if key_mask is None else key_mask.to(self.device))
 
-    def forward(self, latents: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int], text: TextCache):
+    def forward(self, latents: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int], text: TextCache,
+                block_cache: FirstBlockCache | None = None):
         """One denoising step. latents [B, h·w, in_channels] (packed patches, whole on every rank),
-        sigmas [B] in [0, 1], grid (h, w) in tokens. Returns the model's output [B, h·w, p²·out]
-        on every rank of every stage."""
+        sigmas [B] in [0, 1], grid (h, w) in tokens; block_cache: the step's first-block cache, if
+        the request runs one. Returns the model's output [B, h·w, p²·out] on every rank of every stage."""
         B, S, _ = latents.shape
         sp = self.parallel.sp
         if S % sp.size:
@@ -242,12 +245,14 @@ class NucleusImageTransformer(nn.Module):
         temb = self.time_text_embed(sigmas.to(self.device))
         freqs = local_chunk(rope_frequencies(self.config.axes_dims_rope, image_positions(*grid).to(self.device)),
                             sp, dim=0)
+        decided = block_cache.decide_ahead() if block_cache is not None and not self.link.is_first else None
         if self.link.is_first:
             x = self.img_in(local_chunk(latents.to(self.device, self.dtype), sp, dim=1))
         else:
             x = self.link.recv((B, local, self.config.hidden_size), self.dtype, self.device)
-        for i, block in self.transformer_blocks.items():
-            x = block(x, temb, freqs, text.blocks[i], text.key_mask)
+        blocks = [functools.partial(block, temb=temb, freqs=freqs, text=text.blocks[i], key_mask=text.key_mask)
+                  for i, block in self.transformer_blocks.items()]
+        x = run_blocks(x, blocks, block_cache, self.link.is_first, decided)
         out = None
         if self.link.is_last:
             out = gather_sequence(self.proj_out(self.norm_out(x, temb)), sp, dim=1)

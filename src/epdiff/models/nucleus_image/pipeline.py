@@ -128,7 +128,7 @@ class NucleusImagePipeline(ImagePipeline):
             text[r, :lengths[k]], keep[r, :lengths[k]] = embeds[k, :lengths[k]], True
         return text, keep
 
-    def start_batch(self, tasks, branches) -> DenoisingBatch:
+    def start_batch(self, tasks, branches, block_cache=None) -> DenoisingBatch:
         first, p = tasks[0], self.config.patch_size
         factor = self.parts.vae_scale_factor
         grid = (first.height // factor // p, first.width // factor // p)
@@ -152,7 +152,8 @@ class NucleusImagePipeline(ImagePipeline):
 
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             sigma = scheduler.sigma(i).expand(len(rows))
-            out = self.transformer(latents.flatten(1, 2).repeat(len(branches), 1, 1), sigma, grid, cache)
+            out = self.transformer(latents.flatten(1, 2).repeat(len(branches), 1, 1), sigma, grid, cache,
+                                   block_cache)
             return -out.float().view(len(rows), *latents.shape[1:])  # diffusers steps on the negated output
 
         return DenoisingBatch(latents, scheduler, predict)
