@@ -26,7 +26,10 @@ SETTINGS = [("none", StepCacheConfig()),
             ("taylor i4 o2", StepCacheConfig("taylor", interval=4, order=2)),
             ("taylor i5 o2 (reference default)", StepCacheConfig("taylor", interval=5, order=2)),
             ("taylor i5 o1", StepCacheConfig("taylor", interval=5, order=1)),
-            ("taylor i6 o2", StepCacheConfig("taylor", interval=6, order=2))]
+            ("taylor i6 o2", StepCacheConfig("taylor", interval=6, order=2)),
+            ("fbcache t0.04", StepCacheConfig("fbcache", threshold=0.04)),
+            ("fbcache t0.08 (default)", StepCacheConfig("fbcache", threshold=0.08)),
+            ("fbcache t0.15", StepCacheConfig("fbcache", threshold=0.15))]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,11 +43,14 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", nargs="+", default=None, help="run only the settings whose names start so")
     args = parser.parse_args()
     prompts = captions(args.num_prompts)
     rows, baseline = [], {}
     with ImageGenerator(max_batch_size=8) as generator:
         for name, cache in SETTINGS:
+            if args.only and name != "none" and not any(name.startswith(o) for o in args.only):
+                continue
             images, start = {}, time.perf_counter()
             for seed in args.seeds:
                 for k, out in enumerate(generator.generate_outputs(prompts, num_inference_steps=args.steps,
@@ -56,7 +62,9 @@ def main():
             scores = checker.summarize([checker.score(prompts[k], image.to_pil()) for (_, k), image in images.items()])
             quality = [psnr(image.pixels, baseline["images"][key].pixels) for key, image in images.items()]
             finite = [q for q in quality if math.isfinite(q)]
-            row = dict(setting=name, full_steps=sum(cache.full_steps(args.steps)), steps=args.steps,
+            full = sorted(image.full_steps for image in images.values())
+            row = dict(setting=name, full_steps=f"{full[0]}-{full[-1]}" if full[0] != full[-1] else str(full[0]),
+                       steps=args.steps,
                        speedup=baseline["seconds"] / seconds,
                        psnr_mean=float(np.mean(finite)) if finite else math.inf,
                        psnr_min=min(quality), identical=len(quality) - len(finite),
