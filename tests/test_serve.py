@@ -125,6 +125,10 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
     ({"prompt": "x", "response_format": "url"}, "response_format", "'url' is not supported"),
     ({"prompt": "x", "output_format": "gif"}, "output_format", "got 'gif'"),
     ({"prompt": "x", "steps": 3}, "steps", "unknown field 'steps'"),
+    ({"prompt": "x", "cache": "teacache"}, "cache", "cache 'teacache' is not one epdiff has"),
+    ({"prompt": "x", "cache": {"kind": "taylor", "interval": 0}}, "cache", "interval must be a positive integer"),
+    ({"prompt": "x", "cache": {"depth": 2}}, "cache", "unknown field 'depth'"),
+    ({"prompt": "x", "cache": 5}, "cache", "got 5"),
 ])
 def test_bad_request_gets_400_naming_the_field_and_value(client, body, param, words):
     # json.dumps escapes what httpx would refuse to encode (a lone surrogate), as a client may send it.
@@ -148,6 +152,16 @@ def test_an_openai_client_body_with_nulls_and_presets_is_served(client):
 def test_a_body_that_is_not_a_json_object_gets_400(client, content):
     response = client.post(GENERATE, content=content, headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_request_chooses_its_step_cache_and_each_image_says_how_many_steps_ran(client):
+    body = generate(client, prompt=PROMPTS[0], seed=5, num_inference_steps=20, cache="taylor").json()
+    assert body["cache"] == "taylor (interval 5, order 1)" and body["data"][0]["full_steps"] == 7
+    assert decode(body["data"][0]).info["full_steps"] == "7"
+    body = generate(client, prompt=PROMPTS[0], seed=5, num_inference_steps=20,
+                    cache={"kind": "fbcache", "threshold": 1e-9}).json()
+    assert body["data"][0]["full_steps"] == 20  # nothing changes that little: every step ran
+    assert generate(client, prompt=PROMPTS[0], num_inference_steps=4).json()["cache"] == "none"
 
 
 def test_output_formats_and_several_images(client):
