@@ -124,10 +124,9 @@ def nucleus(tmp_path_factory):
                      num_key_value_heads=4, num_experts=8, seed=2)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])
 def test_every_rank_skips_the_same_steps_and_layouts_with_ep_give_the_one_rank_result(world8, nucleus, world):
-    configs = {2: [layout(cfg=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True)],
-               4: [layout(tp=2, dp=2, ep=True), layout(sp=2, cfg=2, ep=True)]}[world]
+    configs = {2: [layout(cfg=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True)]}[world]
     cache = StepCacheConfig("taylor", interval=3, first_full=2)
     rows = [r for per_rank in world8.run(world, cached_layouts_against_one_rank, nucleus, configs, cache, 9)
             for r in per_rank]
@@ -140,7 +139,7 @@ def test_every_rank_skips_the_same_steps_and_layouts_with_ep_give_the_one_rank_r
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fbcache_decides_alike_on_every_rank_and_gives_the_one_rank_result(world8, nucleus, world):
-    configs = {2: [layout(cfg=2, ep=True), layout(sp=2, ep=True), layout(pp=2, ep=True)],
+    configs = {2: [layout(cfg=2, ep=True), layout(pp=2, ep=True)],
                4: [layout(tp=2, dp=2, ep=True), layout(sp=2, pp=2, ep=True, backend="alltoall")]}[world]
     cache = StepCacheConfig("fbcache", threshold=0.25, first_full=2, interval=3)
     rows = [r for per_rank in world8.run(world, cached_layouts_against_one_rank, nucleus, configs, cache, 9)
