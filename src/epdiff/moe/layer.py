@@ -90,11 +90,7 @@ class MoELayer(nn.Module):
         shared = self.shared_expert(x) if self.shared_expert is not None else None  # while the tokens travel
         rows, local_ids, row_weights, handle = pending.wait()
         y, load = self.experts(rows, local_ids, row_weights)
-        out = self.dispatch.combine(y, handle)
-        self.expert_load.index_add_(0, self.placement.global_ids, load)
-        if shared is not None:
-            out = out + shared
-        return all_reduce(out, self.parallel.tp).reshape(shape)
+        return self._finish(self.dispatch.combine(y, handle), shared, load, shape)
 
     def _forward_expert_major(self, x: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -108,10 +104,14 @@ class MoELayer(nn.Module):
         routed, local_ids, row_weights, _ = pending.wait()
         y, load = self.experts(routed, local_ids, row_weights)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
-        self.expert_load.index_add_(0, mine, load)
+        return self._finish(out, shared, load, shape)
+
+    def _finish(self, routed: torch.Tensor, shared: torch.Tensor | None, load: torch.Tensor, shape) -> torch.Tensor:
+        """This rank's routed partial sums plus its shared expert's, summed over TP; the load counted."""
+        self.expert_load.index_add_(0, self.placement.global_ids, load)
         if shared is not None:
-            out = out + shared
-        return all_reduce(out, self.parallel.tp).reshape(shape)
+            routed = routed + shared
+        return all_reduce(routed, self.parallel.tp).reshape(shape)
 
     # -- weight loading ----------------------------------------------------------------------
 

@@ -15,9 +15,11 @@ from .config import NucleusImageConfig
 COMPONENTS = ("transformer", "scheduler", "text_encoder", "vae")
 # The diffusers pipeline's defaults (NucleusMoEImagePipeline.__call__ and its default_sample_size).
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIDE = 50, 4.0, 1024
-# Sides in pixels: whole patches of latents (VAE factor 8 × patch 2), within the RoPE table's
-# 4096 positions per axis.
-SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 16, 64, 4096
+# Sides in pixels: whole image tokens (the VAE's factor × the patch size: 16 in the release), within
+# the RoPE table's 4096 positions per axis.
+MIN_SIDE, MAX_SIDE = 64, 4096
+# AutoencoderKLQwenImage's default, for a vae/config.json that leaves it out.
+DEFAULT_TEMPORAL_DOWNSAMPLE = (False, True, True)
 # What /v1/models suggests (WxH): about a megapixel at common aspect ratios; any size the rule
 # above allows is taken.
 SUGGESTED_SIZES = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344", "512x512")
@@ -46,9 +48,12 @@ class NucleusImageInfo(ModelInfo):
             raise ConfigError(f"{self.component('scheduler')}/scheduler_config.json: _class_name "
                               f"{self.scheduler_config.get('_class_name')!r}, expected 'FlowMatchEulerDiscreteScheduler'")
         self.vae_config = read_json_object(os.path.join(self.component("vae"), "config.json"))
+        # diffusers' rule (NucleusMoEImagePipeline.vae_scale_factor), from the config: every rank
+        # knows it, the decode ranks' VAE or not
+        self.vae_scale_factor = 2 ** len(self.vae_config.get("temperal_downsample", DEFAULT_TEMPORAL_DOWNSAMPLE))
+        self.pixels_per_token = self.vae_scale_factor * self.config.patch_size
         te_path = os.path.join(self.component("text_encoder"), "config.json")
-        read_json_object(te_path)
-        self.text_encoder_config = Qwen3VLConfig.from_pretrained(self.component("text_encoder"))
+        self.text_encoder_config = Qwen3VLConfig.from_dict(read_json_object(te_path))
         width = self.text_encoder_config.text_config.hidden_size
         if width != self.config.joint_attention_dim:
             raise ConfigError(f"{self.config.source}: joint_attention_dim {self.config.joint_attention_dim} differs "
@@ -70,21 +75,21 @@ class NucleusImageInfo(ModelInfo):
 
     def resolve_size(self, height, width):
         for name, side in (("height", height), ("width", width)):
-            if not (MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0):
+            if not (MIN_SIDE <= side <= MAX_SIDE and side % self.pixels_per_token == 0):
                 raise ValueError(f"requested size {height}x{width} (HxW): {name} {side} is not a size Nucleus-Image "
-                                 f"draws; give multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}")
+                                 f"draws; give multiples of {self.pixels_per_token} from {MIN_SIDE} to {MAX_SIDE}")
         return int(height), int(width)
 
-    def _grid(self, height: int, width: int) -> tuple[int, int]:
-        tokens = SIDE_MULTIPLE  # pixels per image token a side
-        return height // tokens, width // tokens
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Image tokens (rows, columns) of a resolved size."""
+        return height // self.pixels_per_token, width // self.pixels_per_token
 
     def image_tokens(self, height, width):
-        h, w = self._grid(height, width)
+        h, w = self.grid(height, width)
         return h * w
 
     def check_prompt(self, prompt, height, width):
-        h, w = self._grid(height, width)
+        h, w = self.grid(height, width)
         n = len(self.tokenizer(prompt)["input_ids"])
         limit = ROPE_POSITIONS - max(h // 2, w // 2) - 256  # the chat template's tokens besides the prompt
         if n > limit:
@@ -92,7 +97,7 @@ class NucleusImageInfo(ModelInfo):
 
     def describe(self) -> dict:
         return {"family": self.family.name, "image_sizes": list(SUGGESTED_SIZES),
-                "image_size_rule": f"any WxH with sides multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}",
+                "image_size_rule": f"any WxH with sides multiples of {self.pixels_per_token} from {MIN_SIDE} to {MAX_SIDE}",
                 "default_size": f"{DEFAULT_SIDE}x{DEFAULT_SIDE}",
                 "default_num_inference_steps": self.default_num_inference_steps,
                 "default_guidance_scale": self.default_guidance_scale}

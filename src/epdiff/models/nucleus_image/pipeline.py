@@ -129,9 +129,8 @@ class NucleusImagePipeline(ImagePipeline):
         return text, keep
 
     def start_batch(self, tasks, branches, block_cache=None) -> DenoisingBatch:
-        first, p = tasks[0], self.config.patch_size
-        factor = self.parts.vae_scale_factor
-        grid = (first.height // factor // p, first.width // factor // p)
+        first = tasks[0]
+        grid = self.info.grid(first.height, first.width)
         texts = [[task.prompt for task in tasks], [""] * len(tasks)]  # the negative prompt: diffusers' default
         # Every branch's rows are encoded (another CFG rank of the replica may predict the other branch).
         num_branches = len(texts) if self.parallel.cfg.size > 1 else len(branches)
@@ -163,12 +162,12 @@ class NucleusImagePipeline(ImagePipeline):
         [1, h/p, w/p, C·p²] (diffusers' [1, S, C·p²] with the patch grid kept)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        parts, p = self.parts, self.config.patch_size
-        h, w = p * (height // (parts.vae_scale_factor * p)), p * (width // (parts.vae_scale_factor * p))
+        p = self.config.patch_size
+        h, w = (p * n for n in self.info.grid(height, width))
         channels = self.config.latent_channels
         noise = randn_tensor((1, 1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed),
                              device=self.device, dtype=self.dtype)
-        return parts._pack_latents(noise, 1, channels, h, w, p).view(1, h // p, w // p, channels * p * p)
+        return self.parts._pack_latents(noise, 1, channels, h, w, p).view(1, h // p, w // p, channels * p * p)
 
     def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """diffusers' guidance, then each token's prediction rescaled to the conditional one's norm."""
@@ -178,9 +177,9 @@ class NucleusImagePipeline(ImagePipeline):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents [B, h/p, w/p, C·p²] -> uint8 [B, H, W, 3], as the diffusers pipeline decodes."""
         parts, vae = self.parts, self.vae
-        height, width = (n * self.config.patch_size * parts.vae_scale_factor for n in latents.shape[1:3])
+        height, width = (n * self.info.pixels_per_token for n in latents.shape[1:3])
         z = parts._unpack_latents(latents.flatten(1, 2).to(self.device, vae.dtype), height, width,
-                                  self.config.patch_size, parts.vae_scale_factor)
+                                  self.config.patch_size, self.info.vae_scale_factor)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
         image = vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
