@@ -108,6 +108,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a smoke run on CPU)")
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="print each case's top kernels (one step, torch.profiler)")
     args = parser.parse_args()
     from diffusers import NucleusMoEImageTransformer2DModel
 
@@ -150,8 +151,19 @@ def main():
             reference(hidden_states=latents[b:b + 1], timestep=sigma[b:b + 1], encoder_hidden_states=text[b:b + 1],
                       img_shapes=img_shapes, return_dict=False)
 
+    def profile(case, fn):
+        if not args.profile:
+            return
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        print(f"--- {case}: top kernels of one step")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    profile("diffusers", diffusers_step)
     report("diffusers bf16" if dtype == torch.bfloat16 else "diffusers", timed(diffusers_step, args.iters, device))
     state_dict = {k: v for k, v in reference.state_dict().items()}
     baseline = None
@@ -175,7 +187,9 @@ def main():
                 err = float((out.float() - baseline).norm() / baseline.norm())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = timed(lambda m=model, c=cache: m(latents, sigma, grid, c), args.iters, device)
+        step = torch.inference_mode()(lambda m=model, c=cache: m(latents, sigma, grid, c))  # as the engine runs it
+        times = timed(step, args.iters, device)
+        profile(f"epdiff {quantization}", step)
         name = f"epdiff {'bf16' if dtype == torch.bfloat16 else str(dtype)}" + (f" {quantization}" if quantization else "")
         report(name, times, {"rel_err_vs_" + ("diffusers" if quantization is None else "epdiff_bf16"): err})
         del model, cache
