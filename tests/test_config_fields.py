@@ -137,10 +137,9 @@ def test_group_limited_greedy_bad_values_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("name, value", [
-    ("moe_drop_tokens", True), ("hidden_act", "gelu"), ("hidden_act", "relu"), ("norm_type", "fused"),
+    ("hidden_act", "gelu"), ("hidden_act", "relu"), ("norm_type", "fused"),
     ("norm_type", "torch_nn"), ("rope_type", "default"), ("img_proj_type", "mlp"), ("use_qk_norm", False),
-    ("use_rotary_pos_emb", False), ("attention_bias", True), ("mlp_bias", True), ("cfg_distilled", True),
-    ("use_meanflow", True),
+    ("use_rotary_pos_emb", False), ("attention_bias", True), ("mlp_bias", True),
 ])
 def test_unimplemented_values_are_refused(name, value):
     with pytest.raises(ConfigError, match=f"config.json: {name} {value!r} is not supported"):
@@ -148,7 +147,7 @@ def test_unimplemented_values_are_refused(name, value):
 
 
 @pytest.mark.parametrize("name, value", [("norm_type", "rms"), ("norm_type", "hf_rms"), ("hidden_act", "silu"),
-                                         ("moe_drop_tokens", False), ("rope_type", "2d")])
+                                         ("moe_drop_tokens", False), ("moe_drop_tokens", True), ("rope_type", "2d")])
 @torch.inference_mode()
 def test_implemented_values_behave_as_the_reference_says(name, value):
     """Each implemented value is what the model computes: RMSNorm for both RMS norm types, SwiGLU
@@ -167,6 +166,13 @@ def test_implemented_values_behave_as_the_reference_says(name, value):
     ids = torch.arange(7)[None] % model.config.vocab_size
     model.prefill(ids, torch.arange(7)[:, None].expand(7, 2))
     assert all(int(m.expert_load.sum()) == 7 * m.gate.top_k for m in moe_layers(model))  # none dropped
+
+
+def test_mean_flow_needs_distilled_guidance():
+    with pytest.raises(ConfigError, match="config.json: use_meanflow True without cfg_distilled is not supported"):
+        HunyuanImage3Config.from_dict(base_config(use_meanflow=True))
+    c = HunyuanImage3Config.from_dict(base_config(use_meanflow=True, cfg_distilled=True))
+    assert c.num_step_tokens == 3 and HunyuanImage3Config.from_dict(base_config(cfg_distilled=True)).num_step_tokens == 2
 
 
 def test_absent_fields_mean_the_release_defaults():
@@ -256,8 +262,7 @@ def test_dense_layer_checkpoint_round_trip(tmp_path):
 # -- generation_config.json ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, value", [("sequence_template", "instruct"), ("use_system_prompt", "en_vanilla"),
-                                         ("use_system_prompt", "dynamic"), ("bot_task", "think"),
+@pytest.mark.parametrize("name, value", [("sequence_template", "chat"), ("bot_task", "think"),
                                          ("bot_task", "recaption"), ("bot_task", "img_ratio")])
 def test_generation_settings_epdiff_does_not_build_are_refused(name, value):
     with pytest.raises(ConfigError, match=f"generation_config.json: {name} {value!r} is not supported"):
@@ -279,11 +284,16 @@ def test_reading_the_folder_refuses_its_generation_settings(tmp_path):
               config_only=True)
     assert HunyuanImage3Family().read(str(tmp_path)).default_num_inference_steps == 50
     path = tmp_path / "generation_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "sequence_template": "instruct"}))
-    with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'instruct' is not supported"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sequence_template": "chat"}))
+    with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'chat' is not supported"):
         HunyuanImage3Family().read(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'instruct' is not supported"):
+    with pytest.raises(ConfigError, match=r"generation_config\.json: sequence_template 'chat' is not supported"):
         load_model(str(tmp_path), ParallelState.single(), load_format="dummy")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sequence_template": "instruct",
+                                "use_system_prompt": "en_vanilla"}))
+    with pytest.raises(ConfigError, match=r"generation_config\.json: use_system_prompt 'en_vanilla': the named "
+                                          r"prompts ship with the checkpoint, and .*system_prompt\.py is missing"):
+        HunyuanImage3Family().read(str(tmp_path))
 
 
 # -- special tokens from the tokenizer's own config ------------------------------------------------

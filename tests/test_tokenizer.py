@@ -10,8 +10,8 @@ from epdiff.models.hunyuan_image3.tokenizer import (
     NAMED_SPECIAL_TOKENS,
     NUM_RATIO_TOKENS,
     HunyuanTokenizer,
+    SequenceTemplate,
     build_2d_positions,
-    sequence_length,
 )
 
 BASE = 64
@@ -104,7 +104,7 @@ def test_cond_sequence_layout(tok):
     assert (seq.image_len, seq.grid) == (6, (2, 3))
     assert (seq.input_ids[seq.image_slice] == tok.img).all()
     assert seq.input_ids[seq.prompt_slice].tolist() == prompt
-    assert len(seq) == sequence_length(len(prompt), 2, 3)
+    assert len(seq) == tok.sequence_length(len(prompt), 2, 3)
 
 
 def test_uncond_replaces_exactly_the_prompt_with_cfg(tok):
@@ -160,3 +160,24 @@ def test_max_length_error_names_both_lengths(tok):
         tok.build_sequence(prompt, 16, 4, 4, BASE, max_length=24)
     with pytest.raises(ValueError, match=r"max_length 24"):
         tok.build_uncond_sequence(prompt, 16, 4, 4, BASE, max_length=24)
+
+
+def test_instruct_template_of_a_distilled_mean_flow_model(tok):
+    """The reference's pieces, each tokenized alone: [system "\\n\\n"] "User: " prompt "\\n\\n" "Assistant: "
+    <answer> <boi> <img_size> <img_ratio> <timestep> <guidance> <timestep_r> <img>* <eoi> </answer> "\\n\\n"."""
+    prompt = tok.encode("a red circle")
+    template = SequenceTemplate("instruct", "draw shapes", cfg_distilled=True, use_meanflow=True)
+    seq = tok.build_sequence(prompt, 16, 2, 3, BASE, template=template)
+    sep, enc = tok.encode("\n\n"), tok.encode
+    head = [tok.bos, *enc("draw shapes"), *sep, *enc("User: ")]
+    expected = (head + prompt + sep + enc("Assistant: ") + [tok.token_id("<answer>"), tok.boi, tok.img_size(BASE),
+                tok.img_ratio(16), tok.timestep, tok.token_id("<guidance>"), tok.token_id("<timestep_r>")]
+                + [tok.img] * 6 + [tok.eoi, tok.token_id("</answer>")] + sep)
+    assert seq.input_ids.tolist() == expected
+    assert seq.input_ids[seq.prompt_slice].tolist() == prompt and seq.prompt_start == len(head)
+    assert seq.image_start == seq.timestep_index + 3 and len(seq) == tok.sequence_length(len(prompt), 2, 3, template)
+    uncond = tok.build_uncond_sequence(prompt, 16, 2, 3, BASE, template=template)
+    differs = (seq.input_ids != uncond.input_ids).nonzero().flatten().tolist()
+    assert differs == list(range(seq.prompt_start, seq.prompt_start + len(prompt)))  # the system prompt stays
+    no_system = tok.build_sequence(prompt, 16, 2, 3, BASE, template=SequenceTemplate("instruct"))
+    assert no_system.input_ids.tolist()[:1 + len(enc("User: "))] == [tok.bos, *enc("User: ")]

@@ -18,7 +18,7 @@ from epdiff.config import ConfigError
 from epdiff.models.base import DenoisingBatch, ImagePipeline, ModelFamily, ModelInfo
 from epdiff.models.registry import FamilyEntry
 from epdiff.moe.layer import MoELayer
-from epdiff.sampling.scheduler import FlowMatchEulerScheduler
+from epdiff.sampling.scheduler import FlowMatchScheduler
 
 ENTRY = FamilyEntry("toy", "toy_family:ToyFamily", architectures=("ToyImageModel",))
 CHANNELS, PATCH, EXPERTS = 8, 8, 4
@@ -61,7 +61,7 @@ class ToyPipeline(ImagePipeline):
         def predict(x, i):
             return torch.cat([self.transformer(x) + (1 - b) * condition for b in branches]).float()
 
-        return DenoisingBatch(latents, FlowMatchEulerScheduler(first.num_inference_steps, 1.0), predict)
+        return DenoisingBatch(latents, FlowMatchScheduler(first.num_inference_steps, 1.0), predict)
 
     def decode(self, latents):
         pixels = (latents[:, :3].clamp(-1, 1) + 1) * 127.5
@@ -90,7 +90,7 @@ class ToyInfo(ModelInfo):
     def image_tokens(self, height, width):
         return height * width // PATCH ** 2
 
-    def check_prompt(self, prompt, height, width):
+    def check_prompt(self, prompt, height, width, system_prompt=""):
         if len(prompt) > 60:
             raise ValueError(f"prompt is {len(prompt)} characters, over 60")
 
@@ -114,7 +114,7 @@ def expected_latents(prompt: str, seed: int, steps: int, guidance: float, size: 
 
     model = ToyTransformer(ParallelState.single())
     x = torch.randn(1, CHANNELS, size // PATCH, size // PATCH, generator=torch.Generator().manual_seed(seed))
-    scheduler = FlowMatchEulerScheduler(steps, 1.0)
+    scheduler = FlowMatchScheduler(steps, 1.0)
     with torch.inference_mode():
         for i in range(steps):
             cond = model(x) + len(prompt) / 10

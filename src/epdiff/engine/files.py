@@ -79,7 +79,7 @@ def image_metadata(image, params, config) -> dict[str, str]:
             "guidance_scale": str(params.guidance_scale), "width": str(params.width), "height": str(params.height),
             "device": config.device, "dtype": config.dtype, "quantization": config.quantization or "none",
             "parallel_layout": config.parallel.describe(), "model": os.path.basename(os.path.normpath(config.model)),
-            "cache": params.cache.describe(), "full_steps": str(image.full_steps),
+            "cache": params.cache.describe(), "full_steps": str(image.full_steps), "solver": params.solver,
             "software": "epdiff"}
 
 

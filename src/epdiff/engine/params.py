@@ -156,6 +156,8 @@ class SamplingParams:
     seed: int = 0
     n: int = 1
     cache: StepCacheConfig | str | None = None  # None: the engine's; a kind name: that kind, default settings
+    solver: str | None = None  # None: the model's default (ModelInfo.solvers[0])
+    system_prompt: str | None = None  # None: the model's default; a name the family knows, or the text itself
 
     def image_seed(self, k: int) -> int:
         return self.seed + k
@@ -199,8 +201,14 @@ class SamplingParams:
         if tokens % layout.sequence_parallel_size:
             raise RequestError("size", f"{tokens} image tokens at {height}x{width} cannot be split over "
                                        f"sequence parallel size {layout.sequence_parallel_size}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise RequestError("system_prompt", f"system_prompt must be a string, got {_shown(self.system_prompt)}")
         try:
-            info.check_prompt(self.prompt, height, width)
+            system_prompt = info.resolve_system_prompt(self.system_prompt)
+        except ValueError as e:
+            raise RequestError("system_prompt", str(e)) from None
+        try:
+            info.check_prompt(self.prompt, height, width, system_prompt)
         except ValueError as e:
             raise RequestError("prompt", str(e)) from None
         cache = config.default_cache if self.cache is None else self.cache
@@ -212,13 +220,21 @@ class SamplingParams:
         if cache.kind == "fbcache" and not info.supports_block_cache:
             raise RequestError("cache", f"cache 'fbcache' needs the model's blocks; the {info.family.name} family "
                                         "does not run them through it (use 'taylor')")
+        solver = info.solvers[0] if self.solver is None else self.solver
+        if solver not in info.solvers:
+            raise RequestError("solver", f"unknown solver {_shown(solver)} for the {info.family.name} family; choose "
+                                         f"one of {', '.join(info.solvers)}")
+        if solver != "euler" and cache.enabled:
+            raise RequestError("cache", f"cache {cache.kind!r} works with the euler solver only (one model call a "
+                                        f"step), not {solver!r}")
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
-                                   guidance_scale=float(guidance), cache=cache)
+                                   guidance_scale=float(guidance), cache=cache, solver=solver,
+                                   system_prompt=system_prompt)
 
 
 def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
                     guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1,
-                    cache=None) -> list[SamplingParams]:
+                    cache=None, solver=None, system_prompt=None) -> list[SamplingParams]:
     """One resolved request per prompt; image k of prompt i is drawn from seed + i·num_images_per_prompt
     + k. Every request is checked before any runs (RequestError names the prompt and the field)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -229,7 +245,7 @@ def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, n
         # Prompt 0 is resolved first, so a seed or count of the wrong type is refused there.
         params = SamplingParams(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed + i * num_images_per_prompt if i else seed,
-                                n=num_images_per_prompt, cache=cache)
+                                n=num_images_per_prompt, cache=cache, solver=solver, system_prompt=system_prompt)
         try:
             out.append(params.resolve(config))
         except RequestError as e:

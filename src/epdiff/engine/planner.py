@@ -32,7 +32,7 @@ class WorkItem(ImageTask):
     @property
     def batch_key(self) -> tuple:
         """Images that can share one prefill and one denoising batch."""
-        return self.height, self.width, self.num_inference_steps, self.guidance_scale, self.cache
+        return self.height, self.width, self.num_inference_steps, self.guidance_scale, self.cache, self.solver
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
     """A resolved request's images."""
     return [WorkItem(prompt=params.prompt, seed=params.image_seed(k), height=params.height, width=params.width,
                      num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-                     cache=params.cache, request_id=request_id, image_index=k) for k in range(params.n)]
+                     cache=params.cache, solver=params.solver,
+                     system_prompt=params.system_prompt, request_id=request_id, image_index=k)
+            for k in range(params.n)]
 
 
 class BatchPlanner:

@@ -39,6 +39,8 @@ class ImageTask:
     num_inference_steps: int
     guidance_scale: float
     cache: StepCacheConfig = field(default=StepCacheConfig(), kw_only=True)  # the loop's, not the family's
+    solver: str = field(default="euler", kw_only=True)  # one of the family's ModelInfo.solvers
+    system_prompt: str = field(default="", kw_only=True)  # the resolved text ("" none), for a family that takes one
 
 
 class Scheduler(Protocol):
@@ -102,6 +104,7 @@ class ModelInfo(ABC):
     default_size: tuple[int, int]  # (height, width)
     stored_quantization: str | None = None  # the scheme of a pre-quantized checkpoint
     supports_block_cache: bool = False  # its pipeline takes a FirstBlockCache (`fbcache`)
+    solvers: tuple[str, ...] = ("euler",)  # sampling/scheduler.py SOLVERS its pipeline runs; the first is the default
 
     @abstractmethod
     def check_layout(self, parallel: ParallelConfig) -> None:
@@ -109,8 +112,15 @@ class ModelInfo(ABC):
         the model's sizes, and whatever else the family splits)."""
 
     def num_guidance_branches(self, guidance_scale: float) -> int:
-        """Model forwards per image and step: 2 with classifier-free guidance, else 1."""
+        """Model forwards per image and step: 2 with classifier-free guidance, else 1 (also for a
+        model with guidance distilled into it, which takes the scale as an input)."""
         return 2 if guidance_scale > 1.0 else 1
+
+    def resolve_system_prompt(self, value: str | None) -> str:
+        """A request's system_prompt (None: the model's default) as text; ValueError names the problem."""
+        if value is not None:
+            raise ValueError(f"the {self.family.name} family takes no system prompt")
+        return ""
 
     @abstractmethod
     def resolve_size(self, height: int, width: int) -> tuple[int, int]:
@@ -121,7 +131,7 @@ class ModelInfo(ABC):
         """Image tokens of a resolved size (what sequence parallelism splits)."""
 
     @abstractmethod
-    def check_prompt(self, prompt: str, height: int, width: int) -> None:
+    def check_prompt(self, prompt: str, height: int, width: int, system_prompt: str = "") -> None:
         """ValueError when the prompt cannot be drawn at this size (too long for the context)."""
 
     @abstractmethod

@@ -24,7 +24,7 @@ from .config import ServerConfig
 # OpenAI's names; "jpg" too, since the CLI takes .jpg.
 OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache")
+ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache", "solver")
 API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
 # Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
 # DALL-E's quality or style presets, nor moderation).
@@ -104,7 +104,8 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
     params = SamplingParams(
         prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
-        seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")))
+        seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")),
+        solver=body.get("solver"))
     try:
         params = params.resolve(engine_config)
     except RequestError as e:
@@ -166,6 +167,7 @@ def generation_response(output: RequestOutput, data: list[dict], output_format: 
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "cache": params.cache.describe(),
+        "solver": params.solver,
         "inference_time_s": round(output.inference_seconds, 4),
         "queue_time_s": round(output.queue_seconds, 4),
         "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),

@@ -35,13 +35,13 @@ SUPPORTED_VALUES = {
     "norm_type": ("hf_rms", "rms"),
     "rope_type": ("2d",),
     "img_proj_type": ("unet",),
-    "moe_drop_tokens": (False,),  # capacity-limited routing: no token is ever dropped here
+    "moe_drop_tokens": (False, True),  # read as no-drop routing, which the flag does not change here (check)
     "use_qk_norm": (True,),
     "use_rotary_pos_emb": (True,),
     "attention_bias": (False,),
     "mlp_bias": (False,),
-    "cfg_distilled": (False,),  # would add guidance_emb and a <guidance> token
-    "use_meanflow": (False,),  # would add timestep_r_emb and a <timestep_r> token
+    "cfg_distilled": (False, True),  # guidance_emb and a <guidance> token; no unconditional branch
+    "use_meanflow": (False, True),  # timestep_r_emb and a <timestep_r> token
 }
 # The only RoPE scaling the reference knows; it never reads the factor.
 ROPE_SCALING_TYPE = "custom"
@@ -57,6 +57,9 @@ def check_supported_fields(cfg: dict) -> None:
     if not isinstance(rope_scaling, dict) or rope_scaling.get("type") != ROPE_SCALING_TYPE:
         raise ConfigError(f"config.json: rope_scaling {rope_scaling!r} is not supported (the reference knows only "
                           f"type {ROPE_SCALING_TYPE!r})")
+    if cfg.get("use_meanflow", False) and not cfg.get("cfg_distilled", False):
+        raise ConfigError("config.json: use_meanflow True without cfg_distilled is not supported (the reference "
+                          "feeds the <timestep_r> token on its cached steps only for cfg-distilled models)")
     if isinstance(cfg.get("num_experts"), (list, tuple)):
         raise ConfigError(f"config.json: num_experts {cfg['num_experts']!r} per layer is not supported "
                           "(one expert count for every layer)")
@@ -65,8 +68,7 @@ def check_supported_fields(cfg: dict) -> None:
 # generation_config.json fields that pick the prompt template and the task; epdiff builds the
 # base model's text-to-image sequence only. An absent key means the first value.
 SUPPORTED_GENERATION_VALUES = {
-    "sequence_template": ("pretrain",),  # 'instruct' wraps the prompt in a chat template
-    "use_system_prompt": ("None", None),  # a named system prompt would precede the user prompt
+    "sequence_template": ("pretrain", "instruct"),  # 'instruct' wraps the prompt in the chat roles
     "bot_task": ("image", None),  # think / recaption / img_ratio first generate text
 }
 
@@ -148,6 +150,8 @@ class HunyuanImage3Config:
     vae_downsample_factor: tuple[int, int] = (16, 16)
     latent_channels: int = 32
     vae: dict = field(default_factory=dict)
+    cfg_distilled: bool = False
+    use_meanflow: bool = False
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -197,6 +201,7 @@ class HunyuanImage3Config:
             image_base_size=get("image_base_size", int, 1024),
             vae_downsample_factor=get("vae_downsample_factor", tuple, (16, 16)),
             latent_channels=int(vae.get("latent_channels", 32)),
+            cfg_distilled=get("cfg_distilled", bool, False), use_meanflow=get("use_meanflow", bool, False),
             vae=vae, raw=cfg)
         c.check()
         return c
@@ -262,6 +267,12 @@ class HunyuanImage3Config:
         renormalize = self.norm_topk_prob and self.moe_topk[layer] > 1
         return dict(renormalize=renormalize, scaling_factor=1.0 if renormalize else self.routed_scaling_factor,
                     num_groups=self.n_group, topk_groups=self.topk_group)
+
+    @property
+    def num_step_tokens(self) -> int:
+        """Tokens a denoising step writes before the image: <timestep>, <guidance> (cfg-distilled),
+        <timestep_r> (mean flow)."""
+        return 1 + self.cfg_distilled + self.use_meanflow
 
     @property
     def vae_factor(self) -> int:

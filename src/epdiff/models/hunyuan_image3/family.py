@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ...config import ConfigError, ParallelConfig, option
+from ...sampling.scheduler import SOLVERS
 from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
 from .config import HunyuanImage3Config, read_generation_config
 from .resolution import resolution_group
-from .tokenizer import HunyuanTokenizer, sequence_length
+from .system_prompts import SystemPrompts
+from .tokenizer import HunyuanTokenizer, SequenceTemplate
 from .weights import checkpoint_quantization
 
 
@@ -18,12 +20,14 @@ class HunyuanImage3Info(ModelInfo):
     """A HunyuanImage-3.0 folder: config.json, generation_config.json and the tokenizer, read once."""
 
     supports_block_cache = True
+    solvers = tuple(SOLVERS)
 
     def __init__(self, model_dir: str, family: "HunyuanImage3Family"):
         self.model_dir, self.family = model_dir, family
         self.config = HunyuanImage3Config.from_pretrained(model_dir)
         self.generation = read_generation_config(model_dir)
         self.tokenizer = HunyuanTokenizer.from_pretrained(model_dir)
+        self.system_prompts = SystemPrompts(model_dir, self.generation.use_system_prompt)
         # The longest sequence a request may build: max_length, within the model's position range.
         self.context = min(int(self.generation.max_length), self.config.max_position_embeddings)
         self.resolution = resolution_group(self.config.image_base_size, self.config.vae_factor)
@@ -36,9 +40,16 @@ class HunyuanImage3Info(ModelInfo):
     def check_layout(self, parallel: ParallelConfig) -> None:
         c = self.config
         parallel.validate(num_experts=c.num_experts, num_layers=c.num_hidden_layers)
+        if c.cfg_distilled and parallel.cfg_parallel_size > 1:
+            raise ConfigError(f"--cfg-parallel-size {parallel.cfg_parallel_size}: this model has guidance distilled "
+                              "into it (cfg_distilled) and runs one branch per image; use the GPUs for data "
+                              "parallelism (--data-parallel-size) instead")
         if c.num_key_value_heads % (parallel.tensor_parallel_size * parallel.sequence_parallel_size):
             raise ConfigError(f"num_key_value_heads {c.num_key_value_heads} cannot be split over "
                               f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
+
+    def num_guidance_branches(self, guidance_scale: float) -> int:
+        return 1 if self.config.cfg_distilled else super().num_guidance_branches(guidance_scale)
 
     def resolve_size(self, height, width):
         sides = [side for bucket in self.resolution.buckets for side in bucket]
@@ -57,10 +68,18 @@ class HunyuanImage3Info(ModelInfo):
         grid_h, grid_w = self._grid(height, width)
         return grid_h * grid_w
 
-    def check_prompt(self, prompt, height, width):
+    def template(self, system_prompt: str) -> SequenceTemplate:
+        """The sequence template of a request with this (resolved) system prompt."""
+        c = self.config
+        return SequenceTemplate(self.generation.sequence_template, system_prompt, c.cfg_distilled, c.use_meanflow)
+
+    def resolve_system_prompt(self, value):
+        return self.system_prompts.for_request(value)
+
+    def check_prompt(self, prompt, height, width, system_prompt=""):
         grid_h, grid_w = self._grid(height, width)
         n = len(self.tokenizer.encode(prompt))
-        total = sequence_length(n, grid_h, grid_w)
+        total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt))
         if total > self.context:
             raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens the sequence is {total} "
                              f"tokens, over the model's context of {self.context}")

@@ -4,8 +4,9 @@ Module paths follow the checkpoint (`model.wte`, `model.layers.{i}.self_attn.qkv
 `patch_embed.model.0`, `final_layer.model.1.2`, ...) except inside the generic MoE block and MLP,
 whose names weights.py maps to the release's.
 
-A denoising step runs [<timestep>, <img> x h·w] against the text prefix's cached K/V (exact:
-text never attends to image tokens). Image hidden states are taken before `ln_f`, which
+A denoising step runs its step tokens ([<timestep>], then <guidance> for a cfg-distilled model
+and <timestep_r> for a mean-flow one, in the reference's order) and the image tokens [<img> x h·w]
+against the text prefix's cached K/V (exact: text never attends to image tokens). Image hidden states are taken before `ln_f`, which
 text-to-image never uses.
 """
 
@@ -162,6 +163,10 @@ class HunyuanImage3Transformer(nn.Module):
         # the image's [B, C, h, w] <-> [B, h·w, C] token views need no transposing copies.
         if self.link.is_first:
             self.timestep_emb = TimestepEmbedder(c.hidden_size, **kw)
+            if c.cfg_distilled:  # the guidance scale × 1000, a token of its own
+                self.guidance_emb = TimestepEmbedder(c.hidden_size, **kw)
+            if c.use_meanflow:  # the end of the step, a token of its own
+                self.timestep_r_emb = TimestepEmbedder(c.hidden_size, **kw)
             self.time_embed = TimestepEmbedder(c.hidden_size, **kw)
             self.patch_embed = UNetDown(c.latent_channels, c.patch_embed_hidden_dim, c.hidden_size,
                                         **kw).to(memory_format=torch.channels_last)
@@ -207,33 +212,41 @@ class HunyuanImage3Transformer(nn.Module):
         return caches
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
-                caches: list[KVCache], block_cache: FirstBlockCache | None = None) -> torch.Tensor:
+                caches: list[KVCache], block_cache: FirstBlockCache | None = None,
+                guidance: torch.Tensor | None = None, timesteps_r: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising step. latents [B, C, h, w] (whole image on every rank), timesteps [B] on
-        the 0..1000 scale, positions [1 + h·w, 2] of <timestep> and the image tokens ([B, 1 + h·w, 2]
-        when the batch's prompts differ in length).
+        the 0..1000 scale, positions [n + h·w, 2] of the n step tokens and the image tokens
+        ([B, n + h·w, 2] when the batch's prompts differ in length). guidance [B] (cfg-distilled:
+        the scale × 1000) and timesteps_r [B] (mean flow: the step's end on the 0..1000 scale) are
+        the models' that have those tokens, and required there.
         block_cache: the step's first-block cache, if the request runs one (sampling/step_cache.py).
         Returns the velocity [B, C, h, w] on every rank of every stage."""
         B, C, h, w = latents.shape
-        sp = self.parallel.sp
+        sp, n = self.parallel.sp, self.config.num_step_tokens
         if (h * w) % sp.size:
             raise ValueError(f"{h}×{w} = {h * w} image tokens cannot be split over sequence parallel size {sp.size}")
-        local = 1 + h * w // sp.size
+        local = n + h * w // sp.size
         latents, timesteps = latents.to(self.device, self.dtype), timesteps.to(self.device)
 
         def embed():
             image = self.patch_embed(latents, self.time_embed(timesteps))
-            return torch.cat([self.timestep_emb(timesteps)[:, None], local_chunk(image, sp, dim=1)], dim=1)
+            tokens = [self.timestep_emb(timesteps)[:, None]]
+            if self.config.cfg_distilled:
+                tokens.append(self.guidance_emb(guidance.to(self.device))[:, None])
+            if self.config.use_meanflow:
+                tokens.append(self.timestep_r_emb(timesteps_r.to(self.device))[:, None])
+            return torch.cat([*tokens, local_chunk(image, sp, dim=1)], dim=1)
 
         decided = block_cache.decide_ahead() if block_cache is not None and not self.link.is_first else None
         x = self._receive_or(embed, (B, local, self.config.hidden_size))
-        rope_positions = torch.cat([positions[..., :1, :], local_chunk(positions[..., 1:, :], sp, dim=-2)], dim=-2)
+        rope_positions = torch.cat([positions[..., :n, :], local_chunk(positions[..., n:, :], sp, dim=-2)], dim=-2)
         cos, sin = self._rope(rope_positions)
         blocks = [functools.partial(layer, cos=cos, sin=sin, cache=cache)
                   for layer, cache in zip(self.model.layers.values(), caches)]
         x = run_blocks(x, blocks, block_cache, self.link.is_first, decided)
         velocity = None
         if self.link.is_last:
-            image = gather_sequence(x[:, 1:], sp, dim=1)
+            image = gather_sequence(x[:, n:], sp, dim=1)
             velocity = self.final_layer(image, self.time_embed_2(timesteps), (h, w))
         else:
             self.link.send(x)

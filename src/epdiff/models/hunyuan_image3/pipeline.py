@@ -15,7 +15,7 @@ import torch
 
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
-from ...sampling.scheduler import FlowMatchEulerScheduler
+from ...sampling.scheduler import FlowMatchScheduler
 from ..base import DenoisingBatch, ImagePipeline
 from .loading import load_model
 from .vae import AutoencoderKLConv3D, to_uint8
@@ -57,24 +57,31 @@ class HunyuanImage3Pipeline(ImagePipeline):
         first, c = tasks[0], self.config
         ratio = self.info.resolution.ratio_index(first.height, first.width)
         h, w = first.height // c.vae_factor, first.width // c.vae_factor
-        sequences = {}  # prompt -> (cond, uncond)
+        sequences = {}  # (prompt, system prompt) -> (cond, uncond)
         for task in tasks:
-            if task.prompt not in sequences:
-                ids = self.tokenizer.encode(task.prompt)
-                sequences[task.prompt] = (
-                    self.tokenizer.build_sequence(ids, ratio, h, w, c.image_base_size, self.info.context),
-                    self.tokenizer.build_uncond_sequence(ids, ratio, h, w, c.image_base_size, self.info.context))
+            key = task.prompt, task.system_prompt
+            if key not in sequences:
+                ids, template = self.tokenizer.encode(task.prompt), self.info.template(task.system_prompt)
+                build = (self.tokenizer.build_sequence, self.tokenizer.build_uncond_sequence)
+                sequences[key] = tuple(make(ids, ratio, h, w, c.image_base_size, self.info.context, template)
+                                       for make in build)
         # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
-        rows = [sequences[task.prompt][branch] for branch in branches for task in tasks]
+        rows = [sequences[task.prompt, task.system_prompt][branch] for branch in branches for task in tasks]
         caches, gen_positions = self._prefill(rows)
-        scheduler = FlowMatchEulerScheduler(first.num_inference_steps, float(self.info.generation.flow_shift))
+        scheduler = FlowMatchScheduler(first.num_inference_steps, float(self.info.generation.flow_shift),
+                                       first.solver)
         latents = initial_noise([task.seed for task in tasks], (c.latent_channels, h, w), self.device)
-        timesteps = scheduler.timesteps.to(self.device)
+        timesteps, timesteps_r = scheduler.timesteps.to(self.device), scheduler.timesteps_r.to(self.device)
+        guidance = None
+        if c.cfg_distilled:  # the reference's value: the scale × 1000 rounded to bf16 (2.5 -> 2496)
+            scale = torch.tensor(1000.0 * first.guidance_scale, dtype=torch.bfloat16).float()
+            guidance = scale.expand(len(rows)).to(self.device)
 
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             t = timesteps[i].expand(len(rows))
+            r = timesteps_r[i].expand(len(rows)) if c.use_meanflow else None
             return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches,
-                                    block_cache).float()
+                                    block_cache, guidance=guidance, timesteps_r=r).float()
 
         return DenoisingBatch(latents, scheduler, predict)
 

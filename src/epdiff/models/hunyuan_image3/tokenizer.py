@@ -10,8 +10,14 @@ Sequence for base text-to-image (template "pretrain", no system prompt, no ``<eo
 
     <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img> x (h*w) <eoi>
 
-The unconditional (CFG) branch is the same sequence with each prompt token replaced by ``<cfg>``,
-so both branches have equal length and identical positions.
+Template "instruct" (the Instruct models) wraps it in the chat roles, each piece tokenized on its
+own as the reference does::
+
+    <bos> [system "\n\n"] "User: " prompt "\n\n" "Assistant: " <answer> <boi> ... <eoi> </answer> "\n\n"
+
+A cfg-distilled model has a <guidance> token after <timestep>, a mean-flow one then <timestep_r>.
+The unconditional (CFG) branch is the same sequence with each prompt token replaced by ``<cfg>``
+(the system prompt and the roles stay), so both branches have equal length and identical positions.
 """
 
 from __future__ import annotations
@@ -33,10 +39,31 @@ UNK_TOKEN = "<unk>"
 NAMED_SPECIAL_TOKENS = (
     "<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<img>", "<cfg>", "<timestep>", "<guidance>",
     "<joint_img_sep>", "<think>", "</think>", "<recaption>", "</recaption>", "<answer>", "</answer>",
+    "<timestep_r>",
 )
 
-# Tokens between the prompt and the first <img>: <boi> <img_size_B> <img_ratio_k> <timestep>.
-_TOKENS_BEFORE_IMAGE = 4
+# Tokens between the template's text and the first <img>: <boi> <img_size_B> <img_ratio_k>, then
+# the step tokens.
+_IMAGE_HEADER = 3
+# The instruct template's role markers and separator (the reference's conversation "hunyuan-image-3").
+INSTRUCT_USER, INSTRUCT_ASSISTANT, INSTRUCT_SEPARATOR = "User: ", "Assistant: ", "\n\n"
+SEQUENCE_TEMPLATES = ("pretrain", "instruct")
+
+
+@dataclass(frozen=True)
+class SequenceTemplate:
+    """How a prompt becomes the sequence before and after its image: generation_config.json's
+    sequence_template, the resolved system prompt (stripped; "" for none) and the model's step
+    tokens (config.json cfg_distilled, use_meanflow)."""
+
+    kind: str = "pretrain"
+    system_prompt: str = ""
+    cfg_distilled: bool = False
+    use_meanflow: bool = False
+
+    @property
+    def step_tokens(self) -> tuple[str, ...]:
+        return ("<timestep>",) + ("<guidance>",) * self.cfg_distilled + ("<timestep_r>",) * self.use_meanflow
 
 # transformers' files naming the tokens of the roles below, read in this order (an entry in the
 # later file wins).
@@ -135,7 +162,8 @@ class ImageSequence:
     image_start: int  # first <img> token
     image_len: int  # grid h * w
     grid: tuple[int, int]  # (h, w) in tokens
-    prompt_len: int  # prompt tokens at [1, 1 + prompt_len)
+    prompt_len: int  # prompt tokens at [prompt_start, prompt_start + prompt_len)
+    prompt_start: int = 1
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -146,12 +174,7 @@ class ImageSequence:
 
     @property
     def prompt_slice(self) -> slice:
-        return slice(1, 1 + self.prompt_len)
-
-
-def sequence_length(prompt_len: int, grid_h: int, grid_w: int) -> int:
-    """<bos> + prompt + 4 tokens before the image + h*w <img> + <eoi>."""
-    return 1 + prompt_len + _TOKENS_BEFORE_IMAGE + grid_h * grid_w + 1
+        return slice(self.prompt_start, self.prompt_start + self.prompt_len)
 
 
 class HunyuanTokenizer:
@@ -232,6 +255,29 @@ class HunyuanTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def template_pieces(self, template: SequenceTemplate) -> tuple[list[int], list[int], list[int]]:
+        """The template's token ids before the prompt (after <bos>), between the prompt and <boi>,
+        and after <eoi>."""
+        if template.kind not in SEQUENCE_TEMPLATES:
+            raise ValueError(f"unknown sequence template {template.kind!r}; choose one of {SEQUENCE_TEMPLATES}")
+        instruct = template.kind == "instruct"
+        before = self.encode(template.system_prompt) if template.system_prompt else []
+        if instruct and template.system_prompt:
+            before += self.encode(INSTRUCT_SEPARATOR)
+        if not instruct:
+            return before, [], []
+        before += self.encode(INSTRUCT_USER)
+        between = self.encode(INSTRUCT_SEPARATOR) + self.encode(INSTRUCT_ASSISTANT) + [self.token_id("<answer>")]
+        after = [self.token_id("</answer>")] + self.encode(INSTRUCT_SEPARATOR)
+        return before, between, after
+
+    def sequence_length(self, prompt_len: int, grid_h: int, grid_w: int,
+                        template: SequenceTemplate = SequenceTemplate()) -> int:
+        """<bos>, the template's pieces, the prompt, the image header and step tokens, h*w <img>, <eoi>."""
+        before, between, after = self.template_pieces(template)
+        return (1 + len(before) + prompt_len + len(between) + _IMAGE_HEADER + len(template.step_tokens)
+                + grid_h * grid_w + 1 + len(after))
+
     def build_sequence(
         self,
         prompt_ids: Sequence[int] | torch.Tensor | str,
@@ -240,10 +286,11 @@ class HunyuanTokenizer:
         grid_w: int,
         image_base_size: int,
         max_length: int | None = None,
+        template: SequenceTemplate = SequenceTemplate(),
     ) -> ImageSequence:
-        """The conditional branch: <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img>*hw <eoi>."""
+        """The conditional branch (pretrain: <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img>*hw <eoi>)."""
         prompt = self._checked_prompt(prompt_ids)
-        return self._build(prompt, ratio_index, grid_h, grid_w, image_base_size, max_length)
+        return self._build(prompt, ratio_index, grid_h, grid_w, image_base_size, max_length, template)
 
     def build_uncond_sequence(
         self,
@@ -253,10 +300,12 @@ class HunyuanTokenizer:
         grid_w: int,
         image_base_size: int,
         max_length: int | None = None,
+        template: SequenceTemplate = SequenceTemplate(),
     ) -> ImageSequence:
         """The CFG branch: the conditional sequence with every prompt token replaced by <cfg>."""
         prompt = self._checked_prompt(prompt_ids)
-        return self._build([self.cfg] * len(prompt), ratio_index, grid_h, grid_w, image_base_size, max_length)
+        return self._build([self.cfg] * len(prompt), ratio_index, grid_h, grid_w, image_base_size, max_length,
+                           template)
 
     def _checked_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, str):  # convenience: a prompt given as text
@@ -266,20 +315,25 @@ class HunyuanTokenizer:
             raise ValueError("the prompt is empty (0 tokens); text-to-image needs a non-empty prompt")
         return [int(t) for t in prompt]
 
-    def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length) -> ImageSequence:
+    def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length,
+               template: SequenceTemplate) -> ImageSequence:
         if grid_h < 1 or grid_w < 1:
             raise ValueError(f"image grid must be at least 1x1 tokens, got {grid_h}x{grid_w}")
-        length = sequence_length(len(prompt), grid_h, grid_w)
+        length = self.sequence_length(len(prompt), grid_h, grid_w, template)
         if max_length is not None and length > max_length:
             raise ValueError(
                 f"sequence length {length} (prompt {len(prompt)} tokens + image {grid_h}x{grid_w} = "
-                f"{grid_h * grid_w} tokens + 6 special tokens) exceeds max_length {max_length}"
+                f"{grid_h * grid_w} tokens + {length - len(prompt) - grid_h * grid_w} template and special tokens) "
+                f"exceeds max_length {max_length}"
             )
-        ids = [self.bos, *prompt, self.boi]
-        ids += [self.img_size(image_base_size), self.img_ratio(ratio_index), self.timestep]
-        timestep_index = len(ids) - 1
+        before, between, after = self.template_pieces(template)
+        ids = [self.bos, *before]
+        prompt_start = len(ids)
+        ids += [*prompt, *between, self.boi, self.img_size(image_base_size), self.img_ratio(ratio_index)]
+        timestep_index = len(ids)
+        ids += [self.token_id(token) for token in template.step_tokens]
         image_start = len(ids)
-        ids += [self.img] * (grid_h * grid_w) + [self.eoi]
+        ids += [self.img] * (grid_h * grid_w) + [self.eoi] + after
         assert len(ids) == length
         return ImageSequence(
             input_ids=torch.tensor(ids, dtype=torch.long),
@@ -289,4 +343,5 @@ class HunyuanTokenizer:
             image_len=grid_h * grid_w,
             grid=(grid_h, grid_w),
             prompt_len=len(prompt),
+            prompt_start=prompt_start,
         )

@@ -22,8 +22,7 @@ from ...moe.router import Router
 from ...quantization import QuantizationConfig, config_from_checkpoint
 
 # Not used by text-to-image: never read.
-SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.", "guidance_emb.",
-                    "timestep_r_emb.")
+SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.")
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
 # What a pre-quantized checkpoint stores beside an expert weight (its scale: `weight_scale`).
 EXPERT_EXTRA = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight(_\w+)$")
@@ -199,7 +198,7 @@ def _belongs_elsewhere(model, name: str) -> bool:
     layer = LAYER.match(name)
     if layer:
         return layer[1] not in model.model.layers
-    first_stage = ("model.wte.", "timestep_emb.", "time_embed.", "patch_embed.")
+    first_stage = ("model.wte.", "timestep_emb.", "guidance_emb.", "timestep_r_emb.", "time_embed.", "patch_embed.")
     last_stage = ("time_embed_2.", "final_layer.")
     return name.startswith(first_stage + last_stage)
 
