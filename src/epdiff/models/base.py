@@ -117,8 +117,9 @@ class ModelInfo(ABC):
         return 2 if guidance_scale > 1.0 else 1
 
     def resolve_system_prompt(self, value: str | None) -> str:
-        """A request's system_prompt (None: the model's default) as text; ValueError names the problem."""
-        if value is not None:
+        """A request's system_prompt (None: the model's default; "": none) as text; ValueError names
+        the problem."""
+        if value:
             raise ValueError(f"the {self.family.name} family takes no system prompt")
         return ""
 

@@ -4,9 +4,10 @@ TP shards whole KV-head groups (the fused QKV rows of a group are contiguous, so
 rows are one contiguous block). The generalized causal mask is never materialised:
 
   prefix  (text before <timestep>): plain causal attention, K/V kept for every denoising step;
-  <timestep>: attends to the prefix and itself (it is the last key it may see: no mask);
-  image tokens: attend to the prefix, <timestep> and every image token (no mask), split over SP
-               ranks with Ulysses.
+  step tokens (<timestep>, then <guidance> and <timestep_r> where the model has them): causal, each
+               attends to the prefix and the step tokens up to itself (one token: no mask);
+  image tokens: attend to the prefix, the step tokens and every image token (no mask), split over
+               SP ranks with Ulysses.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class KVCache:
 
 def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, S, Hq, D], k/v [B, L, Hkv, D] -> [B, S, Hq, D]; Hq a multiple of Hkv (GQA).
-    key_mask [B, L]: keys each query may see (None: all)."""
+    key_mask [B, L] or, per query, [B, S, L]: keys each query may see (None: all)."""
     group = q.shape[2] // k.shape[2]
     mask = None
     if key_mask is not None:
-        mask = key_mask[:, None, None, :]
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         if group > 1:  # the fused kernels that take a mask do not take GQA: expand the KV heads
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -49,9 +50,11 @@ def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) ->
 
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: Group,
-                 sp: Group, eps: float = 1e-5, dtype=None, device=None, quant_config=None):
-        """quant_config: the quantization scheme of the projections (None: in dtype)."""
+                 sp: Group, eps: float = 1e-5, dtype=None, device=None, quant_config=None, step_tokens: int = 1):
+        """quant_config: the quantization scheme of the projections (None: in dtype). step_tokens:
+        the tokens a denoising step writes before the image (config.num_step_tokens)."""
         super().__init__()
+        self.step_tokens = step_tokens
         # The head counts were checked against the config (config.py) and the layout
         # (HunyuanImage3Info.check_layout) before any rank started.
         self.tp, self.sp = tp, sp
@@ -87,21 +90,29 @@ class Attention(nn.Module):
         return self._out(sdpa(q, k, v, causal=True)), KVCache(k, v)
 
     def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
-        """x [B, 1 + N/SP, hidden]: <timestep>, then this SP rank's chunk of the image tokens."""
+        """x [B, n + N/SP, hidden]: the n step tokens, then this SP rank's chunk of the image tokens."""
+        n = self.step_tokens
         q, k, v = self._qkv(x, cos, sin)
-        k_prefix = torch.cat([cache.k, k[:, :1]], dim=1)  # prefix + <timestep>
-        v_prefix = torch.cat([cache.v, v[:, :1]], dim=1)
+        k_prefix = torch.cat([cache.k, k[:, :n]], dim=1)  # prefix + step tokens
+        v_prefix = torch.cat([cache.v, v[:, :n]], dim=1)
         prefix_mask = image_mask = None
         if cache.key_mask is not None:
-            prefix_mask = F.pad(cache.key_mask, (0, 1), value=True)
-        timestep_out = sdpa(q[:, :1], k_prefix, v_prefix, key_mask=prefix_mask)
+            prefix_mask = F.pad(cache.key_mask, (0, n), value=True)
+        step_mask = prefix_mask
+        if n > 1:  # causal among the step tokens
+            B, L = k_prefix.shape[:2]
+            seen = cache.key_mask if cache.key_mask is not None else torch.ones(B, L - n, dtype=torch.bool,
+                                                                                    device=x.device)
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            step_mask = torch.cat([seen[:, None].expand(B, n, L - n), causal.expand(B, n, n)], dim=2)
+        step_out = sdpa(q[:, :n], k_prefix, v_prefix, key_mask=step_mask)
 
         # Image tokens: the whole image for 1/SP of the heads.
-        q_img, k_img, v_img = (scatter_heads(t[:, 1:], self.sp) for t in (q, k, v))
+        q_img, k_img, v_img = (scatter_heads(t[:, n:], self.sp) for t in (q, k, v))
         heads = slice(self.sp.rank * k_img.shape[2], (self.sp.rank + 1) * k_img.shape[2])
         if prefix_mask is not None:
             image_mask = F.pad(prefix_mask, (0, k_img.shape[1]), value=True)
         image_out = sdpa(q_img, torch.cat([k_prefix[:, :, heads], k_img], dim=1),
                          torch.cat([v_prefix[:, :, heads], v_img], dim=1), key_mask=image_mask)
         image_out = gather_heads(image_out, self.sp)
-        return self._out(torch.cat([timestep_out, image_out], dim=1))
+        return self._out(torch.cat([step_out, image_out], dim=1))

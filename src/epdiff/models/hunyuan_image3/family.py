@@ -115,6 +115,9 @@ class TinyModelOptions:
     seed: int = option(0, "seed of the random weights")
     vocab_size: int | None = option(None, "default: the tokenizer's size")
     release_vae: bool = option(False, "the release's VAE config instead of a tiny one")
+    variant: str = option("base", "base, instruct (HunyuanImage-3.0-Instruct) or instruct-distil "
+                                  "(-Instruct-Distil: guidance distilled, mean flow, 8 steps)",
+                          choices=("base", "instruct", "instruct-distil"))
     config_only: bool = option(False, "write configs and tokenizer but no weights (for --load-format dummy at "
                                       "full size)")
 

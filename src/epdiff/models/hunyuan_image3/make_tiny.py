@@ -4,6 +4,12 @@ config.json with the release's keys, generation_config.json, model.safetensors.i
 several shards (transformer in bf16 like the release, router and VAE in fp32), tokenizer.json
 with every special token and tokenizer_config.json naming its bos/eos/pad tokens, and the VAE
 weights under `vae.`.
+
+Variants (`--variant`): `base` (HunyuanImage-3.0), `instruct` (HunyuanImage-3.0-Instruct: the
+instruct template, a system prompt, the SigLIP2 vision tower `vision_model.*` and its aligner
+`vision_aligner.*` with their configs) and `instruct-distil` (also cfg_distilled and use_meanflow:
+`guidance_emb.*`, `timestep_r_emb.*`, 8 steps). The Instruct variants carry a `system_prompt.py`
+whose prompts are short stand-ins written here (the release ships its own).
 """
 
 from __future__ import annotations
@@ -47,6 +53,63 @@ def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_val
     }
 
 
+VARIANTS = ("base", "instruct", "instruct-distil")
+# The Instruct releases' vision settings, at small sizes (config.json vit, vit_processor, vit_aligner).
+VIT_TYPE = "siglip2-so400m-patch16-naflex"
+# Keys the reference's vision tower reads from the vit dict as attributes (its Config has no defaults).
+VIT_RUNTIME_KEYS = dict(_attn_implementation="sdpa", output_attentions=False, output_hidden_states=False,
+                        use_return_dict=True)
+TINY_SYSTEM_PROMPTS = {"en_vanilla": "You draw the image the user describes.",
+                       "en_recaption": "You rewrite the user's request as a detailed caption, then draw it.",
+                       "en_think_recaption": "You think about the request, rewrite it as a caption, then draw it."}
+TINY_UNIFIED_PROMPT = "You answer in text and images."
+
+
+def instruct_fields(variant: str, hidden_size: int, vit_hidden: int = 32) -> tuple[dict, dict]:
+    """config.json and generation_config.json fields of an Instruct variant."""
+    distil = variant == "instruct-distil"
+    vit = dict(hidden_size=vit_hidden, intermediate_size=2 * vit_hidden, num_attention_heads=2, num_hidden_layers=2,
+               num_channels=3, patch_size=16, num_patches=64, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+               attention_dropout=0.0, **VIT_RUNTIME_KEYS)
+    processor = dict(do_resize=True, do_rescale=True, do_normalize=True, rescale_factor=1 / 255,
+                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], patch_size=16, max_num_patches=64,
+                     resample=2)
+    config = dict(vit_type=VIT_TYPE, vit=vit, vit_processor=processor, cfg_distilled=distil, use_meanflow=distil,
+                  vit_aligner=dict(projector_type="mlp_gelu", input_dim=vit_hidden, n_embed=hidden_size, depth=2))
+    generation = dict(sequence_template="instruct", use_system_prompt="en_vanilla", bot_task="image",
+                      diff_infer_steps=8 if distil else 50, diff_guidance_scale=2.5 if distil else 5.0)
+    return config, generation
+
+
+def vision_tensors(cfg: dict, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """The SigLIP2 tower (transformers' own class, its names under `vision_model.`) and the
+    aligner (`vision_aligner.layers.{0,2}`: Linear, GELU, Linear), random."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    torch.manual_seed(seed + 2)
+    fields = {k: v for k, v in cfg["vit"].items() if k not in VIT_RUNTIME_KEYS}
+    tower = Siglip2VisionModel(Siglip2VisionConfig(**fields))
+    aligner = cfg["vit_aligner"]
+    tensors = {f"vision_model.{n.removeprefix('vision_model.')}": t for n, t in tower.state_dict().items()}
+    dims = [aligner["input_dim"]] + [aligner["n_embed"]] * aligner["depth"]
+    for k in range(aligner["depth"]):
+        tensors[f"vision_aligner.layers.{2 * k}.weight"] = torch.randn(dims[k + 1], dims[k]) * std
+        tensors[f"vision_aligner.layers.{2 * k}.bias"] = torch.zeros(dims[k + 1])
+    return tensors
+
+
+def write_system_prompts(out_dir: str) -> None:
+    """A system_prompt.py laid out as the release's (the constants epdiff reads), with stand-in text."""
+    lines = ['"""Stand-in system prompts of a tiny epdiff checkpoint (the release ships its own)."""', ""]
+    for name, text in TINY_SYSTEM_PROMPTS.items():
+        lines.append(f"t2i_system_prompt_{name} = {text!r}")
+    lines.append("t2i_system_prompts = {" + ", ".join(f"{name!r}: [t2i_system_prompt_{name}]"
+                                                      for name in TINY_SYSTEM_PROMPTS) + "}")
+    lines.append(f"unified_system_prompt_en = {TINY_UNIFIED_PROMPT!r}")
+    with open(os.path.join(out_dir, "system_prompt.py"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: int):
     names = sorted(tensors)
     per = -(-len(names) // num_shards)
@@ -66,28 +129,38 @@ def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: in
 
 def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
               num_experts=8, moe_topk=2, moe_intermediate_size=64, image_base_size=256, patch_embed_hidden_dim=64,
-              seed=0, num_shards=3, std=0.02, vocab_size=None, vae=None, config_only=False) -> str:
+              seed=0, num_shards=3, std=0.02, vocab_size=None, vae=None, config_only=False,
+              variant="base") -> str:
     """config_only: config, generation config and tokenizer, no weights (for --load-format dummy
-    at sizes too large to write)."""
+    at sizes too large to write). variant: one of VARIANTS."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     os.makedirs(out_dir, exist_ok=True)
     build_tiny_tokenizer(out_dir, image_base_size)
     from tokenizers import Tokenizer
     vocab_size = vocab_size or Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).get_vocab_size()
     cfg = tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,
                       moe_intermediate_size, image_base_size, patch_embed_hidden_dim, vocab_size, vae)
+    generation = None
+    if variant != "base":
+        extra, generation = instruct_fields(variant, hidden_size)
+        cfg.update(extra)
+        write_system_prompts(out_dir)
     config = HunyuanImage3Config.from_dict(cfg)
     if config_only:
-        _write_configs(out_dir, cfg)
+        _write_configs(out_dir, cfg, generation)
         return out_dir
     torch.manual_seed(seed)
     model = HunyuanImage3Transformer(config, ParallelState.single())
     init_dummy_weights(model, seed=seed, std=std)
-    save_release_format(out_dir, cfg, model, AutoencoderKLConv3D(cfg["vae"]), num_shards, seed, std)
+    extra_tensors = vision_tensors(cfg, seed, std) if variant != "base" else {}
+    save_release_format(out_dir, cfg, model, AutoencoderKLConv3D(cfg["vae"]), num_shards, seed, std, generation,
+                        extra_tensors)
     return out_dir
 
 
 def save_release_format(out_dir: str, cfg: dict, model, vae, num_shards: int = 3, seed: int = 0, std: float = 0.02,
-                        generation: dict | None = None):
+                        generation: dict | None = None, extra_tensors: dict | None = None):
     """A single-process model and its VAE as the release lays them out: transformer bf16, router
     and VAE fp32, the text-only ln_f/lm_head included (random: text-to-image never reads them)."""
     tensors = {n: (t.float() if ".mlp.gate.wg." in n else t.to(torch.bfloat16))
@@ -97,6 +170,7 @@ def save_release_format(out_dir: str, cfg: dict, model, vae, num_shards: int = 3
     tensors["model.ln_f.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
     tensors["lm_head.weight"] = (torch.randn(vocab, hidden, generator=g) * std).to(torch.bfloat16)
     tensors.update({f"vae.{n}": t.detach().float().cpu().contiguous() for n, t in vae.state_dict().items()})
+    tensors.update({n: t.detach().to(torch.bfloat16) for n, t in (extra_tensors or {}).items()})
     write_sharded({n: t.detach().cpu() for n, t in tensors.items()}, out_dir, num_shards)
     _write_configs(out_dir, cfg, generation)
 

@@ -117,7 +117,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   parallel.tp, parallel.sp, c.rms_norm_eps, quant_config=quant_config, **kw)
+                                   parallel.tp, parallel.sp, c.rms_norm_eps, quant_config=quant_config,
+                                   step_tokens=c.num_step_tokens, **kw)
         if c.is_moe_layer(index):
             self.mlp = MoELayer(c.hidden_size, c.num_experts, c.moe_topk[index], c.mlp_width(index),
                                 parallel, shared_intermediate_size=c.shared_intermediate_size(index),

@@ -1,0 +1,24 @@
+"""The Instruct parity cases: the tiny checkpoints and requests both Tencent's code
+(scripts/reference_instruct.py) and tests/test_instruct.py run."""
+
+from __future__ import annotations
+
+import os
+
+from epdiff.models.hunyuan_image3.make_tiny import make_tiny
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "hunyuan_instruct_reference.safetensors")
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+             moe_topk=2, moe_intermediate_size=32, image_base_size=256, patch_embed_hidden_dim=32)
+CASES = {  # what scripts/reference_instruct.py ran Tencent's code on
+    "distil": dict(variant="instruct-distil", steps=8, guidance=2.5, solver="euler", prompt="a red circle",
+                   seed=1, size=256),
+    "instruct": dict(variant="instruct", steps=6, guidance=5.0, solver="euler", prompt="a red circle", seed=2,
+                     size=256),
+    "distil-heun": dict(variant="instruct-distil", steps=4, guidance=2.5, solver="heun-2",
+                        prompt="two blue squares", seed=3, size=256),
+}
+
+
+def make_checkpoint(folder: str, variant: str) -> str:
+    return make_tiny(folder, **SIZES, variant=variant, seed=5)

@@ -1,0 +1,103 @@
+"""HunyuanImage-3.0 Instruct and Instruct-Distil (issue 22, docs/architecture.md 'Instruct'): epdiff's
+final latents against Tencent's code on the same tiny checkpoints (tensors its code produced,
+scripts/reference_instruct.py), every layout with EP against one rank, and the refusals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from epdiff.config import ConfigError
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.engine.denoise import RankMetrics, denoise
+from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
+from epdiff.models.base import ImageTask
+from epdiff.models.registry import model_info
+from instruct_cases import CASES, REFERENCE, make_checkpoint
+from layouts import layout
+
+_folders: dict = {}
+_one_rank: dict = {}
+
+def checkpoint(variant: str) -> str:
+    """One folder per variant for the session (workers of the test world write their own)."""
+    if variant not in _folders:
+        import tempfile
+        _folders[variant] = make_checkpoint(tempfile.mkdtemp(prefix=f"epdiff-{variant}-"), variant)
+    return _folders[variant]
+
+
+def task(case: dict, seed_offset: int = 0) -> ImageTask:
+    info = model_info(checkpoint(case["variant"]))
+    return ImageTask(case["prompt"], seed=case["seed"] + seed_offset, height=case["size"], width=case["size"],
+                     num_inference_steps=case["steps"], guidance_scale=case["guidance"], solver=case["solver"],
+                     system_prompt=info.resolve_system_prompt(None))
+
+
+def draw(state: ParallelState, case: dict, seed_offset: int = 0) -> torch.Tensor:
+    pipe = model_info(checkpoint(case["variant"])).load_pipeline(state, torch.float32, "safetensors", None, False)
+    images = denoise(pipe, [task(case, seed_offset)], state, RankMetrics(rank=state.global_rank,
+                                                                         layout=state.config.describe()))
+    return images[0].latents
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_final_latents_match_the_reference_code(name):
+    from safetensors.torch import load_file
+
+    expected = load_file(REFERENCE)[name]
+    out = draw(ParallelState.single(), CASES[name])
+    assert out.shape == expected.shape
+    err = float((out - expected).norm() / expected.norm())
+    assert err <= 1e-4, f"{name}: relative error {err:.2e} against Tencent's code"
+
+
+def layouts_against_one_rank(rank: int, configs, names) -> list[dict]:
+    rows = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        for name in names:
+            offset = state.dp.rank  # DP ranks draw different images
+            out = draw(state, CASES[name], offset)
+            key = (name, offset)
+            if key not in _one_rank:
+                _one_rank[key] = draw(ParallelState.single(), CASES[name], offset)
+            ref = _one_rank[key]
+            err = float((out - ref).abs().max())
+            rows.append(dict(layout=config.describe(), case=name, rank=rank, err=err,
+                             close=err <= 1e-5 * float(ref.abs().max())))
+    return rows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_layout_with_ep_gives_the_one_rank_result(world8, world):
+    configs = {2: [layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True),
+                   layout(dp=2, ep=True)],
+               4: [layout(cfg=2, tp=2, ep=True), layout(sp=2, dp=2, ep=True)]}[world]
+    names = {2: ["distil", "distil-heun", "instruct"], 4: ["instruct"]}[world]
+    rows = [r for per_rank in world8.run(world, layouts_against_one_rank, configs, names) for r in per_rank]
+    assert rows and all(r["close"] for r in rows), [r for r in rows if not r["close"]]
+
+
+def test_a_distilled_model_refuses_cfg_parallel_and_runs_one_branch():
+    folder = checkpoint("instruct-distil")
+    info = model_info(folder)
+    assert info.num_guidance_branches(2.5) == 1 and info.default_num_inference_steps == 8
+    with pytest.raises(ConfigError, match=r"--cfg-parallel-size 2: this model has guidance distilled into it"):
+        EngineConfig(folder, parallel=layout(cfg=2)).resolve()
+
+
+def test_requests_name_their_solver_and_system_prompt():
+    config = EngineConfig(checkpoint("instruct")).resolve()
+    params = SamplingParams("a red circle", solver="kutta-4", system_prompt="en_recaption").resolve(config)
+    assert params.solver == "kutta-4" and params.system_prompt.startswith("You rewrite")
+    assert SamplingParams("a red circle", system_prompt="Draw it flat.").resolve(config).system_prompt == "Draw it flat."
+    assert SamplingParams("a red circle", system_prompt="None").resolve(config).system_prompt == ""
+    with pytest.raises(RequestError, match="unknown solver 'rk45'"):
+        SamplingParams("a red circle", solver="rk45").resolve(config)
+    with pytest.raises(RequestError, match="cache 'taylor' works with the euler solver only"):
+        SamplingParams("a red circle", solver="heun-2", cache="taylor").resolve(config)
+    with pytest.raises(RequestError, match="system prompt 'custom' needs its text"):
+        SamplingParams("a red circle", system_prompt="custom").resolve(config)
