@@ -262,8 +262,7 @@ def test_dense_layer_checkpoint_round_trip(tmp_path):
 # -- generation_config.json ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, value", [("sequence_template", "chat"), ("bot_task", "think"),
-                                         ("bot_task", "recaption"), ("bot_task", "img_ratio")])
+@pytest.mark.parametrize("name, value", [("sequence_template", "chat"), ("bot_task", "paint")])
 def test_generation_settings_epdiff_does_not_build_are_refused(name, value):
     with pytest.raises(ConfigError, match=f"generation_config.json: {name} {value!r} is not supported"):
         check_generation_config({**GENERATION_CONFIG, name: value})

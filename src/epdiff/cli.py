@@ -121,7 +121,8 @@ def cmd_generate(args) -> int:
                 check_writable(path, what)
     requests = prompt_requests(config, prompts, height=args.height, width=args.width,
                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                               seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, solver=args.solver)
+                               seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, solver=args.solver,
+                               system_prompt=args.system_prompt)
     first = requests[0]
     snapped = (args.height or args.width) and (args.height, args.width) != (first.height, first.width)
     with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
     p.add_argument("--solver", default=None, help="euler, heun-2, midpoint-2 or kutta-4 (the model family's; "
                                                   "default: the model's first, euler)")
+    p.add_argument("--system-prompt", default=None,
+                   help="Instruct models: a name (None, en_vanilla, en_recaption, en_think_recaption, en_unified, "
+                        "dynamic) or the text itself (default: generation_config.json use_system_prompt)")
     p.add_argument("--seed", type=int, default=0,
                    help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own "
                         "seed (default: %(default)s)")

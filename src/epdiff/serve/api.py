@@ -24,7 +24,8 @@ from .config import ServerConfig
 # OpenAI's names; "jpg" too, since the CLI takes .jpg.
 OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache", "solver")
+ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache", "solver",
+                 "system_prompt")
 API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
 # Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
 # DALL-E's quality or style presets, nor moderation).
@@ -105,7 +106,7 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
         prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
         seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")),
-        solver=body.get("solver"))
+        solver=body.get("solver"), system_prompt=body.get("system_prompt"))
     try:
         params = params.resolve(engine_config)
     except RequestError as e:

@@ -35,7 +35,9 @@ SUPPORTED_VALUES = {
     "norm_type": ("hf_rms", "rms"),
     "rope_type": ("2d",),
     "img_proj_type": ("unet",),
-    "moe_drop_tokens": (False, True),  # read as no-drop routing, which the flag does not change here (check)
+    # epdiff follows the reference's recommended (flashinfer) routing, which never drops a token and
+    # ignores the flag; only its eager path drops tokens over capacity when the flag is set.
+    "moe_drop_tokens": (False, True),
     "use_qk_norm": (True,),
     "use_rotary_pos_emb": (True,),
     "attention_bias": (False,),
@@ -69,7 +71,9 @@ def check_supported_fields(cfg: dict) -> None:
 # base model's text-to-image sequence only. An absent key means the first value.
 SUPPORTED_GENERATION_VALUES = {
     "sequence_template": ("pretrain", "instruct"),  # 'instruct' wraps the prompt in the chat roles
-    "bot_task": ("image", None),  # think / recaption / img_ratio first generate text
+    # The reference's tasks. epdiff draws directly (the image task) whatever the file names: the
+    # text passes that think / recaption / img_ratio run first are not built (HunyuanImage3Info.describe).
+    "bot_task": ("image", None, "auto", "think", "recaption", "think_recaption", "img_ratio"),
 }
 
 

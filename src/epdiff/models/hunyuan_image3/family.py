@@ -88,9 +88,15 @@ class HunyuanImage3Info(ModelInfo):
         # dict: bucket sides rounded down to the VAE factor can repeat at small bases
         sizes = list(dict.fromkeys(f"{w}x{h}" for h, w in self.resolution.buckets))
         base = self.config.image_base_size
+        c, g = self.config, self.generation
         return {"family": self.family.name, "image_sizes": sizes, "default_size": f"{base}x{base}",
                 "default_num_inference_steps": self.default_num_inference_steps,
-                "default_guidance_scale": self.default_guidance_scale}
+                "default_guidance_scale": self.default_guidance_scale,
+                "guidance": "distilled (one branch)" if c.cfg_distilled else "classifier-free (two branches)",
+                "mean_flow": c.use_meanflow, "solvers": list(self.solvers),
+                "sequence_template": g.sequence_template, "default_system_prompt": self.system_prompts.default,
+                "task": "image" + ("" if g.bot_task in ("image", None) else
+                                   f" (generation_config.json asks {g.bot_task!r}: its text pass is not run)")}
 
     def load_pipeline(self, parallel, dtype: torch.dtype, load_format: str, quantization: str | None,
                       decode: bool) -> ImagePipeline:
