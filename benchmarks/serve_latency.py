@@ -134,6 +134,8 @@ def main():
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--release-width", type=int, default=None, metavar="LAYERS",
                    help="HunyuanImage-3.0 at release width with this many layers, dummy weights")
+    p.add_argument("--variant", default="base", choices=("base", "instruct", "instruct-distil"),
+                   help="with --release-width: which HunyuanImage-3.0 checkpoint's configs")
     p.add_argument("--skip-cli", action="store_true")
     p.add_argument("--cli-budget-s", type=float, default=None,
                    help="start no further `epdiff generate` command once this many seconds are spent")
@@ -144,7 +146,7 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from step_scaling import release_width_model
 
-        engine_flags += ["--model", release_width_model(args.release_width), "--load-format", "dummy"]
+        engine_flags += ["--model", release_width_model(args.release_width, args.variant), "--load-format", "dummy"]
     os.makedirs(args.out, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="serve_latency.")
     report = dict(images=args.images, steps=args.steps, size=args.size, engine_flags=engine_flags)

@@ -41,13 +41,13 @@ LAYOUTS = [  # (name, ParallelConfig kwargs)
 ]
 
 
-def release_width_model(layers: int) -> str:
-    """Configs and tokenizer of HunyuanImage-3.0 at release width with `layers` layers (no weights:
-    run with load_format='dummy')."""
+def release_width_model(layers: int, variant: str = "base") -> str:
+    """Configs and tokenizer of HunyuanImage-3.0 (or its `variant`: instruct, instruct-distil) at
+    release width with `layers` layers (no weights: run with load_format='dummy')."""
     return make_tiny(tempfile.mkdtemp(), hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
                      num_key_value_heads=8, num_experts=64, moe_topk=8, moe_intermediate_size=3072,
                      image_base_size=1024, patch_embed_hidden_dim=1024, vocab_size=133120, vae="release",
-                     config_only=True)
+                     config_only=True, variant=variant)
 
 
 def step_flops(config: HunyuanImage3Config, image_tokens: int, prefix_tokens: int, branches: int) -> float:
