@@ -12,16 +12,21 @@ so the reference reads epdiff's release layout. Cases (tests/instruct_cases.py C
   distil      Instruct-Distil text to image: 8 steps, guidance 2.5 distilled (<guidance>, <timestep_r>)
   instruct    Instruct, real CFG (guidance 5, two rows), 6 steps
   distil-heun Instruct-Distil, heun-2, 4 steps (8 model calls)
+  edit-*      edits: one input image (Distil, and Instruct with real CFG), two of different buckets
 The folder's system prompt (en_vanilla of its system_prompt.py) is passed as the reference's
 custom system prompt: the reference's own get_system_prompt would give Tencent's text.
 
 What the run needs beyond the reference on a CPU with transformers 5 (none changes the math):
-torchvision absent (empty modules: text to image never calls it); `torch.empty(device="cuda")` in
+torchvision absent (empty modules, but for the ToTensor, Normalize and Compose its conditioning
+images go through, written out as torchvision computes them); `torch.empty(device="cuda")` in
 its VAE mapped to the CPU; `torch.cuda.set_device(None)` and `nvtx.range` as no-ops; the
 `past_key_values` cache name transformers 5 dropped from ALL_CACHE_NAMES (else the KV cache is lost
 after the first step); StaticLayer.lazy_initialization given V; the bf16 initial noise cast to fp32
 (its GPU run autocasts); its tokenizer given the tiny tokenizer.json's own normalizer and
-pre-tokenizer, which transformers 5 drops when it loads a word-level tokenizer. The heun-2 case replaces the reference's scheduler (its pipeline hard-codes
+pre-tokenizer, which transformers 5 drops when it loads a word-level tokenizer; its Siglip2 image
+processor is transformers' PIL backend (Siglip2ImageProcessorPil, as in epdiff: the default one
+needs torchvision) built from the same vit_processor settings, asked for stacked tensors
+(transformers 5 returns lists). The heun-2 case replaces the reference's scheduler (its pipeline hard-codes
 euler) and feeds it the evaluation points of epdiff's FlowMatchScheduler, which its own
 second-order formulas need (docs/architecture.md, 'Solvers').
 """
@@ -58,6 +63,31 @@ def stub_torchvision():
         def __call__(self, *args):
             raise RuntimeError("torchvision is stubbed out")
 
+    # The three transforms its conditioning-image path applies, as torchvision computes them.
+    class Compose:
+        def __init__(self, transforms):
+            self.transforms = transforms
+
+        def __call__(self, x):
+            for t in self.transforms:
+                x = t(x)
+            return x
+
+    class ToTensor:
+        def __call__(self, image):
+            import numpy as np
+            pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
+            return pixels.to(torch.float32).div(255)
+
+    class Normalize:
+        def __init__(self, mean, std):
+            self.mean, self.std = mean, std
+
+        def __call__(self, x):
+            mean = torch.as_tensor(self.mean, dtype=x.dtype)[:, None, None]
+            std = torch.as_tensor(self.std, dtype=x.dtype)[:, None, None]
+            return x.sub(mean).div(std)
+
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
                  "torchvision.transforms.v2.functional", "torchvision.transforms.functional", "torchvision.io"):
         module = types.ModuleType(name)
@@ -68,8 +98,9 @@ def stub_torchvision():
             setattr(sys.modules[parent], child, module)
     transforms = sys.modules["torchvision.transforms"]
     transforms.InterpolationMode = InterpolationMode
-    for name in ("Compose", "ToTensor", "Normalize", "Resize", "CenterCrop", "Lambda", "RandomResizedCrop"):
+    for name in ("Resize", "CenterCrop", "Lambda", "RandomResizedCrop"):
         setattr(transforms, name, Unused)
+    transforms.Compose, transforms.ToTensor, transforms.Normalize = Compose, ToTensor, Normalize
     sys.modules["torchvision.transforms.functional"].pil_to_tensor = None
 
 
@@ -95,6 +126,8 @@ def cpu_workarounds():
 
 
 def run_reference(folder: str, case: dict) -> torch.Tensor:
+    from instruct_cases import input_image
+
     from hunyuan_image_3.hunyuan_image_3_pipeline import FlowMatchDiscreteScheduler
     from hunyuan_image_3.modeling_hunyuan_image_3 import HunyuanImage3ForCausalMM
 
@@ -134,8 +167,16 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
 
     model.vae.decode = keep
     system = SystemPrompts(folder, None).resolve("en_vanilla")
-    model.generate_image(prompt=case["prompt"], seed=case["seed"], image_size=f"{case['size']}x{case['size']}",
-                         bot_task="image", use_system_prompt="custom", system_prompt=system)
+    images = [input_image(name) for name in case.get("images", ())]
+    if images:
+        # transformers' Siglip2 processor from the same settings, its PIL backend (epdiff's; the
+        # torchvision one needs torchvision), asked for stacked tensors (transformers 5 returns lists).
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+        processor = Siglip2ImageProcessorPil(**model.config.vit_processor)
+        model.image_processor.vit_info.processor = lambda image, **k: processor(image, return_tensors="pt", **k)
+    model.generate_image(prompt=case["prompt"], image=images or None, seed=case["seed"],
+                         image_size=f"{case['size']}x{case['size']}", bot_task="image", use_system_prompt="custom",
+                         system_prompt=system)
     return captured["latents"][0]
 
 

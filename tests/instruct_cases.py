@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+from PIL import Image
+
 from epdiff.models.hunyuan_image3.make_tiny import make_tiny
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "hunyuan_instruct_reference.safetensors")
@@ -17,7 +20,29 @@ CASES = {  # what scripts/reference_instruct.py ran Tencent's code on
                      size=256),
     "distil-heun": dict(variant="instruct-distil", steps=4, guidance=2.5, solver="heun-2",
                         prompt="two blue squares", seed=3, size=256),
+    # edits: the input images by name (input_image), the output size given
+    "edit-distil": dict(variant="instruct-distil", steps=4, guidance=2.5, solver="euler", prompt="make it blue",
+                        seed=1, size=256, images=("red-square",)),
+    "edit-instruct": dict(variant="instruct", steps=3, guidance=5.0, solver="euler", prompt="make it blue",
+                          seed=4, size=256, images=("red-square",)),
+    "edit-two": dict(variant="instruct-distil", steps=3, guidance=2.5, solver="euler",
+                     prompt="put the circle on the square", seed=6, size=256, images=("red-square", "wide-circle")),
 }
+
+
+def input_image(name: str) -> Image.Image:
+    """The edits' input images, drawn here (deterministic)."""
+    if name == "red-square":
+        pixels = np.full((256, 256, 3), 255, dtype=np.uint8)
+        pixels[64:192, 64:192] = (220, 30, 30)
+    elif name == "wide-circle":  # 320x192 (W x H): a bucket of its own, fewer ViT patches than slots
+        y, x = np.mgrid[:192, :320]
+        pixels = np.full((192, 320, 3), 240, dtype=np.uint8)
+        pixels[(y - 96) ** 2 + (x - 160) ** 2 < 60 ** 2] = (30, 160, 40)
+        pixels[:, :8] = (0, 0, 0)
+    else:
+        raise ValueError(name)
+    return Image.fromarray(pixels)
 
 
 def make_checkpoint(folder: str, variant: str) -> str:
