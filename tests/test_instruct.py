@@ -15,7 +15,7 @@ from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
 from epdiff.models.base import ImageTask
 from epdiff.models.registry import model_info
-from instruct_cases import CASES, REFERENCE, make_checkpoint
+from instruct_cases import CASES, REFERENCE, input_image, make_checkpoint
 from layouts import layout
 
 _folders: dict = {}
@@ -33,7 +33,8 @@ def task(case: dict, seed_offset: int = 0) -> ImageTask:
     info = model_info(checkpoint(case["variant"]))
     return ImageTask(case["prompt"], seed=case["seed"] + seed_offset, height=case["size"], width=case["size"],
                      num_inference_steps=case["steps"], guidance_scale=case["guidance"], solver=case["solver"],
-                     system_prompt=info.resolve_system_prompt(None))
+                     system_prompt=info.resolve_system_prompt(None),
+                     images=tuple(input_image(name) for name in case.get("images", ())))
 
 
 def draw(state: ParallelState, case: dict, seed_offset: int = 0) -> torch.Tensor:

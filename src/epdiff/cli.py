@@ -122,7 +122,7 @@ def cmd_generate(args) -> int:
     requests = prompt_requests(config, prompts, height=args.height, width=args.width,
                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, solver=args.solver,
-                               system_prompt=args.system_prompt)
+                               system_prompt=args.system_prompt, images=args.image)
     first = requests[0]
     snapped = (args.height or args.width) and (args.height, args.width) != (first.height, first.width)
     with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance; <= 1 runs the conditional branch only (default: generation_config.json)")
     p.add_argument("--solver", default=None, help="euler, heun-2, midpoint-2 or kutta-4 (the model family's; "
                                                   "default: the model's first, euler)")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="edit: an input image (repeat for several; Instruct models); the output size defaults to "
+                        "the first image's aspect bucket")
     p.add_argument("--system-prompt", default=None,
                    help="Instruct models: a name (None, en_vanilla, en_recaption, en_think_recaption, en_unified, "
                         "dynamic) or the text itself (default: generation_config.json use_system_prompt)")

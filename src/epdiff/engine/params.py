@@ -27,6 +27,45 @@ DEVICES = ("auto", "cuda", "cpu")
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # Classifier-free guidance scales in use stay far below this; a larger one only overflows.
 MAX_GUIDANCE_SCALE = 100.0
+# An input image (editing) larger than this many pixels is refused before it is decoded whole.
+MAX_INPUT_PIXELS = 4096 * 4096
+MIN_INPUT_SIDE = 16
+
+
+def load_input_image(value, index: int):
+    """A request's input image k as an RGB PIL image: a PIL image, a file path or the file's bytes;
+    RequestError("image", ...) names the image and the problem."""
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    what = f"image {index}"
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (bytes, bytearray, str, os.PathLike)):
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        if not isinstance(value, (bytes, bytearray)) and not os.path.isfile(value):
+            raise RequestError("image", f"{what}: no file {os.fspath(value)!r}")
+        try:
+            image = Image.open(source)
+        except (UnidentifiedImageError, OSError) as e:
+            raise RequestError("image", f"{what} is not an image Pillow can read ({type(e).__name__}: "
+                                        f"{str(e)[:120]})") from None
+    else:
+        raise RequestError("image", f"{what} must be a PIL image, a file path or the file's bytes, got "
+                                    f"{type(value).__name__}")
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        raise RequestError("image", f"{what} is {width}x{height}: over the {MAX_INPUT_PIXELS} pixels an input image "
+                                    "may have")
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise RequestError("image", f"{what} is {width}x{height}: each side must be at least {MIN_INPUT_SIDE} pixels")
+    try:
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    except (OSError, ValueError) as e:
+        raise RequestError("image", f"{what} ({image.mode}, {width}x{height}) cannot be decoded as RGB: "
+                                    f"{str(e)[:120]}") from None
 
 
 class RequestError(ValueError):
@@ -158,6 +197,7 @@ class SamplingParams:
     cache: StepCacheConfig | str | None = None  # None: the engine's; a kind name: that kind, default settings
     solver: str | None = None  # None: the model's default (ModelInfo.solvers[0])
     system_prompt: str | None = None  # None: the model's default; a name the family knows, or the text itself
+    images: tuple | list | None = None  # an edit's input images (PIL images, paths or bytes); None: text to image
 
     def image_seed(self, k: int) -> int:
         return self.seed + k
@@ -191,8 +231,16 @@ class SamplingParams:
         if not is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
             raise RequestError("seed", f"seed must be an integer with seed .. seed + n - 1 in [{SEED_MIN}, "
                                        f"{SEED_MAX}], got {self.seed!r} with n = {self.n}")
-        height = info.default_size[0] if self.height is None else self.height
-        width = info.default_size[1] if self.width is None else self.width
+        images = tuple(self.images or ())
+        if images and not info.max_input_images:
+            raise RequestError("image", f"the model cannot edit images (it has no vision encoder: config.json "
+                                        f"vit_type); got {len(images)} input image(s)")
+        if len(images) > info.max_input_images:
+            raise RequestError("image", f"{len(images)} input images: the model takes at most {info.max_input_images}")
+        images = tuple(load_input_image(image, k) for k, image in enumerate(images))
+        default = info.edit_size(images) if images else info.default_size
+        height = default[0] if self.height is None else self.height
+        width = default[1] if self.width is None else self.width
         try:
             height, width = info.resolve_size(height, width)
         except ValueError as e:
@@ -229,12 +277,12 @@ class SamplingParams:
                                         f"step), not {solver!r}")
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
                                    guidance_scale=float(guidance), cache=cache, solver=solver,
-                                   system_prompt=system_prompt)
+                                   system_prompt=system_prompt, images=images)
 
 
 def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
                     guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1,
-                    cache=None, solver=None, system_prompt=None) -> list[SamplingParams]:
+                    cache=None, solver=None, system_prompt=None, images=None) -> list[SamplingParams]:
     """One resolved request per prompt; image k of prompt i is drawn from seed + i·num_images_per_prompt
     + k. Every request is checked before any runs (RequestError names the prompt and the field)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -245,7 +293,8 @@ def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, n
         # Prompt 0 is resolved first, so a seed or count of the wrong type is refused there.
         params = SamplingParams(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed + i * num_images_per_prompt if i else seed,
-                                n=num_images_per_prompt, cache=cache, solver=solver, system_prompt=system_prompt)
+                                n=num_images_per_prompt, cache=cache, solver=solver, system_prompt=system_prompt,
+                                images=images)
         try:
             out.append(params.resolve(config))
         except RequestError as e:

@@ -32,7 +32,8 @@ class WorkItem(ImageTask):
     @property
     def batch_key(self) -> tuple:
         """Images that can share one prefill and one denoising batch."""
-        return self.height, self.width, self.num_inference_steps, self.guidance_scale, self.cache, self.solver
+        edit = self.request_id if self.images else None  # an edit's images share a batch with no other request's
+        return self.height, self.width, self.num_inference_steps, self.guidance_scale, self.cache, self.solver, edit
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
     return [WorkItem(prompt=params.prompt, seed=params.image_seed(k), height=params.height, width=params.width,
                      num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
                      cache=params.cache, solver=params.solver,
-                     system_prompt=params.system_prompt, request_id=request_id, image_index=k)
+                     system_prompt=params.system_prompt, images=params.images, request_id=request_id, image_index=k)
             for k in range(params.n)]
 
 

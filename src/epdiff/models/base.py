@@ -41,6 +41,7 @@ class ImageTask:
     cache: StepCacheConfig = field(default=StepCacheConfig(), kw_only=True)  # the loop's, not the family's
     solver: str = field(default="euler", kw_only=True)  # one of the family's ModelInfo.solvers
     system_prompt: str = field(default="", kw_only=True)  # the resolved text ("" none), for a family that takes one
+    images: tuple = field(default=(), kw_only=True)  # an edit's input images (RGB PIL images), in order
 
 
 class Scheduler(Protocol):
@@ -105,6 +106,7 @@ class ModelInfo(ABC):
     stored_quantization: str | None = None  # the scheme of a pre-quantized checkpoint
     supports_block_cache: bool = False  # its pipeline takes a FirstBlockCache (`fbcache`)
     solvers: tuple[str, ...] = ("euler",)  # sampling/scheduler.py SOLVERS its pipeline runs; the first is the default
+    max_input_images: int = 0  # input images a request may give (image editing); 0: the model cannot edit
 
     @abstractmethod
     def check_layout(self, parallel: ParallelConfig) -> None:
@@ -122,6 +124,10 @@ class ModelInfo(ABC):
         if value:
             raise ValueError(f"the {self.family.name} family takes no system prompt")
         return ""
+
+    def edit_size(self, images) -> tuple[int, int]:
+        """The size an edit is made at when the request gives none (height, width)."""
+        return self.default_size
 
     @abstractmethod
     def resolve_size(self, height: int, width: int) -> tuple[int, int]:

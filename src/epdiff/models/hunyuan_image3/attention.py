@@ -84,10 +84,13 @@ class Attention(nn.Module):
     def _out(self, o):
         return self.o_proj(o.flatten(2))
 
-    def prefill(self, x, cos, sin) -> tuple[torch.Tensor, KVCache]:
-        """Causal attention over the text prefix; returns its output and K/V for later steps."""
+    def prefill(self, x, cos, sin, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Causal attention over the text prefix; returns its output and K/V for later steps.
+        mask [1 or B, L, L]: the keys each query sees, where the prefix holds runs that attend both
+        ways (an edit's input images); None: causal."""
         q, k, v = self._qkv(x, cos, sin)
-        return self._out(sdpa(q, k, v, causal=True)), KVCache(k, v)
+        out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
+        return self._out(out), KVCache(k, v)
 
     def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
         """x [B, n + N/SP, hidden]: the n step tokens, then this SP rank's chunk of the image tokens."""

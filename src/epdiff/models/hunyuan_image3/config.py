@@ -208,6 +208,8 @@ class HunyuanImage3Config:
             cfg_distilled=get("cfg_distilled", bool, False), use_meanflow=get("use_meanflow", bool, False),
             vae=vae, raw=cfg)
         c.check()
+        from .conditioning import check_vision_config
+        check_vision_config(cfg)
         return c
 
     @classmethod

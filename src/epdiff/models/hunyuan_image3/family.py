@@ -16,6 +16,9 @@ from .tokenizer import HunyuanTokenizer, SequenceTemplate
 from .weights import checkpoint_quantization
 
 
+MAX_INPUT_IMAGES = 4  # an edit's input images (each adds its VAE and ViT tokens to the prefix)
+
+
 class HunyuanImage3Info(ModelInfo):
     """A HunyuanImage-3.0 folder: config.json, generation_config.json and the tokenizer, read once."""
 
@@ -34,6 +37,8 @@ class HunyuanImage3Info(ModelInfo):
         self.default_num_inference_steps = self.generation.diff_infer_steps
         self.default_guidance_scale = self.generation.diff_guidance_scale
         self.default_size = (self.config.image_base_size, self.config.image_base_size)
+        # Instruct models see input images (their vision tower): editing.
+        self.max_input_images = MAX_INPUT_IMAGES if self.supports_images else 0
         stored = checkpoint_quantization(self.config, model_dir)
         self.stored_quantization = None if stored is None else stored.name
 
@@ -47,6 +52,16 @@ class HunyuanImage3Info(ModelInfo):
         if c.num_key_value_heads % (parallel.tensor_parallel_size * parallel.sequence_parallel_size):
             raise ConfigError(f"num_key_value_heads {c.num_key_value_heads} cannot be split over "
                               f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
+
+    @property
+    def supports_images(self) -> bool:
+        return "vit_type" in self.config.raw
+
+    def edit_size(self, images):
+        """The first input image's own aspect bucket (the reference asks the model for the ratio in
+        a text pass, which epdiff does not run: see the README)."""
+        width, height = images[0].size
+        return self.resolution.bucket(self.resolution.ratio_index(height, width))
 
     def num_guidance_branches(self, guidance_scale: float) -> int:
         return 1 if self.config.cfg_distilled else super().num_guidance_branches(guidance_scale)

@@ -22,6 +22,7 @@ import torch
 from ...distributed.parallel_state import ParallelState
 from ...loader.dummy import init_dummy_weights
 from ...loader.safetensors_loader import save_tensors
+from .conditioning import VIT_RUNTIME_KEYS, VIT_TYPE, Aligner
 from .config import GenerationConfig, HunyuanImage3Config
 from .model import HunyuanImage3Transformer
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -55,10 +56,9 @@ def tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_val
 
 VARIANTS = ("base", "instruct", "instruct-distil")
 # The Instruct releases' vision settings, at small sizes (config.json vit, vit_processor, vit_aligner).
-VIT_TYPE = "siglip2-so400m-patch16-naflex"
 # Keys the reference's vision tower reads from the vit dict as attributes (its Config has no defaults).
-VIT_RUNTIME_KEYS = dict(_attn_implementation="sdpa", output_attentions=False, output_hidden_states=False,
-                        use_return_dict=True)
+VIT_RUNTIME_VALUES = dict(_attn_implementation="sdpa", output_attentions=False, output_hidden_states=False,
+                          use_return_dict=True)
 TINY_SYSTEM_PROMPTS = {"en_vanilla": "You draw the image the user describes.",
                        "en_recaption": "You rewrite the user's request as a detailed caption, then draw it.",
                        "en_think_recaption": "You think about the request, rewrite it as a caption, then draw it."}
@@ -70,7 +70,7 @@ def instruct_fields(variant: str, hidden_size: int, vit_hidden: int = 32) -> tup
     distil = variant == "instruct-distil"
     vit = dict(hidden_size=vit_hidden, intermediate_size=2 * vit_hidden, num_attention_heads=2, num_hidden_layers=2,
                num_channels=3, patch_size=16, num_patches=64, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
-               attention_dropout=0.0, **VIT_RUNTIME_KEYS)
+               attention_dropout=0.0, **VIT_RUNTIME_VALUES)
     processor = dict(do_resize=True, do_rescale=True, do_normalize=True, rescale_factor=1 / 255,
                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], patch_size=16, max_num_patches=64,
                      resample=2)
@@ -89,12 +89,11 @@ def vision_tensors(cfg: dict, seed: int, std: float) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed + 2)
     fields = {k: v for k, v in cfg["vit"].items() if k not in VIT_RUNTIME_KEYS}
     tower = Siglip2VisionModel(Siglip2VisionConfig(**fields))
-    aligner = cfg["vit_aligner"]
+    a = cfg["vit_aligner"]
+    aligner = Aligner(a["input_dim"], a["n_embed"], a["depth"])
+    init_dummy_weights(aligner, seed=seed + 3, std=std)
     tensors = {f"vision_model.{n.removeprefix('vision_model.')}": t for n, t in tower.state_dict().items()}
-    dims = [aligner["input_dim"]] + [aligner["n_embed"]] * aligner["depth"]
-    for k in range(aligner["depth"]):
-        tensors[f"vision_aligner.layers.{2 * k}.weight"] = torch.randn(dims[k + 1], dims[k]) * std
-        tensors[f"vision_aligner.layers.{2 * k}.bias"] = torch.zeros(dims[k + 1])
+    tensors.update({f"vision_aligner.{n}": t for n, t in aligner.state_dict().items()})
     return tensors
 
 

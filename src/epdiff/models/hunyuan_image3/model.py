@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,18 @@ from ...moe.layer import MoELayer, reset_token_counts
 from ...sampling.step_cache import FirstBlockCache, run_blocks
 from .attention import Attention, KVCache
 from .config import HunyuanImage3Config
+from .tokenizer import CondImageSpans
 from .rotary import rope_2d
+
+
+@dataclass
+class CondInputs:
+    """One input image of an edit, for the first stage's prefill: where it sits, its clean latents
+    (one per row: each row's image drew its own posterior sample) and its ViT tokens."""
+
+    spans: CondImageSpans
+    latents: torch.Tensor  # [B, C, h, w], scaled
+    vit_tokens: torch.Tensor  # [1, slots, hidden], the aligner's output
 
 
 class TimestepEmbedder(nn.Module):
@@ -126,8 +138,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(c.hidden_size, c.mlp_width(index), parallel.tp, quant_config=quant_config, **kw)
 
-    def prefill(self, x, cos, sin):
-        attn, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin)
+    def prefill(self, x, cos, sin, mask=None):
+        attn, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin, mask)
         h, x = self.post_attention_layernorm(attn, residual=x)
         return x + self.mlp(h), cache
 
@@ -185,7 +197,7 @@ class HunyuanImage3Transformer(nn.Module):
         return make() if self.link.is_first else self.link.recv(shape, self.dtype, self.device)
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                lengths: list[int] | None = None) -> list[KVCache]:
+                lengths: list[int] | None = None, cond: list[CondInputs] | None = None) -> list[KVCache]:
         """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2]
         or, for prompts of different lengths, [B, Lp, 2] with each row right-padded to Lp and
         lengths[b] its real tokens. (Causal attention keeps the padding out of every real token;
@@ -194,23 +206,46 @@ class HunyuanImage3Transformer(nn.Module):
         K/V, reused on every denoising step.
 
         A prefill and the steps after it each have a token layout of their own: the MoE layers
-        exchange their token counts once for each (dispatch.TokenCounts)."""
+        exchange their token counts once for each (dispatch.TokenCounts).
+
+        cond: an edit's input images (every row's layout the same): their tokens are written over
+        the embeddings and their runs attend both ways."""
         reset_token_counts(self)
         B, L = input_ids.shape
-        x = self._receive_or(lambda: self.model.wte(input_ids.to(self.device)), (B, L, self.config.hidden_size))
+        x = self._receive_or(lambda: self._embed_prefix(input_ids, cond), (B, L, self.config.hidden_size))
         cos, sin = self._rope(positions)
         key_mask = None
         if lengths is not None and min(lengths) < L:
             key_mask = torch.arange(L, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        mask = None
+        if cond:
+            if key_mask is not None:
+                raise ValueError("input images need every row of the batch to have one length")
+            mask = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
+            for image in cond:
+                for run in (image.spans.vae, image.spans.vit):
+                    mask[run, run] = True
+            mask = mask[None]
         caches = []
         for layer in self.model.layers.values():
-            x, cache = layer.prefill(x, cos, sin)
+            x, cache = layer.prefill(x, cos, sin, mask)
             cache.key_mask = key_mask
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
         reset_token_counts(self)
         return caches
+
+    def _embed_prefix(self, input_ids: torch.Tensor, cond: list[CondInputs] | None) -> torch.Tensor:
+        x = self.model.wte(input_ids.to(self.device))
+        for image in cond or []:
+            B = x.shape[0]
+            zero = torch.zeros(B, device=self.device)
+            x[:, image.spans.timestep] = self.timestep_emb(zero).to(x.dtype)
+            latents = image.latents.to(self.device, self.dtype)
+            x[:, image.spans.vae] = self.patch_embed(latents, self.time_embed(zero)).to(x.dtype)
+            x[:, image.spans.vit] = image.vit_tokens.to(self.device, x.dtype).expand(B, -1, -1)
+        return x
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor,
                 caches: list[KVCache], block_cache: FirstBlockCache | None = None,

@@ -1,10 +1,10 @@
-"""Text to image with HunyuanImage-3.0 on one rank of any parallel layout: the family's part of
-the engine's denoising loop (models/base.py).
+"""Text to image (and, for the Instruct models, editing) with HunyuanImage-3.0 on one rank of any
+parallel layout: the family's part of the engine's denoising loop (models/base.py).
 
-A batch tokenizes each prompt's conditional and unconditional sequences, caches the text prefix's
-K/V for this rank's guidance branches, and draws each image's noise as the reference does; each
-step then runs [<timestep>, image tokens] of every branch against the cache. The decode ranks turn
-final latents into images with the checkpoint's VAE.
+A batch tokenizes each prompt's conditional and unconditional sequences, caches the prefix's K/V
+(text, and an edit's input images: conditioning.py) for this rank's guidance branches, and draws
+each image's noise as the reference does; each step then runs [step tokens, image tokens] of every
+branch against the cache. The decode ranks turn final latents into images with the checkpoint's VAE.
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
 from ..base import DenoisingBatch, ImagePipeline
+from .conditioning import ImageConditioner
 from .loading import load_model
+from .model import CondInputs
 from .vae import AutoencoderKLConv3D, to_uint8
 from .weights import load_vae
 
 
-def initial_noise(seeds: Sequence[int], shape, device: torch.device) -> torch.Tensor:
-    """The reference's draw, one generator per image: randn in bf16 from a generator on the run's
-    device, so a seed gives the reference's image alone or in any batch, on every rank."""
-    out = []
-    for seed in seeds:
-        g = torch.Generator(device=device).manual_seed(seed)
-        out.append(torch.randn((1, *shape), generator=g, dtype=torch.bfloat16, device=device))
-    return torch.cat(out)
+def initial_noise(seed: int, shape, device: torch.device, cond_shapes: Sequence[tuple] = ()):
+    """The reference's draws, one generator per image on the run's device (so a seed gives the
+    reference's image alone or in any batch, on every rank): first each input image's posterior
+    noise (fp32, [1, C, h, w] each), then the initial noise in bf16 [1, *shape]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    cond = [torch.randn((1, *s), generator=g, dtype=torch.float32, device=device) for s in cond_shapes]
+    return torch.randn((1, *shape), generator=g, dtype=torch.bfloat16, device=device), cond
 
 
 class HunyuanImage3Pipeline(ImagePipeline):
@@ -43,11 +44,20 @@ class HunyuanImage3Pipeline(ImagePipeline):
         self.checkpoint_bytes_read = checkpoint.bytes_read if checkpoint else 0
         self.vae = self._load_vae(checkpoint) if decode else None
         self.can_decode = self.vae is not None
+        self.conditioner = None
+        if info.supports_images:  # every rank lays the input images out; the first stage embeds them
+            first = self.transformer.link.is_first
+            encoder = self._load_vae(checkpoint, encoder=True) if first else None
+            self.conditioner = ImageConditioner(self.config, info.resolution, encoder, self.device, dtype)
+            if first:
+                self.conditioner.load(checkpoint)
 
-    def _load_vae(self, ckpt: SafetensorsCheckpoint | None) -> AutoencoderKLConv3D:
+    def _load_vae(self, ckpt: SafetensorsCheckpoint | None, encoder: bool = False) -> AutoencoderKLConv3D:
+        """The decoder (encoder=False) or the encoder alone, fp32."""
         if ckpt is None:  # --load-format dummy
-            return AutoencoderKLConv3D(self.config.vae, with_encoder=False).to(self.device).eval()
-        return load_vae(ckpt, self.config.vae, self.device)
+            return AutoencoderKLConv3D(self.config.vae, with_encoder=encoder,
+                                       with_decoder=not encoder).to(self.device).eval()
+        return load_vae(ckpt, self.config.vae, self.device, with_encoder=encoder, with_decoder=not encoder)
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -57,20 +67,32 @@ class HunyuanImage3Pipeline(ImagePipeline):
         first, c = tasks[0], self.config
         ratio = self.info.resolution.ratio_index(first.height, first.width)
         h, w = first.height // c.vae_factor, first.width // c.vae_factor
+        # An edit's input images: a batch holds one request's images (the planner's batch key).
+        prepared = [self.conditioner.prepare(image) for image in first.images] if first.images else []
+        layouts = [p.layout for p in prepared]
         sequences = {}  # (prompt, system prompt) -> (cond, uncond)
         for task in tasks:
             key = task.prompt, task.system_prompt
             if key not in sequences:
                 ids, template = self.tokenizer.encode(task.prompt), self.info.template(task.system_prompt)
                 build = (self.tokenizer.build_sequence, self.tokenizer.build_uncond_sequence)
-                sequences[key] = tuple(make(ids, ratio, h, w, c.image_base_size, self.info.context, template)
-                                       for make in build)
+                sequences[key] = tuple(make(ids, ratio, h, w, c.image_base_size, self.info.context, template,
+                                            layouts) for make in build)
         # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
         rows = [sequences[task.prompt, task.system_prompt][branch] for branch in branches for task in tasks]
-        caches, gen_positions = self._prefill(rows)
+        draws = [initial_noise(task.seed, (c.latent_channels, h, w), self.device,
+                               [(c.latent_channels, *layout.vae_grid) for layout in layouts]) for task in tasks]
+        latents = torch.cat([noise for noise, _ in draws])
+        cond = None
+        if prepared and self.transformer.link.is_first:
+            cond = []
+            for k, image in enumerate(prepared):
+                clean = torch.cat([self.conditioner.vae_latent(image, posterior[k]) for _, posterior in draws])
+                cond.append(CondInputs(rows[0].cond[k], clean.repeat(len(branches), 1, 1, 1),
+                                       self.conditioner.vit_tokens(image)))
+        caches, gen_positions = self._prefill(rows, cond)
         scheduler = FlowMatchScheduler(first.num_inference_steps, float(self.info.generation.flow_shift),
                                        first.solver)
-        latents = initial_noise([task.seed for task in tasks], (c.latent_channels, h, w), self.device)
         timesteps, timesteps_r = scheduler.timesteps.to(self.device), scheduler.timesteps_r.to(self.device)
         guidance = None
         if c.cfg_distilled:  # the reference's value: the scale × 1000 rounded to bf16 (2.5 -> 2496)
@@ -85,14 +107,14 @@ class HunyuanImage3Pipeline(ImagePipeline):
 
         return DenoisingBatch(latents, scheduler, predict)
 
-    def _prefill(self, rows):
-        """Caches the text prefix of every row; returns the caches and the positions of each
-        step's <timestep> and image tokens (shared when every row's prompt has one length)."""
+    def _prefill(self, rows, cond=None):
+        """Caches the prefix of every row; returns the caches and the positions of each step's
+        step tokens and image tokens (shared when every row's prompt has one length)."""
         lengths = [seq.timestep_index for seq in rows]
         longest = max(lengths)
         if longest == min(lengths):
             prefix = torch.stack([seq.input_ids[:longest] for seq in rows])
-            caches = self.transformer.prefill(prefix, rows[0].positions[:longest])
+            caches = self.transformer.prefill(prefix, rows[0].positions[:longest], cond=cond)
             first = rows[0]
             return caches, first.positions[longest: first.image_start + first.image_len].to(self.device)
         pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos

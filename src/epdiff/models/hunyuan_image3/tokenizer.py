@@ -124,14 +124,23 @@ def read_role_tokens(folder) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int,
+                       spans: Sequence[tuple[int, int, int]] = ()) -> torch.Tensor:
     """(y, x) RoPE position pairs, LongTensor [seq_len, 2], for one image of grid_h x grid_w tokens.
 
     Text token n gets (n, n). The image grid is centred in its span [L, L + h*w): row i / column j
     get y = L + (w*h - h)/2 + i and x = L + (w*h - w)/2 + j, computed like the reference (a float32
     linspace truncated with .long(), so half-integers round down). Tokens after the image
-    continue at L + h*w.
+    continue at L + h*w. spans: more 2-D runs (start, h, w) laid out alike (an edit's input images:
+    their VAE runs and the real grid of their ViT runs; a ViT run's padding slots keep 1-D
+    positions, their own index, as in the reference).
     """
+    if spans:
+        positions = torch.arange(seq_len)[:, None].repeat(1, 2)
+        for start, h, w in [*spans, (image_start, grid_h, grid_w)]:
+            run = build_2d_positions(start + h * w, start, h, w)
+            positions[start:start + h * w] = run[start:]
+        return positions
     image_end = image_start + grid_h * grid_w
     if image_start < 0 or image_end > seq_len:
         raise ValueError(
@@ -152,6 +161,30 @@ def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int)
     return torch.stack([y, x], dim=1)
 
 
+@dataclass(frozen=True)
+class CondImageLayout:
+    """An edit's input image in the sequence (the reference's joint image section):
+    <boi> <img_size_B> <img_ratio_k> <timestep> <img> x vae h·w <joint_img_sep> <img> x vit_slots <eoi>,
+    the ViT run holding every slot of the vision processor (its real vit_grid first, then padding)."""
+
+    ratio_index: int
+    vae_grid: tuple[int, int]
+    vit_grid: tuple[int, int]
+    vit_slots: int
+
+    def __len__(self) -> int:
+        return 4 + self.vae_grid[0] * self.vae_grid[1] + 1 + self.vit_slots + 1
+
+
+@dataclass(frozen=True)
+class CondImageSpans:
+    """Where an input image's parts sit in a built sequence."""
+
+    timestep: int  # its <timestep> (embedded at t = 0)
+    vae: slice  # the VAE run
+    vit: slice  # the ViT run (all slots)
+
+
 @dataclass
 class ImageSequence:
     """One branch (cond or uncond) of a text-to-image sequence."""
@@ -164,6 +197,12 @@ class ImageSequence:
     grid: tuple[int, int]  # (h, w) in tokens
     prompt_len: int  # prompt tokens at [prompt_start, prompt_start + prompt_len)
     prompt_start: int = 1
+    cond: tuple[CondImageSpans, ...] = ()  # an edit's input images, in order
+
+    @property
+    def bidirectional_blocks(self) -> list[slice]:
+        """The prefix's runs that attend both ways (each input image's VAE run and ViT run, apart)."""
+        return [run for image in self.cond for run in (image.vae, image.vit)]
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -272,11 +311,13 @@ class HunyuanTokenizer:
         return before, between, after
 
     def sequence_length(self, prompt_len: int, grid_h: int, grid_w: int,
-                        template: SequenceTemplate = SequenceTemplate()) -> int:
-        """<bos>, the template's pieces, the prompt, the image header and step tokens, h*w <img>, <eoi>."""
+                        template: SequenceTemplate = SequenceTemplate(),
+                        cond: Sequence[CondImageLayout] = ()) -> int:
+        """<bos>, the template's pieces, input images, the prompt, the image header and step tokens,
+        h*w <img>, <eoi>."""
         before, between, after = self.template_pieces(template)
-        return (1 + len(before) + prompt_len + len(between) + _IMAGE_HEADER + len(template.step_tokens)
-                + grid_h * grid_w + 1 + len(after))
+        return (1 + len(before) + sum(len(c) for c in cond) + prompt_len + len(between) + _IMAGE_HEADER
+                + len(template.step_tokens) + grid_h * grid_w + 1 + len(after))
 
     def build_sequence(
         self,
@@ -287,10 +328,12 @@ class HunyuanTokenizer:
         image_base_size: int,
         max_length: int | None = None,
         template: SequenceTemplate = SequenceTemplate(),
+        cond: Sequence[CondImageLayout] = (),
     ) -> ImageSequence:
-        """The conditional branch (pretrain: <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img>*hw <eoi>)."""
+        """The conditional branch (pretrain: <bos> prompt <boi> <img_size_B> <img_ratio_k> <timestep> <img>*hw <eoi>).
+        cond: an edit's input images, placed after the user role, before the prompt."""
         prompt = self._checked_prompt(prompt_ids)
-        return self._build(prompt, ratio_index, grid_h, grid_w, image_base_size, max_length, template)
+        return self._build(prompt, ratio_index, grid_h, grid_w, image_base_size, max_length, template, cond)
 
     def build_uncond_sequence(
         self,
@@ -301,11 +344,13 @@ class HunyuanTokenizer:
         image_base_size: int,
         max_length: int | None = None,
         template: SequenceTemplate = SequenceTemplate(),
+        cond: Sequence[CondImageLayout] = (),
     ) -> ImageSequence:
-        """The CFG branch: the conditional sequence with every prompt token replaced by <cfg>."""
+        """The CFG branch: the conditional sequence with every prompt token replaced by <cfg> (input
+        images stay)."""
         prompt = self._checked_prompt(prompt_ids)
         return self._build([self.cfg] * len(prompt), ratio_index, grid_h, grid_w, image_base_size, max_length,
-                           template)
+                           template, cond)
 
     def _checked_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, str):  # convenience: a prompt given as text
@@ -316,10 +361,10 @@ class HunyuanTokenizer:
         return [int(t) for t in prompt]
 
     def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length,
-               template: SequenceTemplate) -> ImageSequence:
+               template: SequenceTemplate, cond: Sequence[CondImageLayout] = ()) -> ImageSequence:
         if grid_h < 1 or grid_w < 1:
             raise ValueError(f"image grid must be at least 1x1 tokens, got {grid_h}x{grid_w}")
-        length = self.sequence_length(len(prompt), grid_h, grid_w, template)
+        length = self.sequence_length(len(prompt), grid_h, grid_w, template, cond)
         if max_length is not None and length > max_length:
             raise ValueError(
                 f"sequence length {length} (prompt {len(prompt)} tokens + image {grid_h}x{grid_w} = "
@@ -327,7 +372,15 @@ class HunyuanTokenizer:
                 f"exceeds max_length {max_length}"
             )
         before, between, after = self.template_pieces(template)
-        ids = [self.bos, *before]
+        ids, spans, runs = [self.bos, *before], [], []
+        for image in cond:
+            ids += [self.boi, self.img_size(image_base_size), self.img_ratio(image.ratio_index), self.timestep]
+            vae = slice(len(ids), len(ids) + image.vae_grid[0] * image.vae_grid[1])
+            ids += [self.img] * (vae.stop - vae.start) + [self.token_id("<joint_img_sep>")]
+            vit = slice(len(ids), len(ids) + image.vit_slots)
+            ids += [self.img] * image.vit_slots + [self.eoi]
+            spans.append(CondImageSpans(vae.start - 1, vae, vit))
+            runs += [(vae.start, *image.vae_grid), (vit.start, *image.vit_grid)]
         prompt_start = len(ids)
         ids += [*prompt, *between, self.boi, self.img_size(image_base_size), self.img_ratio(ratio_index)]
         timestep_index = len(ids)
@@ -337,11 +390,12 @@ class HunyuanTokenizer:
         assert len(ids) == length
         return ImageSequence(
             input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=build_2d_positions(length, image_start, grid_h, grid_w),
+            positions=build_2d_positions(length, image_start, grid_h, grid_w, runs),
             timestep_index=timestep_index,
             image_start=image_start,
             image_len=grid_h * grid_w,
             grid=(grid_h, grid_w),
             prompt_len=len(prompt),
             prompt_start=prompt_start,
+            cond=tuple(spans),
         )

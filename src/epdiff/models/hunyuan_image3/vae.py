@@ -459,17 +459,18 @@ class AutoencoderKLConv3D(nn.Module):
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def encode(self, images: torch.Tensor, sample_posterior: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """images [B, C, H, W] in [-1, 1] -> latents [B, latent, H/fs, W/fs] in the diffusion
         model's space: (z - shift_factor) * scaling_factor. The reference (training and its
-        conditioning-image path) samples the posterior; `sample_posterior=False` takes the mean."""
+        conditioning-image path) samples the posterior; `sample_posterior=False` takes the mean.
+        noise: the posterior's standard normal draw, if the caller made it (else from generator)."""
         mean, logvar = self.encode_moments(images)
         latents = mean
         if sample_posterior:
-            # Drawn on the generator's device and moved, like diffusers' randn_tensor.
-            device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-            latents = mean + torch.exp(0.5 * logvar) * noise
+            if noise is None:  # drawn on the generator's device and moved, like diffusers' randn_tensor
+                device = generator.device if generator is not None else mean.device
+                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return (latents - self.shift_factor) * self.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

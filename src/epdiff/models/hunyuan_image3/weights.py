@@ -223,12 +223,13 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encoder: bool = False):
+def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encoder: bool = False,
+             with_decoder: bool = True):
     """The checkpoint's VAE (`vae.*` tensors), fp32; the encoder only when asked (text-to-image
-    decodes only, training encodes)."""
+    decodes only, training and edits' input images encode)."""
     from .vae import AutoencoderKLConv3D
 
-    vae = AutoencoderKLConv3D(config, with_encoder=with_encoder).to(device)
+    vae = AutoencoderKLConv3D(config, with_encoder=with_encoder, with_decoder=with_decoder).to(device)
     state = {}
     for name in vae.state_dict():
         key = f"vae.{name}"
