@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 from epdiff.config import ConfigError
 from epdiff.distributed.parallel_state import ParallelState
@@ -77,7 +78,7 @@ def test_every_layout_with_ep_gives_the_one_rank_result(world8, world):
     configs = {2: [layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True),
                    layout(dp=2, ep=True)],
                4: [layout(cfg=2, tp=2, ep=True), layout(sp=2, dp=2, ep=True)]}[world]
-    names = {2: ["distil", "distil-heun", "instruct"], 4: ["instruct"]}[world]
+    names = {2: ["distil", "distil-heun", "instruct", "edit-distil", "edit-two"], 4: ["instruct", "edit-instruct"]}[world]
     rows = [r for per_rank in world8.run(world, layouts_against_one_rank, configs, names) for r in per_rank]
     assert rows and all(r["close"] for r in rows), [r for r in rows if not r["close"]]
 
@@ -102,3 +103,29 @@ def test_requests_name_their_solver_and_system_prompt():
         SamplingParams("a red circle", solver="heun-2", cache="taylor").resolve(config)
     with pytest.raises(RequestError, match="system prompt 'custom' needs its text"):
         SamplingParams("a red circle", system_prompt="custom").resolve(config)
+
+
+def test_bad_input_images_are_refused_before_any_compute(tmp_path):
+    config = EngineConfig(checkpoint("instruct-distil")).resolve()
+    red = input_image("red-square")
+    params = SamplingParams("make it blue", images=[red]).resolve(config)
+    assert (params.height, params.width) == (256, 256) and params.images[0].mode == "RGB"
+    wide = SamplingParams("make it blue", images=[input_image("wide-circle")]).resolve(config)
+    assert (wide.height, wide.width) == (192, 320)  # the first image's own bucket
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    cases = [([str(text)], "image 0 is not an image Pillow can read"),
+             ([b"GIF89a"], "image 0 is not an image Pillow can read"),
+             ([str(tmp_path / "missing.png")], "image 0: no file"),
+             ([42], "image 0 must be a PIL image, a file path or the file's bytes, got int"),
+             ([red] * 5, "5 input images: the model takes at most 4"),
+             ([Image.new("RGB", (8, 300))], "image 0 is 8x300: each side must be at least 16 pixels"),
+             ([Image.new("L", (5000, 5000))], "image 0 is 5000x5000: over the 16777216 pixels")]
+    for images, message in cases:
+        with pytest.raises(RequestError, match=message):
+            SamplingParams("make it blue", images=images).resolve(config)
+    gray = SamplingParams("x", images=[Image.new("LA", (64, 64))]).resolve(config)
+    assert gray.images[0].mode == "RGB"
+    base = EngineConfig(checkpoint("base")).resolve()
+    with pytest.raises(RequestError, match=r"the model cannot edit images \(it has no vision encoder"):
+        SamplingParams("make it blue", images=[red]).resolve(base)

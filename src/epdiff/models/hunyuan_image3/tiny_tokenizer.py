@@ -53,7 +53,6 @@ falling hanging placed drawn painted covered surrounded arranged stacked scatter
 facing touching overlapping centered inside
 , . ! ? ; : ' " - ( ) /
 0 1 2 3 4 5 6 7 8 9
-user assistant you your draw draws describe describes rewrite request caption think answer text images
 """
 
 
