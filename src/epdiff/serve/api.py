@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import secrets
 import time
@@ -68,9 +69,49 @@ def parse_size(size) -> tuple[int | None, int | None]:
     return height, width
 
 
-def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationRequest:
+# OpenAI's edit form: the files (`image`, or `image[]` for several) and text fields; these are numbers.
+EDIT_IMAGE_FIELDS = ("image", "image[]")
+EDIT_INTEGER_FIELDS = ("n", "num_inference_steps", "seed")
+EDIT_NUMBER_FIELDS = ("guidance_scale",)
+
+
+def parse_edit(form: list[tuple[str, object]], engine_config, limits: ServerConfig) -> GenerationRequest:
+    """An edit's multipart form (key, value) -> a resolved request: the files under `image` or
+    `image[]` are the input images (bytes), every other field is read as the JSON body's."""
+    images, body = [], {}
+    for key, value in form:
+        if key in EDIT_IMAGE_FIELDS:
+            if isinstance(value, str):
+                raise bad_request(key, f"{key} must be an uploaded file, got the text {value[:40]!r}")
+            images.append(value)
+            continue
+        if not isinstance(value, str):
+            raise bad_request(key, f"{key} must be a text field, got a file")
+        if key in body:
+            raise bad_request(key, f"{key} is given twice")
+        body[key] = value
+    if not images:
+        raise bad_request("image", "an edit needs at least one image (the form field image or image[])",
+                          code="missing_required_parameter")
+    for key in EDIT_INTEGER_FIELDS + EDIT_NUMBER_FIELDS:
+        if key in body:
+            try:
+                body[key] = int(body[key]) if key in EDIT_INTEGER_FIELDS else float(body[key])
+            except ValueError:
+                kind = "an integer" if key in EDIT_INTEGER_FIELDS else "a number"
+                raise bad_request(key, f"{key} must be {kind}, got {body[key]!r}") from None
+    if isinstance(body.get("cache"), str) and body["cache"].lstrip().startswith("{"):
+        try:
+            body["cache"] = json.loads(body["cache"])
+        except json.JSONDecodeError as e:
+            raise bad_request("cache", f"cache is not a kind or a JSON object: {e}") from None
+    return parse_generation(body, engine_config, limits, images)
+
+
+def parse_generation(body, engine_config, limits: ServerConfig, images=None) -> GenerationRequest:
     """The request body -> a resolved request; ApiError (400) names the field and the value, or
-    the server's limit and its flag. Tokenizes the prompt: run it off the event loop."""
+    the server's limit and its flag. Tokenizes the prompt: run it off the event loop. images: an
+    edit's input images (their files' bytes)."""
     if not isinstance(body, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}")
     body = {key: value for key, value in body.items() if value is not None}  # clients send unset fields as null
@@ -106,7 +147,7 @@ def parse_generation(body, engine_config, limits: ServerConfig) -> GenerationReq
         prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
         seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")),
-        solver=body.get("solver"), system_prompt=body.get("system_prompt"))
+        solver=body.get("solver"), system_prompt=body.get("system_prompt"), images=images)
     try:
         params = params.resolve(engine_config)
     except RequestError as e:

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
 from ..engine.engine import RequestAbandonedError
-from .api import ApiError, bad_request, encode_images, generation_response, parse_generation
+from .api import ApiError, bad_request, encode_images, generation_response, parse_edit, parse_generation
 from .config import ServerConfig
 from .service import EngineService
 
@@ -201,10 +201,17 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
+        return await answer(request, edit=False)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        return await answer(request, edit=True)
+
+    async def answer(request: Request, edit: bool):
         start = time.perf_counter()
         headers = {}
         try:
-            body, headers = await generate(request)
+            body, headers = await generate(request, edit)
             status, response = 200, JSONResponse(body, headers=headers)
         except ApiError as e:
             status, response = e.status, error_response(e, headers)
@@ -223,19 +230,24 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             metrics.latency.observe(time.perf_counter() - start)
         return response
 
-    async def generate(request: Request) -> tuple[dict, dict]:
+    async def generate(request: Request, edit: bool) -> tuple[dict, dict]:
         progress_id = request.headers.get("x-request-id")
         if progress_id is not None and not PROGRESS_ID.fullmatch(progress_id):
             raise ApiError(400, f"X-Request-ID must be 1 to 64 letters, digits, '-' or '_', got {progress_id!r}",
                            None, "invalid_request_id")
         headers = {} if progress_id is None else {"X-Request-ID": progress_id}
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise ApiError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}", None,
+        expected = "multipart/form-data" if edit else "application/json"
+        if content_type != expected:
+            raise ApiError(415, f"Content-Type must be {expected}, got {content_type or 'none'!r}", None,
                            "unsupported_media_type")
-        raw = await read_body(request, server.max_body_bytes)
-        # Parsing, tokenizing and checking run off the event loop: /health answers meanwhile.
-        parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
+        raw = await read_body(request, server.max_upload_bytes if edit else server.max_body_bytes)
+        if edit:
+            form = await read_form(request, raw, service.config.model_info.max_input_images)
+            # Decoding the images, tokenizing and checking run off the event loop: /health answers meanwhile.
+            parsed = await asyncio.to_thread(parse_edit, form, service.config, server)
+        else:
+            parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
         try:
             future = service.submit(parsed.params, progress_id)
         except QueueFullError as e:
@@ -305,6 +317,21 @@ async def read_body(request: Request, limit: int) -> bytes:
 def too_large(size: int, limit: int) -> ApiError:
     return ApiError(413, f"the request body is {size} bytes or more, over this server's limit of {limit} "
                          "(--max-body-bytes)", None, "request_too_large")
+
+
+async def read_form(request: Request, raw: bytes, max_images: int) -> list[tuple[str, object]]:
+    """The multipart form of a body already read within its limit: (field, text or file bytes)."""
+    request._body = raw  # Starlette parses the form from the body it has (read above, under the limit)
+    try:
+        form = await request.form(max_files=max(max_images, 1) + 1, max_fields=64)
+    except Exception as e:  # noqa: BLE001 - Starlette raises its own for every malformed form
+        raise ApiError(400, f"the request body is not a multipart form this server reads: {e}", None,
+                       "invalid_form") from None
+    items = []
+    for key, value in form.multi_items():
+        items.append((key, value if isinstance(value, str) else await value.read()))
+    await form.close()
+    return items
 
 
 def parse_request(raw: bytes, engine_config, server: ServerConfig):

@@ -24,6 +24,7 @@ class ServerConfig:
     max_images: int = option(10, "a request asking for more images (n) gets 400 (OpenAI's own limit is 10)")
     max_prompt_chars: int = option(10_000, "a longer prompt gets 400, before it is tokenized")
     max_body_bytes: int = option(1 << 20, "a larger request body gets 413")
+    max_upload_bytes: int = option(32 << 20, "a larger image edit (its multipart form, images included) gets 413")
     request_timeout: float = option(600.0, "seconds a request may take, queue included; then it gets 504 and, once "
                                            "no request wants it, its batch stops at the next step (0: no limit)")
     api_key: str | None = option(None, f"require 'Authorization: Bearer KEY' on every route but /health, /ready "
@@ -33,7 +34,8 @@ class ServerConfig:
 
     def resolve(self) -> "ServerConfig":
         """Checks every limit; the API key from the environment where none is given."""
-        for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_body_bytes"):
+        for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_body_bytes",
+                     "max_upload_bytes"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
