@@ -84,3 +84,28 @@ def test_a_bad_value_shows_the_error(page, fields, message):
     page.find_element(By.ID, "generate").click()
     WebDriverWait(page, TIMEOUT_S).until(lambda d: d.find_element(By.ID, "error").text)
     assert message in page.find_element(By.ID, "error").text
+
+
+@pytest.fixture(scope="module")
+def edit_server(tmp_path_factory):
+    from instruct_cases import make_checkpoint
+
+    folder = make_checkpoint(str(tmp_path_factory.mktemp("distil")), "instruct-distil")
+    with healthy_server(["--model", folder], tmp_path_factory.mktemp("browser-edit") / "server.log") as s:
+        yield s
+
+
+def test_an_image_uploaded_on_the_page_is_edited(edit_server, browser, tmp_path):
+    from instruct_cases import input_image
+
+    path = tmp_path / "wide.png"
+    input_image("wide-circle").save(path)
+    browser.get(edit_server.url + "/")
+    WebDriverWait(browser, TIMEOUT_S).until(lambda d: d.find_element(By.ID, "images").is_displayed())
+    fill(browser, prompt="make it blue", steps="2", seed="5")
+    browser.find_element(By.ID, "images").send_keys(str(path))
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, TIMEOUT_S).until(
+        lambda d: d.execute_script("return document.getElementById('image').naturalWidth") > 0)
+    status = browser.find_element(By.ID, "status").text
+    assert "320x192, seed 5, 2 steps" in status, status  # the uploaded image's own aspect bucket

@@ -109,6 +109,7 @@ class HunyuanImage3Info(ModelInfo):
                 "default_guidance_scale": self.default_guidance_scale,
                 "guidance": "distilled (one branch)" if c.cfg_distilled else "classifier-free (two branches)",
                 "mean_flow": c.use_meanflow, "solvers": list(self.solvers),
+                "max_input_images": self.max_input_images,
                 "sequence_template": g.sequence_template, "default_system_prompt": self.system_prompts.default,
                 "task": "image" + ("" if g.bot_task in ("image", None) else
                                    f" (generation_config.json asks {g.bot_task!r}: its text pass is not run)")}
