@@ -174,8 +174,9 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
         processor = Siglip2ImageProcessorPil(**model.config.vit_processor)
         model.image_processor.vit_info.processor = lambda image, **k: processor(image, return_tensors="pt", **k)
+    height, width = case["size"] if isinstance(case["size"], tuple) else (case["size"], case["size"])
     model.generate_image(prompt=case["prompt"], image=images or None, seed=case["seed"],
-                         image_size=f"{case['size']}x{case['size']}", bot_task="image", use_system_prompt="custom",
+                         image_size=f"{height}x{width}", bot_task="image", use_system_prompt="custom",
                          system_prompt=system)
     return captured["latents"][0]
 

@@ -20,6 +20,9 @@ CASES = {  # what scripts/reference_instruct.py ran Tencent's code on
                      size=256),
     "distil-heun": dict(variant="instruct-distil", steps=4, guidance=2.5, solver="heun-2",
                         prompt="two blue squares", seed=3, size=256),
+    # 720x1280 (H x W): one of the Instruct code's four extra buckets (<img_ratio_36>)
+    "distil-16-9": dict(variant="instruct-distil", steps=2, guidance=2.5, solver="euler", prompt="a red circle",
+                        seed=8, size=(720, 1280)),
     # edits: the input images by name (input_image), the output size given
     "edit-distil": dict(variant="instruct-distil", steps=4, guidance=2.5, solver="euler", prompt="make it blue",
                         seed=1, size=256, images=("red-square",)),

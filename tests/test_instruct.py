@@ -32,7 +32,8 @@ def checkpoint(variant: str) -> str:
 
 def task(case: dict, seed_offset: int = 0) -> ImageTask:
     info = model_info(checkpoint(case["variant"]))
-    return ImageTask(case["prompt"], seed=case["seed"] + seed_offset, height=case["size"], width=case["size"],
+    height, width = case["size"] if isinstance(case["size"], tuple) else (case["size"], case["size"])
+    return ImageTask(case["prompt"], seed=case["seed"] + seed_offset, height=height, width=width,
                      num_inference_steps=case["steps"], guidance_scale=case["guidance"], solver=case["solver"],
                      system_prompt=info.resolve_system_prompt(None),
                      images=tuple(input_image(name) for name in case.get("images", ())))

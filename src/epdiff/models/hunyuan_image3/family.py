@@ -10,7 +10,7 @@ from ...config import ConfigError, ParallelConfig, option
 from ...sampling.scheduler import SOLVERS
 from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
 from .config import HunyuanImage3Config, read_generation_config
-from .resolution import resolution_group
+from .resolution import INSTRUCT_EXTRA_BUCKETS, resolution_group
 from .system_prompts import SystemPrompts
 from .tokenizer import HunyuanTokenizer, SequenceTemplate
 from .weights import checkpoint_quantization
@@ -33,7 +33,8 @@ class HunyuanImage3Info(ModelInfo):
         self.system_prompts = SystemPrompts(model_dir, self.generation.use_system_prompt)
         # The longest sequence a request may build: max_length, within the model's position range.
         self.context = min(int(self.generation.max_length), self.config.max_position_embeddings)
-        self.resolution = resolution_group(self.config.image_base_size, self.config.vae_factor)
+        self.resolution = resolution_group(self.config.image_base_size, self.config.vae_factor,
+                                           INSTRUCT_EXTRA_BUCKETS if self.supports_images else ())
         self.default_num_inference_steps = self.generation.diff_infer_steps
         self.default_guidance_scale = self.generation.diff_guidance_scale
         self.default_size = (self.config.image_base_size, self.config.image_base_size)

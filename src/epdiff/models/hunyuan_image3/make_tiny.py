@@ -25,6 +25,7 @@ from ...loader.safetensors_loader import save_tensors
 from .conditioning import VIT_RUNTIME_KEYS, VIT_TYPE, Aligner
 from .config import GenerationConfig, HunyuanImage3Config
 from .model import HunyuanImage3Transformer
+from .resolution import INSTRUCT_EXTRA_BUCKETS
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, vae_config_tiny
 from .weights import export_state_dict
@@ -135,7 +136,8 @@ def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     os.makedirs(out_dir, exist_ok=True)
-    build_tiny_tokenizer(out_dir, image_base_size)
+    build_tiny_tokenizer(out_dir, image_base_size,
+                         extra_ratio_tokens=0 if variant == "base" else len(INSTRUCT_EXTRA_BUCKETS))
     from tokenizers import Tokenizer
     vocab_size = vocab_size or Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")).get_vocab_size()
     cfg = tiny_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts, moe_topk,

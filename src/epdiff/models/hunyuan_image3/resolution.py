@@ -16,11 +16,17 @@ The reference then simply floors the latent grid (``side // 16``), so the image 
 ``side // 16 * 16`` pixels. We round each bucket side down to the factor in the same way, which
 reproduces the reference's latent grid for every base; for bases that are multiples of 256
 (including the release's 1024) the rounding changes nothing.
+
+The Instruct models' code appends four fixed buckets after the 33 (`INSTRUCT_EXTRA_BUCKETS`:
+1024×768, 1280×720, 768×1024 and 720×1280, height × width, each where its ratio is not among the
+33), indices 33 to 36, whose <img_ratio_k> tokens the Instruct tokenizers hold.
 """
 
 from __future__ import annotations
 
 NUM_RATIO_BUCKETS = 33
+# The Instruct code's extra buckets, (height, width) in pixels, whatever the base (its image processor).
+INSTRUCT_EXTRA_BUCKETS = ((1024, 768), (1280, 720), (768, 1024), (720, 1280))
 MAX_ASPECT = 4  # the extreme buckets are base/2 : 2·base, i.e. 1:4 and 4:1
 
 
@@ -46,7 +52,8 @@ def _exact_buckets(base_size: int) -> list[tuple[int, int]]:
 class ResolutionGroup:
     """The 33 (height, width) buckets for one ``image_base_size``, sides multiples of ``factor``."""
 
-    def __init__(self, base_size: int, factor: int = 16):
+    def __init__(self, base_size: int, factor: int = 16, extra: tuple[tuple[int, int], ...] = ()):
+        """extra: fixed buckets appended after the 33 where their ratio is new (the Instruct models')."""
         if not isinstance(base_size, int) or base_size <= 0 or base_size % 16:
             # base % 16 != 0 would make the walks take more than 16 steps and the bucket
             # count would no longer match the 33 <img_ratio_k> tokens.
@@ -64,6 +71,11 @@ class ResolutionGroup:
         # Chosen from the exact (unrounded) ratios, like the reference, so that the ratio index
         # agrees with it even where rounding makes two small-base buckets the same size.
         self.ratios = [h / w for h, w in self.exact_buckets]
+        for h, w in extra:
+            if h / w not in self.ratios:
+                self.exact_buckets.append((h, w))
+                self.buckets.append((h // factor * factor, w // factor * factor))
+                self.ratios.append(h / w)
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -113,11 +125,11 @@ def _check_request(height, width) -> None:
 _GROUPS: dict[tuple[int, int], ResolutionGroup] = {}
 
 
-def resolution_group(base_size: int, factor: int = 16) -> ResolutionGroup:
-    """Cached ResolutionGroup (the buckets are pure functions of base and factor)."""
-    key = (base_size, factor)
+def resolution_group(base_size: int, factor: int = 16, extra: tuple = ()) -> ResolutionGroup:
+    """Cached ResolutionGroup (the buckets are pure functions of base, factor and extra)."""
+    key = (base_size, factor, tuple(extra))
     if key not in _GROUPS:
-        _GROUPS[key] = ResolutionGroup(base_size, factor)
+        _GROUPS[key] = ResolutionGroup(base_size, factor, tuple(extra))
     return _GROUPS[key]
 
 

@@ -9,7 +9,7 @@ import os
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from .tokenizer import TOKENIZER_CONFIG_FILES, UNK_TOKEN, special_tokens
+from .tokenizer import NUM_RATIO_TOKENS, TOKENIZER_CONFIG_FILES, UNK_TOKEN, special_tokens
 
 # The tokens of the roles (written to tokenizer_config.json).
 TINY_ROLE_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
@@ -61,12 +61,15 @@ def default_vocabulary() -> list[str]:
     return list(dict.fromkeys(_DEFAULT_WORDS.split()))
 
 
-def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[str] | None = None) -> None:
+def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[str] | None = None,
+                         extra_ratio_tokens: int = 0) -> None:
     """Write a small word-level ``tokenizer.json`` holding every special token the reference uses.
 
     ``path_or_dir`` is a folder (``tokenizer.json`` is written inside) or a ``.json`` file path.
     Words are lower-cased (the tokenizer lower-cases its input too); unknown words map to <unk>.
+    extra_ratio_tokens: <img_ratio_33> on, the Instruct models' extra buckets (after the words).
     """
+    extra = [f"<img_ratio_{NUM_RATIO_TOKENS + k}>" for k in range(extra_ratio_tokens)]
     specials = special_tokens(image_base_size)
     words = default_vocabulary() if vocab_words is None else [w.lower() for w in vocab_words]
     for word in words:
@@ -75,7 +78,7 @@ def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[st
     words = [w for w in dict.fromkeys(words) if w not in specials]
 
     # Specials first, at fixed ids, so the 33 ratio tokens get consecutive ids by construction.
-    vocab = {token: i for i, token in enumerate(specials + words)}
+    vocab = {token: i for i, token in enumerate(specials + words + extra)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     # Whitespace split, then punctuation and digits as separate tokens, so "left," -> "left" ",".
@@ -86,7 +89,7 @@ def build_tiny_tokenizer(path_or_dir, image_base_size: int, vocab_words: list[st
     ])
     # Registered as added special tokens so they match whole before normalisation and
     # pre-tokenisation (otherwise "<img_ratio_3>" would be split at its punctuation).
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + extra])
 
     path = os.fspath(path_or_dir)
     if not path.endswith(".json"):

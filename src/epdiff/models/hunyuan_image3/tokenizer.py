@@ -275,7 +275,9 @@ class HunyuanTokenizer:
         return self.token_id(img_size_token(image_base_size))
 
     def img_ratio(self, ratio_index: int) -> int:
-        """Id of <img_ratio_{ratio_index}>."""
+        """Id of <img_ratio_{ratio_index}> (beyond the 33, the Instruct tokenizers' extra buckets')."""
+        if ratio_index >= NUM_RATIO_TOKENS:
+            return self.token_id(img_ratio_token(ratio_index))
         if not 0 <= ratio_index < NUM_RATIO_TOKENS:
             raise ValueError(f"ratio index must be in [0, {NUM_RATIO_TOKENS - 1}], got {ratio_index}")
         return self.img_ratio_ids[ratio_index]
