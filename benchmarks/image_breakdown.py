@@ -1,5 +1,6 @@
-"""Where one image's time goes on one GPU, in-process: prefill (and the noise draw), each denoising
-step, the VAE decode and the PNG encode, each timed with the GPU synchronised around it.
+"""Where one image's time goes on one GPU, in-process: prefill (an edit's: the input image's VAE
+encode, SigLIP2 and the longer prefix), each denoising step, the VAE decode and the PNG encode,
+each timed with the GPU synchronised around it.
 
     python benchmarks/image_breakdown.py --layers 32 --variant instruct-distil --quantization fp8
 
@@ -17,7 +18,9 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
@@ -56,6 +59,7 @@ def main():
     p.add_argument("--quantization", default="fp8", choices=("fp8", "none"))
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--images", type=int, default=3)
+    p.add_argument("--edit", action="store_true", help="an edit: one input image of --size (Instruct variants)")
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None, help="a checkpoint folder instead (a smoke run of the script on CPU)")
     args = p.parse_args()
@@ -67,10 +71,16 @@ def main():
                               "dummy" if args.model is None else "safetensors", None if args.quantization == "none" else args.quantization,
                               True)
     load_s = time.perf_counter() - start
-    prefill, decode = Timed(pipe, "_prefill"), Timed(pipe, "decode")
+    prefill, decode = Timed(pipe, "start_batch"), Timed(pipe, "decode")  # start_batch: tokenize, noise, input images, prefill
+    images = ()
+    if args.edit:  # a photo-like input: smooth colour gradients and noise
+        y, x = np.mgrid[:args.size, :args.size] / args.size
+        pixels = np.stack([x, y, 1 - x * y], -1) * 200 + np.random.default_rng(0).normal(0, 20, (args.size,) * 2 + (3,))
+        images = (Image.fromarray(pixels.clip(0, 255).astype(np.uint8)),)
     task = ImageTask("a cup of coffee on a wooden table", seed=0, height=args.size, width=args.size,
                      num_inference_steps=info.default_num_inference_steps,
-                     guidance_scale=info.default_guidance_scale, system_prompt=info.resolve_system_prompt(None))
+                     guidance_scale=info.default_guidance_scale, system_prompt=info.resolve_system_prompt(None),
+                     images=images)
     rows = []
     for k in range(args.images + 1):
         metrics = RankMetrics(rank=0, layout="1 GPU")
@@ -91,12 +101,12 @@ def main():
         if k:
             rows.append(row)
     mean = {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
-    result = dict(layers=args.layers, variant=args.variant, quantization=args.quantization, size=args.size,
+    result = dict(layers=args.layers, variant=args.variant, edit=args.edit, quantization=args.quantization, size=args.size,
                   steps=task.num_inference_steps, guidance=task.guidance_scale, load_s=load_s,
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   peak_GiB=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                   mean=mean, images=rows)
-    print(f"| {args.variant}, {args.layers} layers, {args.quantization} | prefill {mean['prefill_s']:.3f} s | "
+    print(f"| {args.variant}{' edit' if args.edit else ''}, {args.layers} layers, {args.quantization} | prefill {mean['prefill_s']:.3f} s | "
           f"{mean['steps']:.0f} steps × {mean['step_s']:.3f} s | decode {mean['decode_s']:.3f} s | "
           f"PNG {mean['png_s']:.3f} s | other {mean['other_s']:.3f} s | image {mean['image_s']:.3f} s |")
     if args.out:

@@ -66,15 +66,25 @@ TINY_SYSTEM_PROMPTS = {"en_vanilla": "You draw the image the user describes.",
 TINY_UNIFIED_PROMPT = "You answer in text and images."
 
 
-def instruct_fields(variant: str, hidden_size: int, vit_hidden: int = 32) -> tuple[dict, dict]:
+# SigLIP2 so400m-patch16-naflex's sizes (Google's checkpoint; the Instruct release's own vit dict
+# was not seen), for release-size configs.
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
+              num_patches=256, max_num_patches=256)
+TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, num_patches=64,
+                max_num_patches=64)
+
+
+def instruct_fields(variant: str, hidden_size: int, vit_sizes: dict = TINY_VIT) -> tuple[dict, dict]:
     """config.json and generation_config.json fields of an Instruct variant."""
     distil = variant == "instruct-distil"
-    vit = dict(hidden_size=vit_hidden, intermediate_size=2 * vit_hidden, num_attention_heads=2, num_hidden_layers=2,
-               num_channels=3, patch_size=16, num_patches=64, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+    sizes = dict(vit_sizes)
+    max_patches = sizes.pop("max_num_patches")
+    vit = dict(**sizes, num_channels=3, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
                attention_dropout=0.0, **VIT_RUNTIME_VALUES)
+    vit_hidden = vit["hidden_size"]
     processor = dict(do_resize=True, do_rescale=True, do_normalize=True, rescale_factor=1 / 255,
-                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], patch_size=16, max_num_patches=64,
-                     resample=2)
+                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], patch_size=16,
+                     max_num_patches=max_patches, resample=2)
     config = dict(vit_type=VIT_TYPE, vit=vit, vit_processor=processor, cfg_distilled=distil, use_meanflow=distil,
                   vit_aligner=dict(projector_type="mlp_gelu", input_dim=vit_hidden, n_embed=hidden_size, depth=2))
     generation = dict(sequence_template="instruct", use_system_prompt="en_vanilla", bot_task="image",
@@ -144,7 +154,7 @@ def make_tiny(out_dir: str, hidden_size=128, num_hidden_layers=2, num_attention_
                       moe_intermediate_size, image_base_size, patch_embed_hidden_dim, vocab_size, vae)
     generation = None
     if variant != "base":
-        extra, generation = instruct_fields(variant, hidden_size)
+        extra, generation = instruct_fields(variant, hidden_size, SO400M if vae == "release" else TINY_VIT)
         cfg.update(extra)
         write_system_prompts(out_dir)
     config = HunyuanImage3Config.from_dict(cfg)
