@@ -127,6 +127,15 @@ def test_bad_input_images_are_refused_before_any_compute(tmp_path):
             SamplingParams("make it blue", images=images).resolve(config)
     gray = SamplingParams("x", images=[Image.new("LA", (64, 64))]).resolve(config)
     assert gray.images[0].mode == "RGB"
+    small = SamplingParams("make it blue", images=[red] * 4)
+    info = config.model_info
+    context = info.context
+    info.context = 1200  # four 256² inputs: 4 × (4 + 256 + 1 + 64 + 1) = 1,304 tokens of images alone
+    try:
+        with pytest.raises(RequestError, match=r"with 256 image tokens and 4 input image\(s\) the sequence is"):
+            small.resolve(config)
+    finally:
+        info.context = context
     base = EngineConfig(checkpoint("base")).resolve()
     with pytest.raises(RequestError, match=r"the model cannot edit images \(it has no vision encoder"):
         SamplingParams("make it blue", images=[red]).resolve(base)

@@ -256,7 +256,7 @@ class SamplingParams:
         except ValueError as e:
             raise RequestError("system_prompt", str(e)) from None
         try:
-            info.check_prompt(self.prompt, height, width, system_prompt)
+            info.check_prompt(self.prompt, height, width, system_prompt, images)
         except ValueError as e:
             raise RequestError("prompt", str(e)) from None
         cache = config.default_cache if self.cache is None else self.cache

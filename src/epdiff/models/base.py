@@ -138,7 +138,7 @@ class ModelInfo(ABC):
         """Image tokens of a resolved size (what sequence parallelism splits)."""
 
     @abstractmethod
-    def check_prompt(self, prompt: str, height: int, width: int, system_prompt: str = "") -> None:
+    def check_prompt(self, prompt: str, height: int, width: int, system_prompt: str = "", images=()) -> None:
         """ValueError when the prompt cannot be drawn at this size (too long for the context)."""
 
     @abstractmethod

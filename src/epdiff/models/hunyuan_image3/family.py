@@ -12,7 +12,7 @@ from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
 from .config import HunyuanImage3Config, read_generation_config
 from .resolution import INSTRUCT_EXTRA_BUCKETS, resolution_group
 from .system_prompts import SystemPrompts
-from .tokenizer import HunyuanTokenizer, SequenceTemplate
+from .tokenizer import CondImageLayout, HunyuanTokenizer, SequenceTemplate
 from .weights import checkpoint_quantization
 
 
@@ -92,13 +92,19 @@ class HunyuanImage3Info(ModelInfo):
     def resolve_system_prompt(self, value):
         return self.system_prompts.for_request(value)
 
-    def check_prompt(self, prompt, height, width, system_prompt=""):
+    def check_prompt(self, prompt, height, width, system_prompt="", images=()):
         grid_h, grid_w = self._grid(height, width)
         n = len(self.tokenizer.encode(prompt))
-        total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt))
+        slots = int(self.config.raw["vit_processor"]["max_num_patches"]) if images else 0
+        cond = []
+        for image in images:  # each input image's section (the ViT grid does not change its length)
+            ratio = self.resolution.ratio_index(image.size[1], image.size[0])
+            cond.append(CondImageLayout(ratio, self._grid(*self.resolution.bucket(ratio)), (1, 1), slots))
+        total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt), cond)
         if total > self.context:
-            raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens the sequence is {total} "
-                             f"tokens, over the model's context of {self.context}")
+            inputs = f" and {len(images)} input image(s)" if images else ""
+            raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens{inputs} the sequence is "
+                             f"{total} tokens, over the model's context of {self.context}")
 
     def describe(self) -> dict:
         # dict: bucket sides rounded down to the VAE factor can repeat at small bases
