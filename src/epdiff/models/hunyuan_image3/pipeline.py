@@ -128,7 +128,8 @@ class HunyuanImage3Pipeline(ImagePipeline):
         return caches, gen.to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # Decoding runs in fp32 on CPU and in the VAE's own dtype on GPU (the reference decodes
-        # under fp16 autocast with fp32 weights).
-        images = self.vae.decode_latents(latents.to(self.device, next(self.vae.parameters()).dtype))
+        # fp32 weights; on a GPU under fp16 autocast, as the reference decodes (BENCHMARKS §18:
+        # 2.6x faster than fp32 at 1024² on an H100), in fp32 on a CPU.
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            images = self.vae.decode_latents(latents.to(self.device, next(self.vae.parameters()).dtype))
         return to_uint8(images.float()).cpu()
