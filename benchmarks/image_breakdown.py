@@ -101,20 +101,6 @@ def main():
         if k:
             rows.append(row)
     mean = {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
-    if cuda:  # the decode's precision, A/B on the last image's latents: fp32, and fp16 autocast (the pipeline's)
-        latents = image.latents[None].to(state.device)
-        for name, autocast in (("decode_fp32_s", False), ("decode_fp16_autocast_s", True)):
-            times = []
-            for _ in range(3):
-                sync()
-                start = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-                    pixels = pipe.vae.decode_latents(latents)
-                sync()
-                times.append(time.perf_counter() - start)
-            mean[name] = min(times)
-            mean[name.replace("_s", "_finite")] = bool(torch.isfinite(pixels).all())
-        print(json.dumps({k: v for k, v in mean.items() if k.startswith("decode_")}), flush=True)
     result = dict(layers=args.layers, variant=args.variant, edit=args.edit, quantization=args.quantization, size=args.size,
                   steps=task.num_inference_steps, guidance=task.guidance_scale, load_s=load_s,
                   device=torch.cuda.get_device_name() if cuda else "cpu",
