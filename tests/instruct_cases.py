@@ -48,5 +48,5 @@ def input_image(name: str) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def make_checkpoint(folder: str, variant: str) -> str:
-    return make_tiny(folder, **SIZES, variant=variant, seed=5)
+def make_checkpoint(folder: str, variant: str, **sizes) -> str:
+    return make_tiny(folder, **{**SIZES, **sizes}, variant=variant, seed=5)

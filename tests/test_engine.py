@@ -4,6 +4,7 @@ batches, and a worker's death failing every waiting request loudly."""
 import os
 import signal
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -47,6 +48,20 @@ def test_other_requests_fill_idle_groups_then_batch_by_size_and_guidance():
     assert ids(planner.next_batch()) == [[(0, 0), (4, 0)], [(1, 0)], [(2, 0), (5, 0)]]
     assert ids(planner.next_batch()) == [[(3, 0)], [(None, 0)], [(None, 0)]]  # filler elsewhere
     assert len(planner) == 0
+
+
+def test_dp_groups_of_a_batch_share_solver_and_step_cache():
+    """DP groups run in lockstep: a request with another solver or cache (other model calls) waits
+    for a batch of its own rather than taking an idle group."""
+    from epdiff.sampling.step_cache import StepCacheConfig
+
+    planner = BatchPlanner(dp_size=2, max_batch_size=4)
+    planner.add(0, params())
+    planner.add(1, replace(params(), solver="heun-2"))
+    planner.add(2, replace(params(), cache=StepCacheConfig("taylor")))
+    assert ids(planner.next_batch()) == [[(0, 0)], [(None, 0)]]
+    assert ids(planner.next_batch()) == [[(1, 0)], [(None, 0)]]
+    assert ids(planner.next_batch()) == [[(2, 0)], [(None, 0)]]
 
 
 def test_the_oldest_request_fixes_the_steps_and_never_starves():

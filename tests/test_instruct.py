@@ -22,16 +22,18 @@ from layouts import layout
 _folders: dict = {}
 _one_rank: dict = {}
 
-def checkpoint(variant: str) -> str:
-    """One folder per variant for the session (workers of the test world write their own)."""
-    if variant not in _folders:
+def checkpoint(variant: str, layers: int | None = None) -> str:
+    """One folder per variant (and layer count) for the session (workers of the test world write their own)."""
+    key = variant, layers
+    if key not in _folders:
         import tempfile
-        _folders[variant] = make_checkpoint(tempfile.mkdtemp(prefix=f"epdiff-{variant}-"), variant)
-    return _folders[variant]
+        folder = tempfile.mkdtemp(prefix=f"epdiff-{variant}-")
+        _folders[key] = make_checkpoint(folder, variant, **({} if layers is None else {"num_hidden_layers": layers}))
+    return _folders[key]
 
 
 def task(case: dict, seed_offset: int = 0) -> ImageTask:
-    info = model_info(checkpoint(case["variant"]))
+    info = model_info(checkpoint(case["variant"], case.get("layers")))
     height, width = case["size"] if isinstance(case["size"], tuple) else (case["size"], case["size"])
     return ImageTask(case["prompt"], seed=case["seed"] + seed_offset, height=height, width=width,
                      num_inference_steps=case["steps"], guidance_scale=case["guidance"], solver=case["solver"],
@@ -40,7 +42,8 @@ def task(case: dict, seed_offset: int = 0) -> ImageTask:
 
 
 def draw(state: ParallelState, case: dict, seed_offset: int = 0) -> torch.Tensor:
-    pipe = model_info(checkpoint(case["variant"])).load_pipeline(state, torch.float32, "safetensors", None, False)
+    pipe = model_info(checkpoint(case["variant"], case.get("layers"))).load_pipeline(state, torch.float32,
+                                                                                   "safetensors", None, False)
     images = denoise(pipe, [task(case, seed_offset)], state, RankMetrics(rank=state.global_rank,
                                                                          layout=state.config.describe()))
     return images[0].latents
@@ -62,11 +65,13 @@ def layouts_against_one_rank(rank: int, configs, names) -> list[dict]:
     for config in configs:
         state = ParallelState.build(config, "cpu")
         for name in names:
+            name, layers = name if isinstance(name, tuple) else (name, None)
+            case = dict(CASES[name], layers=layers)
             offset = state.dp.rank  # DP ranks draw different images
-            out = draw(state, CASES[name], offset)
-            key = (name, offset)
+            out = draw(state, case, offset)
+            key = (name, layers, offset)
             if key not in _one_rank:
-                _one_rank[key] = draw(ParallelState.single(), CASES[name], offset)
+                _one_rank[key] = draw(ParallelState.single(), case, offset)
             ref = _one_rank[key]
             err = float((out - ref).abs().max())
             rows.append(dict(layout=config.describe(), case=name, rank=rank, err=err,
@@ -78,8 +83,9 @@ def layouts_against_one_rank(rank: int, configs, names) -> list[dict]:
 def test_every_layout_with_ep_gives_the_one_rank_result(world8, world):
     configs = {2: [layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True)],
                4: [layout(cfg=2, tp=2, ep=True), layout(sp=2, dp=2, ep=True)]}[world]
-    # heun-2 on Distil (three step tokens, two calls a step), two input images, an edit with real CFG
-    names = {2: ["distil-heun", "edit-two"], 4: ["edit-instruct"]}[world]
+    # heun-2 on Distil (three step tokens, two calls a step), two input images (also on 4 layers, so
+    # that a later pipeline stage's layers read the images' prefix), an edit with real CFG
+    names = {2: ["distil-heun", "edit-two", ("edit-two", 4)], 4: ["edit-instruct"]}[world]
     rows = [r for per_rank in world8.run(world, layouts_against_one_rank, configs, names) for r in per_rank]
     assert rows and all(r["close"] for r in rows), [r for r in rows if not r["close"]]
 

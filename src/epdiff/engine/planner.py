@@ -30,6 +30,12 @@ class WorkItem(ImageTask):
     image_index: int  # within its request
 
     @property
+    def lockstep_key(self) -> tuple:
+        """What every DP group of a batch must share: the same model calls in the same order (their
+        MoE collectives and step agreements pair up across groups): steps, solver, step cache."""
+        return self.num_inference_steps, self.solver, self.cache
+
+    @property
     def batch_key(self) -> tuple:
         """Images that can share one prefill and one denoising batch."""
         edit = self.request_id if self.images else None  # an edit's images share a batch with no other request's
@@ -87,10 +93,10 @@ class BatchPlanner:
     def next_batch(self) -> Batch | None:
         if not self._waiting:
             return None
-        steps = next(iter(self._waiting.values()))[0].num_inference_steps
+        lockstep = next(iter(self._waiting.values()))[0].lockstep_key
         groups: list[list[WorkItem]] = [[] for _ in range(self.dp_size)]
         for request_id, items in list(self._waiting.items()):
-            if items[0].num_inference_steps != steps:
+            if items[0].lockstep_key != lockstep:
                 continue
             left = []
             for item in items:

@@ -197,7 +197,8 @@ class HunyuanImage3Transformer(nn.Module):
         return make() if self.link.is_first else self.link.recv(shape, self.dtype, self.device)
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                lengths: list[int] | None = None, cond: list[CondInputs] | None = None) -> list[KVCache]:
+                lengths: list[int] | None = None, cond: list[CondInputs] | None = None,
+                blocks: list[slice] = ()) -> list[KVCache]:
         """The text prefix (everything before <timestep>): input_ids [B, Lp], positions [Lp, 2]
         or, for prompts of different lengths, [B, Lp, 2] with each row right-padded to Lp and
         lengths[b] its real tokens. (Causal attention keeps the padding out of every real token;
@@ -208,8 +209,9 @@ class HunyuanImage3Transformer(nn.Module):
         A prefill and the steps after it each have a token layout of their own: the MoE layers
         exchange their token counts once for each (dispatch.TokenCounts).
 
-        cond: an edit's input images (every row's layout the same): their tokens are written over
-        the embeddings and their runs attend both ways."""
+        cond: an edit's input images (the first stage's: their tokens are written over the
+        embeddings); blocks: the prefix's runs that attend both ways (every stage's; the rows'
+        layouts the same)."""
         reset_token_counts(self)
         B, L = input_ids.shape
         x = self._receive_or(lambda: self._embed_prefix(input_ids, cond), (B, L, self.config.hidden_size))
@@ -218,13 +220,12 @@ class HunyuanImage3Transformer(nn.Module):
         if lengths is not None and min(lengths) < L:
             key_mask = torch.arange(L, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         mask = None
-        if cond:
+        if blocks:
             if key_mask is not None:
                 raise ValueError("input images need every row of the batch to have one length")
             mask = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
-            for image in cond:
-                for run in (image.spans.vae, image.spans.vit):
-                    mask[run, run] = True
+            for run in blocks:
+                mask[run, run] = True
             mask = mask[None]
         caches = []
         for layer in self.model.layers.values():

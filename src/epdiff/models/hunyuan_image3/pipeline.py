@@ -114,7 +114,8 @@ class HunyuanImage3Pipeline(ImagePipeline):
         longest = max(lengths)
         if longest == min(lengths):
             prefix = torch.stack([seq.input_ids[:longest] for seq in rows])
-            caches = self.transformer.prefill(prefix, rows[0].positions[:longest], cond=cond)
+            caches = self.transformer.prefill(prefix, rows[0].positions[:longest], cond=cond,
+                                              blocks=rows[0].bidirectional_blocks)
             first = rows[0]
             return caches, first.positions[longest: first.image_start + first.image_len].to(self.device)
         pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
