@@ -106,8 +106,10 @@ def test_requests_name_their_solver_and_system_prompt():
     assert SamplingParams("a red circle", system_prompt="None").resolve(config).system_prompt == ""
     with pytest.raises(RequestError, match="unknown solver 'rk45'"):
         SamplingParams("a red circle", solver="rk45").resolve(config)
-    with pytest.raises(RequestError, match="cache 'taylor' works with the euler solver only"):
+    with pytest.raises(RequestError, match=r"cache .taylor. works with one-call solvers only \(euler\), not .heun-2."):
         SamplingParams("a red circle", solver="heun-2", cache="taylor").resolve(config)
+    taylor = EngineConfig(checkpoint("instruct"), cache="taylor").resolve()  # the server's default cache
+    assert not SamplingParams("a red circle", solver="heun-2").resolve(taylor).cache.enabled
     with pytest.raises(RequestError, match="system prompt 'custom' needs its text"):
         SamplingParams("a red circle", system_prompt="custom").resolve(config)
 
@@ -131,6 +133,11 @@ def test_bad_input_images_are_refused_before_any_compute(tmp_path):
     for images, message in cases:
         with pytest.raises(RequestError, match=message):
             SamplingParams("make it blue", images=images).resolve(config)
+    assert SamplingParams("x", images=red).resolve(config).images[0].size == (256, 256)  # one image, unwrapped
+    tall = SamplingParams("x", images=[Image.new("RGB", (100, 600))]).resolve(config)  # beyond 4:1: the extreme bucket
+    assert (tall.height, tall.width) == (512, 128)
+    with pytest.raises(RequestError, match="images must be a list of images, got int"):
+        SamplingParams("x", images=3).resolve(config)
     gray = SamplingParams("x", images=[Image.new("LA", (64, 64))]).resolve(config)
     assert gray.images[0].mode == "RGB"
     small = SamplingParams("make it blue", images=[red] * 4)
@@ -145,3 +152,14 @@ def test_bad_input_images_are_refused_before_any_compute(tmp_path):
     base = EngineConfig(checkpoint("base")).resolve()
     with pytest.raises(RequestError, match=r"the model cannot edit images \(it has no vision encoder"):
         SamplingParams("make it blue", images=[red]).resolve(base)
+
+
+def test_a_multi_call_solver_reports_steps_not_model_calls():
+    from epdiff.engine import ImageGenerator
+
+    with ImageGenerator(checkpoint("instruct-distil")) as generator:
+        progress = []
+        out = generator.engine.submit(SamplingParams("a red circle", num_inference_steps=3, solver="kutta-4"),
+                                      on_progress=lambda step, total: progress.append((step, total))).result()
+    assert out.images[0].full_steps == 3 and len(out.step_seconds) == 3
+    assert progress[-1] == (3, 3) and all(total == 3 for _, total in progress)

@@ -93,8 +93,13 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     # Step caching: the same schedule on every rank (it depends on the settings alone), so a
     # skipped step makes no model call and no collective anywhere.
     full_steps, series = first.cache.full_steps(len(scheduler)), first.cache.extrapolator()
+    # Progress, timings, cancellation and counts are in steps; a multi-stage solver's step is
+    # several model calls (a step cache runs with one-call solvers only).
+    stages = getattr(scheduler, "calls_per_step", 1)
+    num_steps = len(scheduler) // stages
     for i in steps:
-        timer.start()
+        if i % stages == 0:
+            timer.start()
         if full_steps[i]:
             if block_cache is not None:
                 block_cache.begin_step(i)
@@ -110,17 +115,20 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
             velocity = series.predict(i)
         latents = scheduler.step(velocity, latents, i)
         finite = torch.isfinite(latents).flatten(1).all(1)
-        nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i // stages, nonfinite_step)
+        if (i + 1) % stages:
+            continue
         timer.stop()
+        step = (i + 1) // stages
         if on_step is not None:
-            on_step(i + 1, len(scheduler))
-        if should_stop is not None and i + 1 < len(scheduler) and should_stop(i + 1):
+            on_step(step, num_steps)
+        if should_stop is not None and step < num_steps and should_stop(step):
             metrics.step_seconds = timer.seconds()
-            raise BatchCancelled(i + 1)
+            raise BatchCancelled(step)
     metrics.step_seconds = timer.seconds()  # this batch's
     bad = nonfinite_step.tolist()
     latents = latents.float().cpu()
-    ran = block_cache.full_steps if block_cache is not None else sum(full_steps)
+    ran = block_cache.full_steps if block_cache is not None else sum(full_steps) // stages
     out = [DenoisedImage(task, latents[k], bad[k] if bad[k] >= 0 else None, full_steps=ran)
            for k, task in enumerate(tasks)]
     if pipe.can_decode:

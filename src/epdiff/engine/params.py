@@ -19,6 +19,7 @@ from ..loader import LOAD_FORMATS
 from ..models.base import ModelInfo
 from ..models.registry import model_info
 from ..quantization import QUANTIZATION_METHODS
+from ..sampling.scheduler import SOLVERS
 from ..sampling.step_cache import CACHE_KINDS, StepCacheConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -48,6 +49,9 @@ def load_input_image(value, index: int):
             raise RequestError("image", f"{what}: no file {os.fspath(value)!r}")
         try:
             image = Image.open(source)
+        except Image.DecompressionBombError as e:
+            raise RequestError("image", f"{what} is over the {MAX_INPUT_PIXELS} pixels an input image may have "
+                                        f"({str(e)[:120]})") from None
         except (UnidentifiedImageError, OSError) as e:
             raise RequestError("image", f"{what} is not an image Pillow can read ({type(e).__name__}: "
                                         f"{str(e)[:120]})") from None
@@ -63,7 +67,7 @@ def load_input_image(value, index: int):
     try:
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB") if image.mode != "RGB" else image.copy()
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a truncated file or bad EXIF raises Pillow's many kinds
         raise RequestError("image", f"{what} ({image.mode}, {width}x{height}) cannot be decoded as RGB: "
                                     f"{str(e)[:120]}") from None
 
@@ -231,14 +235,19 @@ class SamplingParams:
         if not is_int(self.seed) or self.seed < SEED_MIN or self.image_seed(self.n - 1) > SEED_MAX:
             raise RequestError("seed", f"seed must be an integer with seed .. seed + n - 1 in [{SEED_MIN}, "
                                        f"{SEED_MAX}], got {self.seed!r} with n = {self.n}")
-        images = tuple(self.images or ())
+        images = self.images or ()
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or hasattr(images, "getpixel"):
+            images = (images,)  # one image, not wrapped in a list
+        elif not isinstance(images, (list, tuple)):
+            raise RequestError("image", f"images must be a list of images, got {type(images).__name__}")
+        images = tuple(images)
         if images and not info.max_input_images:
-            raise RequestError("image", f"the model cannot edit images (it has no vision encoder: config.json "
-                                        f"vit_type); got {len(images)} input image(s)")
+            raise RequestError("image", f"the model cannot edit images ({info.no_edit_reason}); got {len(images)} "
+                                        "input image(s)")
         if len(images) > info.max_input_images:
             raise RequestError("image", f"{len(images)} input images: the model takes at most {info.max_input_images}")
         images = tuple(load_input_image(image, k) for k, image in enumerate(images))
-        default = info.edit_size(images) if images else info.default_size
+        default = info.edit_size(images) if images and None in (self.height, self.width) else info.default_size
         height = default[0] if self.height is None else self.height
         width = default[1] if self.width is None else self.width
         try:
@@ -272,9 +281,12 @@ class SamplingParams:
         if solver not in info.solvers:
             raise RequestError("solver", f"unknown solver {_shown(solver)} for the {info.family.name} family; choose "
                                          f"one of {', '.join(info.solvers)}")
-        if solver != "euler" and cache.enabled:
-            raise RequestError("cache", f"cache {cache.kind!r} works with the euler solver only (one model call a "
-                                        f"step), not {solver!r}")
+        if SOLVERS[solver].stages > 1 and cache.enabled:
+            if self.cache is None:  # the engine's default cache: a multi-call solver runs without it
+                cache = StepCacheConfig()
+            else:
+                raise RequestError("cache", f"cache {cache.kind!r} works with one-call solvers only (euler), not "
+                                            f"{solver!r} ({SOLVERS[solver].stages} model calls a step)")
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
                                    guidance_scale=float(guidance), cache=cache, solver=solver,
                                    system_prompt=system_prompt, images=images)

@@ -45,8 +45,9 @@ class ImageTask:
 
 
 class Scheduler(Protocol):
-    """A denoising schedule (diffusers' word; sampling/scheduler.py): len() steps; step i takes the
-    latents from one noise level to the next."""
+    """A denoising schedule (diffusers' word; sampling/scheduler.py): len() model calls; call i
+    takes the latents to the next call's (a multi-stage solver's `calls_per_step` calls make one
+    step; without the attribute, one)."""
 
     def __len__(self) -> int: ...
 
@@ -107,6 +108,7 @@ class ModelInfo(ABC):
     supports_block_cache: bool = False  # its pipeline takes a FirstBlockCache (`fbcache`)
     solvers: tuple[str, ...] = ("euler",)  # sampling/scheduler.py SOLVERS its pipeline runs; the first is the default
     max_input_images: int = 0  # input images a request may give (image editing); 0: the model cannot edit
+    no_edit_reason: str = "its family takes no input images"  # why, where max_input_images is 0
 
     @abstractmethod
     def check_layout(self, parallel: ParallelConfig) -> None:

@@ -98,8 +98,10 @@ class FlowMatchScheduler:
         self.sigmas = shifted_sigmas(num_steps, shift)
         stages = self.solver.stages
         self.calls = [(i, s) for i in range(num_steps) for s in range(stages)]
+        self.calls_per_step = stages
         self.timesteps = torch.stack([self._stage_sigma(i, s) for i, s in self.calls]) * NUM_TRAIN_TIMESTEPS
-        # Mean flow's second timestep: the end of the call's step (the reference's timesteps_full[i + 1]).
+        # Mean flow's second timestep: the end of the call's step (the reference's
+        # timesteps_full[step_index + 1], the same for every stage of a step).
         self.timesteps_r = torch.stack([self.sigmas[i + 1] for i, _ in self.calls]) * NUM_TRAIN_TIMESTEPS
         self._start, self._derivatives = None, []
 

@@ -80,6 +80,9 @@ def parse_edit(form: list[tuple[str, object]], engine_config, limits: ServerConf
     `image[]` are the input images (bytes), every other field is read as the JSON body's."""
     images, body = [], {}
     for key, value in form:
+        if key == "mask":
+            raise bad_request("mask", "mask is not supported: epdiff edits whole images (describe the change in "
+                                      "the prompt)")
         if key in EDIT_IMAGE_FIELDS:
             if isinstance(value, str):
                 raise bad_request(key, f"{key} must be an uploaded file, got the text {value[:40]!r}")
@@ -140,6 +143,10 @@ def parse_generation(body, engine_config, limits: ServerConfig, images=None) -> 
     if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
         raise bad_request("prompt", f"prompt is {len(prompt)} characters, over this server's limit of "
                                     f"{limits.max_prompt_chars} (--max-prompt-chars)")
+    system_prompt = body.get("system_prompt")
+    if isinstance(system_prompt, str) and len(system_prompt) > limits.max_prompt_chars:
+        raise bad_request("system_prompt", f"system_prompt is {len(system_prompt)} characters, over this server's "
+                                           f"limit of {limits.max_prompt_chars} (--max-prompt-chars)")
     size = body.get("size")
     height, width = parse_size(size)
     seed = body.get("seed")

@@ -241,7 +241,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         if content_type != expected:
             raise ApiError(415, f"Content-Type must be {expected}, got {content_type or 'none'!r}", None,
                            "unsupported_media_type")
-        raw = await read_body(request, server.max_upload_bytes if edit else server.max_body_bytes)
+        raw = await read_body(request, *((server.max_upload_bytes, "--max-upload-bytes") if edit
+                                         else (server.max_body_bytes, "--max-body-bytes")))
         if edit:
             form = await read_form(request, raw, service.config.model_info.max_input_images)
             # Decoding the images, tokenizing and checking run off the event loop: /health answers meanwhile.
@@ -300,23 +301,23 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
     return app
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, flag: str = "--max-body-bytes") -> bytes:
     """The body, or 413 as soon as it passes limit bytes (the declared length is looked at first)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit)
+        raise too_large(int(declared), limit, flag)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large(size, limit)
+            raise too_large(size, limit, flag)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def too_large(size: int, limit: int) -> ApiError:
+def too_large(size: int, limit: int, flag: str = "--max-body-bytes") -> ApiError:
     return ApiError(413, f"the request body is {size} bytes or more, over this server's limit of {limit} "
-                         "(--max-body-bytes)", None, "request_too_large")
+                         f"({flag})", None, "request_too_large")
 
 
 async def read_form(request: Request, raw: bytes, max_images: int) -> list[tuple[str, object]]:

@@ -127,7 +127,7 @@ class ImageConditioner:
     def prepare(self, image: Image.Image) -> PreparedImage:
         """Host work of one RGB image: its bucket, VAE pixels and ViT inputs."""
         W, H = image.size
-        ratio_index = self.resolution.ratio_index(H, W)
+        ratio_index = self.resolution.nearest_index(H, W)
         height, width = self.resolution.bucket(ratio_index)
         crop = np.asarray(cover_and_crop(image, height, width), dtype=np.float32)
         vae_pixels = torch.from_numpy(crop / 255.0).permute(2, 0, 1)[None].float().sub(0.5).div(0.5)

@@ -54,6 +54,8 @@ class HunyuanImage3Info(ModelInfo):
             raise ConfigError(f"num_key_value_heads {c.num_key_value_heads} cannot be split over "
                               f"TP {parallel.tensor_parallel_size} × SP {parallel.sequence_parallel_size}")
 
+    no_edit_reason = "it has no vision encoder (config.json vit_type)"
+
     @property
     def supports_images(self) -> bool:
         return "vit_type" in self.config.raw
@@ -62,7 +64,7 @@ class HunyuanImage3Info(ModelInfo):
         """The first input image's own aspect bucket (the reference asks the model for the ratio in
         a text pass, which epdiff does not run: see the README)."""
         width, height = images[0].size
-        return self.resolution.bucket(self.resolution.ratio_index(height, width))
+        return self.resolution.bucket(self.resolution.nearest_index(height, width))
 
     def num_guidance_branches(self, guidance_scale: float) -> int:
         return 1 if self.config.cfg_distilled else super().num_guidance_branches(guidance_scale)
@@ -98,7 +100,7 @@ class HunyuanImage3Info(ModelInfo):
         slots = int(self.config.raw["vit_processor"]["max_num_patches"]) if images else 0
         cond = []
         for image in images:  # each input image's section (the ViT grid does not change its length)
-            ratio = self.resolution.ratio_index(image.size[1], image.size[0])
+            ratio = self.resolution.nearest_index(image.size[1], image.size[0])
             cond.append(CondImageLayout(ratio, self._grid(*self.resolution.bucket(ratio)), (1, 1), slots))
         total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt), cond)
         if total > self.context:

@@ -101,6 +101,12 @@ class ResolutionGroup:
         distances = [abs(r - ratio) for r in self.ratios]
         return distances.index(min(distances))
 
+    def nearest_index(self, height: int, width: int) -> int:
+        """ratio_index without the aspect limit: an input image (an edit's) beyond 4:1 takes the
+        extreme bucket, as the reference's nearest-ratio choice does."""
+        distances = [abs(r - height / width) for r in self.ratios]
+        return distances.index(min(distances))
+
     def snap(self, height: int, width: int) -> tuple[int, int, int]:
         """(ratio_index, height, width) of the bucket for a requested size; only its ratio matters."""
         index = self.ratio_index(height, width)

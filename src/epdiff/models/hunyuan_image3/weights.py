@@ -21,7 +21,8 @@ from ...moe.layer import MoELayer
 from ...moe.router import Router
 from ...quantization import QuantizationConfig, config_from_checkpoint
 
-# Not used by text-to-image: never read.
+# Not the transformer's: never read by its loader (the VAE and the vision parts have their own:
+# load_vae, conditioning.ImageConditioner; lm_head and ln_f serve text generation, not built).
 SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.")
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
 # What a pre-quantized checkpoint stores beside an expert weight (its scale: `weight_scale`).
