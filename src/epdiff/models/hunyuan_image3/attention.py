@@ -101,14 +101,13 @@ class Attention(nn.Module):
         prefix_mask = image_mask = None
         if cache.key_mask is not None:
             prefix_mask = F.pad(cache.key_mask, (0, n), value=True)
-        step_mask = prefix_mask
-        if n > 1:  # causal among the step tokens
-            B, L = k_prefix.shape[:2]
-            seen = cache.key_mask if cache.key_mask is not None else torch.ones(B, L - n, dtype=torch.bool,
-                                                                                    device=x.device)
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            step_mask = torch.cat([seen[:, None].expand(B, n, L - n), causal.expand(B, n, n)], dim=2)
-        step_out = sdpa(q[:, :n], k_prefix, v_prefix, key_mask=step_mask)
+        # Causal among the step tokens: token j sees the prefix and step tokens 0..j, one call each
+        # (n <= 3), so no mask is needed without padding (a mask would expand the GQA heads of the
+        # whole prefix in every layer and step).
+        L = k_prefix.shape[1] - n
+        step_out = torch.cat([sdpa(q[:, j:j + 1], k_prefix[:, :L + j + 1], v_prefix[:, :L + j + 1],
+                                   key_mask=None if prefix_mask is None else prefix_mask[:, :L + j + 1])
+                              for j in range(n)], dim=1)
 
         # Image tokens: the whole image for 1/SP of the heads.
         q_img, k_img, v_img = (scatter_heads(t[:, n:], self.sp) for t in (q, k, v))

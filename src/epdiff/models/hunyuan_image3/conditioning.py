@@ -139,9 +139,10 @@ class ImageConditioner:
         return PreparedImage(layout, vae_pixels, vit["pixel_values"], vit["pixel_attention_mask"], shape)
 
     @torch.no_grad()
-    def vae_latent(self, prepared: PreparedImage, noise: torch.Tensor) -> torch.Tensor:
-        """The clean latent [1, C, h, w] (a posterior sample with the given noise), scaled."""
-        return self.vae.encode(prepared.vae_pixels.to(self.device), noise=noise)
+    def vae_latents(self, prepared: PreparedImage, noises: list[torch.Tensor]) -> torch.Tensor:
+        """The clean latents [len(noises), C, h, w]: one encode, a posterior sample per noise, scaled."""
+        mean, logvar = self.vae.encode_moments(prepared.vae_pixels.to(self.device))
+        return torch.cat([self.vae.sample_latents(mean, logvar, noise) for noise in noises])
 
     def vit_tokens(self, prepared: PreparedImage) -> torch.Tensor:
         """[1, slots, hidden]: the aligner of the tower's last hidden state, padding rows included."""

@@ -87,7 +87,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
         if prepared and self.transformer.link.is_first:
             cond = []
             for k, image in enumerate(prepared):
-                clean = torch.cat([self.conditioner.vae_latent(image, posterior[k]) for _, posterior in draws])
+                clean = self.conditioner.vae_latents(image, [posterior[k] for _, posterior in draws])
                 cond.append(CondInputs(rows[0].cond[k], clean.repeat(len(branches), 1, 1, 1),
                                        self.conditioner.vit_tokens(image)))
         caches, gen_positions = self._prefill(rows, cond)

@@ -465,12 +465,16 @@ class AutoencoderKLConv3D(nn.Module):
         conditioning-image path) samples the posterior; `sample_posterior=False` takes the mean.
         noise: the posterior's standard normal draw, if the caller made it (else from generator)."""
         mean, logvar = self.encode_moments(images)
-        latents = mean
-        if sample_posterior:
-            if noise is None:  # drawn on the generator's device and moved, like diffusers' randn_tensor
-                device = generator.device if generator is not None else mean.device
-                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-            latents = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
+        if not sample_posterior:
+            return (mean - self.shift_factor) * self.scaling_factor
+        if noise is None:  # drawn on the generator's device and moved, like diffusers' randn_tensor
+            device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        return self.sample_latents(mean, logvar, noise)
+
+    def sample_latents(self, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A posterior sample (mean, logvar from encode_moments; noise standard normal), scaled."""
+        latents = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return (latents - self.shift_factor) * self.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
