@@ -114,27 +114,20 @@ class ImageConditioner:
         self.build_encoders()
         if checkpoint is None:
             return
-        for prefix, module in (("vision_model.", self.tower), ("vision_aligner.", self.aligner)):
-            state = {}
-            for name in module.state_dict():
-                key = prefix + name.removeprefix("vision_model.")
-                if key not in checkpoint:
-                    raise ValueError(f"{checkpoint.model_dir}: checkpoint lacks tensor {key} (config.json has "
-                                     f"vit_type {VIT_TYPE!r})")
-                state[name] = checkpoint.get(key).full()
-            module.load_state_dict(state)
+        from .weights import load_whole
+
+        load_whole(self.tower, checkpoint, "vision_model.", f"the vision tower (config.json vit_type {VIT_TYPE!r})")
+        load_whole(self.aligner, checkpoint, "vision_aligner.", "the vision aligner")
 
     def prepare(self, image: Image.Image) -> PreparedImage:
         """Host work of one RGB image: its bucket, VAE pixels and ViT inputs."""
         W, H = image.size
         ratio_index = self.resolution.nearest_index(H, W)
-        height, width = self.resolution.bucket(ratio_index)
-        crop = np.asarray(cover_and_crop(image, height, width), dtype=np.float32)
+        crop = np.asarray(cover_and_crop(image, *self.resolution.bucket(ratio_index)), dtype=np.float32)
         vae_pixels = torch.from_numpy(crop / 255.0).permute(2, 0, 1)[None].float().sub(0.5).div(0.5)
         vit = self.processor(image, return_tensors="pt")
         shape = vit["spatial_shapes"]
-        factor = self.config.vae_factor
-        layout = CondImageLayout(ratio_index, (height // factor, width // factor),
+        layout = CondImageLayout(ratio_index, self.resolution.grid(ratio_index),
                                  (int(shape[0, 0]), int(shape[0, 1])), self.slots)
         return PreparedImage(layout, vae_pixels, vit["pixel_values"], vit["pixel_attention_mask"], shape)
 

@@ -101,7 +101,7 @@ class HunyuanImage3Info(ModelInfo):
         cond = []
         for image in images:  # each input image's section (the ViT grid does not change its length)
             ratio = self.resolution.nearest_index(image.size[1], image.size[0])
-            cond.append(CondImageLayout(ratio, self._grid(*self.resolution.bucket(ratio)), (1, 1), slots))
+            cond.append(CondImageLayout(ratio, self.resolution.grid(ratio), (1, 1), slots))
         total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt), cond)
         if total > self.context:
             inputs = f" and {len(images)} input image(s)" if images else ""

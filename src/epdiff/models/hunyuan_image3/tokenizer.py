@@ -173,7 +173,7 @@ class CondImageLayout:
     vit_slots: int
 
     def __len__(self) -> int:
-        return 4 + self.vae_grid[0] * self.vae_grid[1] + 1 + self.vit_slots + 1
+        return _IMAGE_HEADER + 1 + self.vae_grid[0] * self.vae_grid[1] + 1 + self.vit_slots + 1
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,10 @@ class HunyuanTokenizer:
             raise ValueError("the prompt is empty (0 tokens); text-to-image needs a non-empty prompt")
         return [int(t) for t in prompt]
 
+    def _image_header(self, image_base_size: int, ratio_index: int) -> list[int]:
+        """<boi> <img_size_B> <img_ratio_k>: the _IMAGE_HEADER tokens before an image's <timestep>."""
+        return [self.boi, self.img_size(image_base_size), self.img_ratio(ratio_index)]
+
     def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length,
                template: SequenceTemplate, cond: Sequence[CondImageLayout] = ()) -> ImageSequence:
         if grid_h < 1 or grid_w < 1:
@@ -376,7 +380,7 @@ class HunyuanTokenizer:
         before, between, after = self.template_pieces(template)
         ids, spans, runs = [self.bos, *before], [], []
         for image in cond:
-            ids += [self.boi, self.img_size(image_base_size), self.img_ratio(image.ratio_index), self.timestep]
+            ids += [*self._image_header(image_base_size, image.ratio_index), self.timestep]
             vae = slice(len(ids), len(ids) + image.vae_grid[0] * image.vae_grid[1])
             ids += [self.img] * (vae.stop - vae.start) + [self.token_id("<joint_img_sep>")]
             vit = slice(len(ids), len(ids) + image.vit_slots)
@@ -384,7 +388,7 @@ class HunyuanTokenizer:
             spans.append(CondImageSpans(vae.start - 1, vae, vit))
             runs += [(vae.start, *image.vae_grid), (vit.start, *image.vit_grid)]
         prompt_start = len(ids)
-        ids += [*prompt, *between, self.boi, self.img_size(image_base_size), self.img_ratio(ratio_index)]
+        ids += [*prompt, *between, *self._image_header(image_base_size, ratio_index)]
         timestep_index = len(ids)
         ids += [self.token_id(token) for token in template.step_tokens]
         image_start = len(ids)

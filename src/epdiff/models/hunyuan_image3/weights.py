@@ -231,11 +231,17 @@ def load_vae(ckpt: SafetensorsCheckpoint, config: dict, device="cpu", with_encod
     from .vae import AutoencoderKLConv3D
 
     vae = AutoencoderKLConv3D(config, with_encoder=with_encoder, with_decoder=with_decoder).to(device)
-    state = {}
-    for name in vae.state_dict():
-        key = f"vae.{name}"
-        if key not in ckpt:
-            raise ValueError(f"{ckpt.model_dir}: checkpoint lacks VAE tensor {key}")
-        state[name] = ckpt.get(key).full()
-    vae.load_state_dict(state)
+    load_whole(vae, ckpt, "vae.", "the VAE")
     return vae.eval()
+
+
+def load_whole(module, ckpt: SafetensorsCheckpoint, prefix: str, what: str) -> None:
+    """A replicated part's every tensor, `prefix` + its own name (a leading `prefix` of the module's
+    own names is not doubled), read whole; ValueError names the first tensor the checkpoint lacks."""
+    state = {}
+    for name in module.state_dict():
+        key = prefix + name.removeprefix(prefix)
+        if key not in ckpt:
+            raise ValueError(f"{ckpt.model_dir}: checkpoint lacks {what}'s tensor {key}")
+        state[name] = ckpt.get(key).full()
+    module.load_state_dict(state)
