@@ -5,12 +5,18 @@
     ModelInfo        one model folder, read once: checks a layout and a request against the model,
                      describes it (/v1/models), loads its pipeline on a rank
     ImagePipeline    one rank's loaded model: starts a batch of images (conditioning, noise,
-                     scheduler) and predicts their velocities; decodes latents into pixels
+                     scheduler) and predicts their velocities; decodes latents into pixels; a
+                     model that writes before it draws also starts a text pass (`start_text`)
     DenoisingBatch   what `start_batch` returns: the engine's denoising loop (engine/denoise.py)
                      runs it step by step: CFG exchange and combine, the scheduler step, non-finite
                      tracking, step timing and progress are the loop's, not the family's
 
-A family never sees the engine's requests, futures or workers: the loop hands it `ImageTask`s.
+    TextTask         one text pass (a model that writes before it draws: HunyuanImage-3.0-Instruct's
+                     think and recaption), TextRules its forced tokens and stops, TextBatch what
+                     `start_text` returns for the engine's writing loop (engine/write.py)
+
+A family never sees the engine's requests, futures or workers: the loops hand it `ImageTask`s and
+`TextTask`s.
 """
 
 from __future__ import annotations
@@ -42,6 +48,62 @@ class ImageTask:
     solver: str = field(default="euler", kw_only=True)  # one of the family's ModelInfo.solvers
     system_prompt: str = field(default="", kw_only=True)  # the resolved text ("" none), for a family that takes one
     images: tuple = field(default=(), kw_only=True)  # an edit's input images (RGB PIL images), in order
+    cot_text: str = field(default="", kw_only=True)  # what the model wrote before drawing (its text pass)
+    partial_images: int = field(default=0, kw_only=True)  # previews to decode while denoising (the loop's)
+
+
+@dataclass(frozen=True)
+class TextSampling:
+    """How a text pass picks its tokens: temperature 0 is greedy; top_k 0 and top_p 1 keep every
+    token (applied in that order, as transformers' generate does)."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """One text pass: the model writes before it draws (ModelInfo.text_tasks names the tasks)."""
+
+    prompt: str
+    seed: int
+    task: str  # one of the family's ModelInfo.text_tasks
+    choose_size: bool  # the pass ends by choosing the image's aspect ratio
+    sampling: TextSampling = TextSampling()
+    system_prompt: str = ""
+    images: tuple = ()
+
+
+@dataclass(frozen=True)
+class TextRules:
+    """A text pass's forced tokens and stops, per row (the reference's logits processors):
+    - a token in `stops` ends the row (it is kept);
+    - after writing a key of `forced` (each key once), the row writes its tokens next;
+    - after a key of `choose_from`, the next token is the likeliest of its value's tokens;
+    - when max_new_tokens run out, the row writes `closing` (then `choose_from` applies) and ends at
+      a stop, or ends there when `closing` is empty."""
+
+    stops: frozenset
+    forced: dict = field(default_factory=dict)
+    choose_from: dict = field(default_factory=dict)
+    closing: tuple = ()
+
+    def most_tokens(self, max_new_tokens: int) -> int:
+        """The most tokens a row can write: its budget, a forced run in flight, the closing and the
+        choice after it."""
+        return max_new_tokens + max((len(t) for t in self.forced.values()), default=0) + len(self.closing) + 1
+
+
+@dataclass
+class TextBatch:
+    """A text pass started by a family's pipeline: `logits` for each row's first token ([B, vocab],
+    fp32, on the ranks that hold the model's last layer; None elsewhere), and `step(tokens)` which
+    feeds one token per row ([B] on the device) and returns the next logits (or None)."""
+
+    logits: torch.Tensor | None
+    step: Callable[[torch.Tensor], torch.Tensor | None]
 
 
 class Scheduler(Protocol):
@@ -90,6 +152,11 @@ class ImagePipeline(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents [B, ...] (fp32, CPU) -> uint8 pixels [B, H, W, 3] on the CPU."""
 
+    def start_text(self, tasks: Sequence[TextTask], steps: int) -> TextBatch:
+        """Prefills the text passes of these rows (room for `steps` tokens a row); a family whose
+        ModelInfo.text_tasks is not empty implements it."""
+        raise NotImplementedError(f"the {self.info.family.name} family writes no text")
+
     @property
     def moe_layer_ids(self) -> list[int]:
         """The model's layer index of each MoE layer of `transformer`, in module order."""
@@ -109,6 +176,9 @@ class ModelInfo(ABC):
     solvers: tuple[str, ...] = ("euler",)  # sampling/scheduler.py SOLVERS its pipeline runs; the first is the default
     max_input_images: int = 0  # input images a request may give (image editing); 0: the model cannot edit
     no_edit_reason: str = "its family takes no input images"  # why, where max_input_images is 0
+    text_tasks: tuple[str, ...] = ()  # what the model can write before it draws (its text passes)
+    default_task: str = "image"  # a request's task when it names none
+    default_text_sampling: TextSampling = TextSampling()
 
     @abstractmethod
     def check_layout(self, parallel: ParallelConfig) -> None:
@@ -120,12 +190,25 @@ class ModelInfo(ABC):
         model with guidance distilled into it, which takes the scale as an input)."""
         return 2 if guidance_scale > 1.0 else 1
 
-    def resolve_system_prompt(self, value: str | None) -> str:
-        """A request's system_prompt (None: the model's default; "": none) as text; ValueError names
-        the problem."""
+    def resolve_system_prompt(self, value: str | None, task: str = "image") -> str:
+        """A request's system_prompt (None: the model's default; "": none) as text, for its task;
+        ValueError names the problem."""
         if value:
             raise ValueError(f"the {self.family.name} family takes no system prompt")
         return ""
+
+    def text_rules(self, task: TextTask) -> TextRules:
+        """The forced tokens and stops of a text pass (a family with text_tasks implements it)."""
+        raise NotImplementedError(f"the {self.family.name} family writes no text")
+
+    def finish_text(self, task: TextTask, token_ids: list[int]) -> tuple[str, tuple[int, int] | None, str]:
+        """What a text pass wrote -> (the text the image is drawn from, the size it chose or None,
+        the image pass's system prompt)."""
+        raise NotImplementedError(f"the {self.family.name} family writes no text")
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Written tokens as text (streamed while they are written)."""
+        raise NotImplementedError(f"the {self.family.name} family writes no text")
 
     def edit_size(self, images) -> tuple[int, int]:
         """The size an edit is made at when the request gives none (height, width)."""
@@ -140,8 +223,14 @@ class ModelInfo(ABC):
         """Image tokens of a resolved size (what sequence parallelism splits)."""
 
     @abstractmethod
-    def check_prompt(self, prompt: str, height: int, width: int, system_prompt: str = "", images=()) -> None:
-        """ValueError when the prompt cannot be drawn at this size (too long for the context)."""
+    def check_prompt(self, prompt: str, height: int, width: int, system_prompt: str = "", images=(),
+                     cot_text: str = "") -> None:
+        """ValueError when the prompt (and what the model wrote before drawing) cannot be drawn at
+        this size (too long for the context)."""
+
+    def check_text_pass(self, task: TextTask) -> None:
+        """ValueError when the text pass, and an image after it of any size, cannot fit the context."""
+        raise NotImplementedError(f"the {self.family.name} family writes no text")
 
     @abstractmethod
     def describe(self) -> dict:

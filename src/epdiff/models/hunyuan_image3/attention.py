@@ -8,6 +8,9 @@ rows are one contiguous block). The generalized causal mask is never materialise
                attends to the prefix and the step tokens up to itself (one token: no mask);
   image tokens: attend to the prefix, the step tokens and every image token (no mask), split over
                SP ranks with Ulysses.
+
+Writing text (the Instruct models' think and recaption passes) prefills the same way, then runs one
+token a step against a TextCache that grows in place (every SP rank holds the whole token).
 """
 
 from __future__ import annotations
@@ -32,6 +35,22 @@ class KVCache:
     k: torch.Tensor  # [B, L, KV_local, D]
     v: torch.Tensor
     key_mask: torch.Tensor | None = None  # [B, L], False at padding (prompts of different lengths)
+
+
+@dataclass
+class TextCache:
+    """A layer's K/V while writing text: the prefix's, then one token a step, in buffers sized for
+    the whole pass (no copy per token). Row r's token of a step goes to slot where[r]."""
+
+    k: torch.Tensor  # [B, capacity, KV_local, D]
+    v: torch.Tensor
+
+    @classmethod
+    def of(cls, prefix: KVCache, capacity: int) -> "TextCache":
+        B, L, H, D = prefix.k.shape
+        k, v = (prefix.k.new_empty(B, capacity, H, D) for _ in range(2))
+        k[:, :L], v[:, :L] = prefix.k, prefix.v
+        return cls(k, v)
 
 
 def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +110,22 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
         return self._out(out), KVCache(k, v)
+
+    def decode(self, x, cos, sin, cache: TextCache, where: list[int]) -> torch.Tensor:
+        """x [B, 1, hidden]: each row's next token, written to slot where[r]; it sees slots 0..where[r]
+        (a row's earlier slots are its prefix and its written tokens: prompts of different lengths
+        write from their own ends, as the reference's right-padded batch does)."""
+        q, k, v = self._qkv(x, cos, sin)
+        if len(set(where)) == 1:  # one length: no mask, the GQA kernels
+            end = where[0] + 1
+            cache.k[:, end - 1], cache.v[:, end - 1] = k[:, 0], v[:, 0]
+            return self._out(sdpa(q, cache.k[:, :end], cache.v[:, :end]))
+        rows = torch.arange(len(where), device=x.device)
+        slots = torch.tensor(where, device=x.device)
+        cache.k[rows, slots], cache.v[rows, slots] = k[:, 0], v[:, 0]
+        end = max(where) + 1
+        visible = torch.arange(end, device=x.device)[None] <= slots[:, None]
+        return self._out(sdpa(q, cache.k[:, :end], cache.v[:, :end], key_mask=visible))
 
     def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
         """x [B, n + N/SP, hidden]: the n step tokens, then this SP rank's chunk of the image tokens."""

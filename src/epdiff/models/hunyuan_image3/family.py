@@ -8,15 +8,20 @@ import torch
 
 from ...config import ConfigError, ParallelConfig, option
 from ...sampling.scheduler import SOLVERS
-from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo
+from ..base import FamilyTool, ImagePipeline, ModelFamily, ModelInfo, TextRules, TextSampling, TextTask
 from .config import HunyuanImage3Config, read_generation_config
 from .resolution import INSTRUCT_EXTRA_BUCKETS, resolution_group
 from .system_prompts import SystemPrompts
-from .tokenizer import CondImageLayout, HunyuanTokenizer, SequenceTemplate
+from .tokenizer import (END_RECAPTION, END_THINK, RECAPTION, TEXT_PASS_OPENERS, THINK, CondImageLayout,
+                        HunyuanTokenizer, SequenceTemplate, cot_sections)
 from .weights import checkpoint_quantization
 
 
 MAX_INPUT_IMAGES = 4  # an edit's input images (each adds its VAE and ViT tokens to the prefix)
+# The reference's text passes (bot_task): what the model writes before it draws.
+TEXT_TASKS = ("think", "recaption", "think_recaption")
+# The reference's generate_image writes at most this many tokens unless told otherwise.
+MAX_NEW_TOKENS = 2048
 
 
 class HunyuanImage3Info(ModelInfo):
@@ -42,6 +47,19 @@ class HunyuanImage3Info(ModelInfo):
         self.max_input_images = MAX_INPUT_IMAGES if self.supports_images else 0
         stored = checkpoint_quantization(self.config, model_dir)
         self.stored_quantization = None if stored is None else stored.name
+        # The Instruct models write before they draw (their lm_head is loaded with them).
+        self.text_tasks = TEXT_TASKS if self.generation.sequence_template == "instruct" else ()
+        task = self.generation.bot_task
+        self.default_task = task if task in self.text_tasks else "image"
+        self.default_text_sampling = self._text_sampling(self.generation.raw)
+
+    @staticmethod
+    def _text_sampling(generation: dict) -> TextSampling:
+        """generation_config.json's sampling as transformers' generate reads it (its defaults where a
+        key is absent: greedy unless do_sample, top_k 50, top_p 1)."""
+        sample = bool(generation.get("do_sample", False))
+        return TextSampling(MAX_NEW_TOKENS, float(generation.get("temperature", 1.0)) if sample else 0.0,
+                            int(generation.get("top_k", 50) or 0), float(generation.get("top_p", 1.0)))
 
     def check_layout(self, parallel: ParallelConfig) -> None:
         c = self.config
@@ -86,27 +104,96 @@ class HunyuanImage3Info(ModelInfo):
         grid_h, grid_w = self._grid(height, width)
         return grid_h * grid_w
 
-    def template(self, system_prompt: str) -> SequenceTemplate:
-        """The sequence template of a request with this (resolved) system prompt."""
+    def template(self, system_prompt: str, cot_text: str = "") -> SequenceTemplate:
+        """The sequence template of a request with this (resolved) system prompt and what the model
+        wrote before drawing."""
         c = self.config
-        return SequenceTemplate(self.generation.sequence_template, system_prompt, c.cfg_distilled, c.use_meanflow)
+        return SequenceTemplate(self.generation.sequence_template, system_prompt, c.cfg_distilled, c.use_meanflow,
+                                cot_sections(cot_text, self.generation.drop_think))
 
-    def resolve_system_prompt(self, value):
-        return self.system_prompts.for_request(value)
+    def resolve_system_prompt(self, value, task="image"):
+        return self.system_prompts.for_request(value, task)
 
-    def check_prompt(self, prompt, height, width, system_prompt="", images=()):
+    def _cond_layouts(self, images) -> list[CondImageLayout]:
+        """Each input image's section as check_prompt counts it (the ViT grid does not change its length)."""
+        slots = int(self.config.raw["vit_processor"]["max_num_patches"]) if images else 0
+        layouts = []
+        for image in images:
+            ratio = self.resolution.nearest_index(image.size[1], image.size[0])
+            layouts.append(CondImageLayout(ratio, self.resolution.grid(ratio), (1, 1), slots))
+        return layouts
+
+    def check_prompt(self, prompt, height, width, system_prompt="", images=(), cot_text=""):
         grid_h, grid_w = self._grid(height, width)
         n = len(self.tokenizer.encode(prompt))
-        slots = int(self.config.raw["vit_processor"]["max_num_patches"]) if images else 0
-        cond = []
-        for image in images:  # each input image's section (the ViT grid does not change its length)
-            ratio = self.resolution.nearest_index(image.size[1], image.size[0])
-            cond.append(CondImageLayout(ratio, self.resolution.grid(ratio), (1, 1), slots))
-        total = self.tokenizer.sequence_length(n, grid_h, grid_w, self.template(system_prompt), cond)
+        template = self.template(system_prompt, cot_text)
+        total = self.tokenizer.sequence_length(n, grid_h, grid_w, template, self._cond_layouts(images))
         if total > self.context:
             inputs = f" and {len(images)} input image(s)" if images else ""
-            raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens{inputs} the sequence is "
-                             f"{total} tokens, over the model's context of {self.context}")
+            written = " and what the model wrote" if cot_text else ""
+            raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens{inputs}{written} the "
+                             f"sequence is {total} tokens, over the model's context of {self.context}")
+
+    # -- the text passes (Instruct: think and recaption before drawing) --------------------------
+
+    def check_text_pass(self, task: TextTask) -> None:
+        most = max(self.image_tokens(*bucket) for bucket in self.resolution.buckets)
+        n = len(self.tokenizer.encode(task.prompt))
+        sections = self.tokenizer.sequence_length(n, 1, 1, self.template(task.system_prompt),
+                                                  self._cond_layouts(task.images)) - 1
+        written = self.text_rules(task).most_tokens(task.sampling.max_new_tokens)
+        if sections + written + most > self.context:
+            raise ValueError(f"prompt is {n} tokens: with max_new_tokens {task.sampling.max_new_tokens} written before "
+                             f"an image of up to {most} tokens the sequence can reach {sections + written + most} "
+                             f"tokens, over the model's context of {self.context}; ask for fewer new tokens")
+
+    def text_rules(self, task: TextTask) -> TextRules:
+        """The reference's generate_image: think -> recaption when both are asked, the answer and the
+        image header forced after the last part when the pass chooses the size, then the likeliest
+        ratio token of the model's buckets; otherwise the pass ends at its last part's end."""
+        t = self.tokenizer
+        think_end, recaption_end = t.token_id(END_THINK), t.token_id(END_RECAPTION)
+        forced = {}
+        if task.task == "think_recaption":
+            forced[think_end] = (t.token_id(RECAPTION),)
+        if not task.choose_size:
+            stops = {recaption_end} if "recaption" in task.task else {think_end, recaption_end}
+            return TextRules(frozenset(stops), forced)
+        size = t.img_size(self.config.image_base_size)
+        answer = (t.token_id("<answer>"),) if self.generation.sequence_template == "instruct" else ()
+        header = (*answer, t.boi, size)
+        forced[recaption_end if "recaption" in task.task else think_end] = header
+        ratios = tuple(t.ratio_ids(len(self.resolution.buckets)))
+        # Where max_new_tokens runs out first, the pass still ends with a size (the reference would
+        # fail to read one): the header is forced and the ratio chosen.
+        return TextRules(frozenset(ratios), forced, {size: ratios}, closing=header)
+
+    def finish_text(self, task: TextTask, token_ids):
+        """The reference's: the text up to the first end of the pass's last part (all of it within
+        max_new_tokens when there is none), after its opener; with drop_think only the recaption is
+        kept (and a system prompt becomes en_recaption); the ratio token as the image's bucket."""
+        t = self.tokenizer
+        end = t.token_id(END_RECAPTION if "recaption" in task.task else END_THINK)
+        cot_ids = token_ids[:token_ids.index(end) + 1] if end in token_ids else token_ids[:task.sampling.max_new_tokens]
+        cot = TEXT_PASS_OPENERS[task.task.split("_")[0]] + t.decode(cot_ids)
+        system_prompt = task.system_prompt
+        if self.generation.drop_think and THINK in cot and RECAPTION in cot:
+            recaption = cot.split(RECAPTION)[1]
+            if END_RECAPTION in recaption:
+                recaption = recaption.split(END_RECAPTION)[0]
+            cot = RECAPTION + recaption + END_RECAPTION
+            if system_prompt:
+                system_prompt = self.system_prompts.named("en_recaption")
+        size = None
+        if task.choose_size:
+            ratios = t.ratio_ids(len(self.resolution.buckets))
+            if not token_ids or token_ids[-1] not in ratios:
+                raise ValueError(f"the text pass ended without a ratio token (last token {token_ids[-1:]})")
+            size = self.resolution.bucket(ratios.index(token_ids[-1]))
+        return cot, size, system_prompt
+
+    def detokenize(self, token_ids):
+        return self.tokenizer.decode(token_ids)
 
     def describe(self) -> dict:
         # dict: bucket sides rounded down to the VAE factor can repeat at small bases
@@ -120,14 +207,14 @@ class HunyuanImage3Info(ModelInfo):
                 "mean_flow": c.use_meanflow, "solvers": list(self.solvers),
                 "max_input_images": self.max_input_images,
                 "sequence_template": g.sequence_template, "default_system_prompt": self.system_prompts.default,
-                "task": "image" + ("" if g.bot_task in ("image", None) else
-                                   f" (generation_config.json asks {g.bot_task!r}: its text pass is not run)")}
+                "tasks": ["image", *self.text_tasks], "default_task": self.default_task}
 
     def load_pipeline(self, parallel, dtype: torch.dtype, load_format: str, quantization: str | None,
                       decode: bool) -> ImagePipeline:
         from .pipeline import HunyuanImage3Pipeline
 
-        return HunyuanImage3Pipeline(self, parallel, dtype, load_format, quantization, decode)
+        return HunyuanImage3Pipeline(self, parallel, dtype, load_format, quantization, decode,
+                                     text_head=bool(self.text_tasks))
 
 
 @dataclass

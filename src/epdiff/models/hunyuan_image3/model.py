@@ -8,6 +8,10 @@ A denoising step runs its step tokens ([<timestep>], then <guidance> for a cfg-d
 and <timestep_r> for a mean-flow one, in the reference's order) and the image tokens [<img> x h·w]
 against the text prefix's cached K/V (exact: text never attends to image tokens). Image hidden states are taken before `ln_f`, which
 text-to-image never uses.
+
+A model that writes text (the Instruct models' think and recaption passes; `text_head`) has `model.ln_f`
+and `lm_head` on its last stage: `start_text` prefills a prompt and returns the next token's logits,
+`decode` takes one token per row and returns the next logits.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...moe.layer import MoELayer, reset_token_counts
 from ...sampling.step_cache import FirstBlockCache, run_blocks
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, TextCache
 from .config import HunyuanImage3Config
 from .tokenizer import CondImageSpans
 from .rotary import rope_2d
@@ -147,23 +151,32 @@ class DecoderLayer(nn.Module):
         h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache), residual=x)
         return x + self.mlp(h)
 
+    def decode(self, x, cos, sin, cache: TextCache, where: list[int]):
+        attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, where)
+        h, x = self.post_attention_layernorm(attn, residual=x)
+        return x + self.mlp(h)
+
 
 class Backbone(nn.Module):
     """The `model.` part of the checkpoint: embeddings and this stage's decoder layers."""
 
-    def __init__(self, config, parallel, layer_ids, first_stage: bool, dtype, device, quant_config=None):
+    def __init__(self, config, parallel, layer_ids, first_stage: bool, dtype, device, quant_config=None,
+                 final_norm: bool = False):
         super().__init__()
         if first_stage:
             self.wte = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, parallel, dtype, device, quant_config)
                                      for i in layer_ids})
+        if final_norm:  # the text head's (image tokens are read before it)
+            self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
 
 
 class HunyuanImage3Transformer(nn.Module):
     def __init__(self, config: HunyuanImage3Config, parallel: ParallelState, dtype=torch.float32, device=None,
-                 quant_config=None):
+                 quant_config=None, text_head: bool = False):
         """quant_config: from epdiff.quantization (None: every weight in dtype); the layers with a
-        quantized form (the routed experts) take it."""
+        quantized form (the routed experts) take it. text_head: build ln_f and lm_head (on the last
+        stage) to write text."""
         super().__init__()
         c, kw = config, dict(dtype=dtype, device=device)
         self.config, self.parallel, self.dtype = c, parallel, dtype
@@ -171,7 +184,11 @@ class HunyuanImage3Transformer(nn.Module):
         self.link = StageLink(parallel.pp)
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
         self.quant_config = quant_config
-        self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device, quant_config)
+        self.text_head = text_head
+        self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device, quant_config,
+                              final_norm=text_head and self.link.is_last)
+        if text_head and self.link.is_last:  # replicated: every last-stage rank can read the logits
+            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
         # The UNet convolutions keep channels-last weights: cuDNN then runs Hopper NHWC kernels, and
         # the image's [B, C, h, w] <-> [B, h·w, C] token views need no transposing copies.
         if self.link.is_first:
@@ -212,6 +229,11 @@ class HunyuanImage3Transformer(nn.Module):
         cond: an edit's input images (the first stage's: their tokens are written over the
         embeddings); blocks: the prefix's runs that attend both ways (every stage's; the rows'
         layouts the same)."""
+        x, caches = self._run_prefix(input_ids, positions, lengths, cond, blocks)
+        return caches
+
+    def _run_prefix(self, input_ids, positions, lengths, cond, blocks):
+        """The prefill's layers: (the last stage's hidden states, or None; this stage's caches)."""
         reset_token_counts(self)
         B, L = input_ids.shape
         x = self._receive_or(lambda: self._embed_prefix(input_ids, cond), (B, L, self.config.hidden_size))
@@ -234,8 +256,40 @@ class HunyuanImage3Transformer(nn.Module):
             caches.append(cache)
         if not self.link.is_last:
             self.link.send(x)
+            x = None
         reset_token_counts(self)
-        return caches
+        return x, caches
+
+    def start_text(self, input_ids: torch.Tensor, positions: torch.Tensor, lengths: list[int], capacity: int,
+                   cond: list[CondInputs] | None = None, blocks: list[slice] = ()
+                   ) -> tuple[torch.Tensor | None, list[TextCache]]:
+        """A text pass's prefill: input_ids [B, Lp] right-padded, positions [B, Lp, 2] (or [Lp, 2]),
+        lengths[b] row b's real tokens. Returns the logits of each row's next token [B, vocab] (fp32,
+        on the last stage; None elsewhere) and this stage's caches, with room for capacity tokens a
+        row. The MoE layers' token counts are reset for the one-token steps that follow."""
+        x, caches = self._run_prefix(input_ids, positions, lengths, cond, blocks)
+        logits = None
+        if x is not None:
+            last = torch.tensor(lengths, device=self.device) - 1
+            logits = self._logits(x[torch.arange(len(lengths), device=self.device), last])
+        return logits, [TextCache.of(cache, capacity) for cache in caches]
+
+    def decode(self, token_ids: torch.Tensor, where: list[int], caches: list[TextCache]) -> torch.Tensor | None:
+        """One written token per row: token_ids [B] at sequence index where[b] (its slot, and its
+        1-D position). Returns the next logits [B, vocab] (fp32) on the last stage, None elsewhere."""
+        B, hidden = len(where), self.config.hidden_size
+        x = self._receive_or(lambda: self.model.wte(token_ids.to(self.device)[:, None]), (B, 1, hidden))
+        index = torch.tensor(where, device=self.device)[:, None, None].expand(B, 1, 2)
+        cos, sin = self._rope(index)
+        for layer, cache in zip(self.model.layers.values(), caches):
+            x = layer.decode(x, cos, sin, cache, where)
+        if not self.link.is_last:
+            self.link.send(x)
+            return None
+        return self._logits(x[:, 0])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.ln_f(hidden)).float()
 
     def _embed_prefix(self, input_ids: torch.Tensor, cond: list[CondInputs] | None) -> torch.Tensor:
         x = self.model.wte(input_ids.to(self.device))

@@ -16,7 +16,7 @@ import torch
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
-from ..base import DenoisingBatch, ImagePipeline
+from ..base import DenoisingBatch, ImagePipeline, TextBatch
 from .conditioning import ImageConditioner
 from .loading import load_model
 from .model import CondInputs
@@ -35,12 +35,13 @@ def initial_noise(seed: int, shape, device: torch.device, cond_shapes: Sequence[
 
 class HunyuanImage3Pipeline(ImagePipeline):
     def __init__(self, info, parallel: ParallelState, dtype: torch.dtype, load_format: str = "safetensors",
-                 quantization: str | None = None, decode: bool = True):
-        """info: the folder's HunyuanImage3Info. decode: load the VAE here."""
+                 quantization: str | None = None, decode: bool = True, text_head: bool = False):
+        """info: the folder's HunyuanImage3Info. decode: load the VAE here. text_head: load ln_f and
+        lm_head (the Instruct models' text passes)."""
         self.info, self.parallel, self.device, self.dtype = info, parallel, parallel.device, dtype
         self.config, self.tokenizer = info.config, info.tokenizer
         self.transformer, checkpoint = load_model(info.model_dir, parallel, dtype, self.device, load_format,
-                                                  self.config, quantization)
+                                                  self.config, quantization, text_head)
         self.checkpoint_bytes_read = checkpoint.bytes_read if checkpoint else 0
         self.vae = self._load_vae(checkpoint) if decode else None
         self.can_decode = self.vae is not None
@@ -70,26 +71,21 @@ class HunyuanImage3Pipeline(ImagePipeline):
         # An edit's input images: a batch holds one request's images (the planner's batch key).
         prepared = [self.conditioner.prepare(image) for image in first.images] if first.images else []
         layouts = [p.layout for p in prepared]
-        sequences = {}  # (prompt, system prompt) -> (cond, uncond)
+        sequences = {}  # (prompt, system prompt, written text) -> (cond, uncond)
         for task in tasks:
-            key = task.prompt, task.system_prompt
+            key = task.prompt, task.system_prompt, task.cot_text
             if key not in sequences:
-                ids, template = self.tokenizer.encode(task.prompt), self.info.template(task.system_prompt)
+                ids, template = self.tokenizer.encode(task.prompt), self.info.template(task.system_prompt, task.cot_text)
                 build = (self.tokenizer.build_sequence, self.tokenizer.build_uncond_sequence)
                 sequences[key] = tuple(make(ids, ratio, h, w, c.image_base_size, self.info.context, template,
                                             layouts) for make in build)
         # Rows: every image of the first branch, then every image of the second ([cond; uncond]).
-        rows = [sequences[task.prompt, task.system_prompt][branch] for branch in branches for task in tasks]
+        rows = [sequences[task.prompt, task.system_prompt, task.cot_text][branch] for branch in branches
+                for task in tasks]
         draws = [initial_noise(task.seed, (c.latent_channels, h, w), self.device,
                                [(c.latent_channels, *layout.vae_grid) for layout in layouts]) for task in tasks]
         latents = torch.cat([noise for noise, _ in draws])
-        cond = None
-        if prepared and self.transformer.link.is_first:
-            cond = []
-            for k, image in enumerate(prepared):
-                clean = self.conditioner.vae_latents(image, [posterior[k] for _, posterior in draws])
-                cond.append(CondInputs(rows[0].cond[k], clean.repeat(len(branches), 1, 1, 1),
-                                       self.conditioner.vit_tokens(image)))
+        cond = self._cond_inputs(prepared, [posterior for _, posterior in draws], rows[0].cond, len(branches))
         caches, gen_positions = self._prefill(rows, cond)
         scheduler = FlowMatchScheduler(first.num_inference_steps, float(self.info.generation.flow_shift),
                                        first.solver)
@@ -106,6 +102,46 @@ class HunyuanImage3Pipeline(ImagePipeline):
                                     block_cache, guidance=guidance, timesteps_r=r).float()
 
         return DenoisingBatch(latents, scheduler, predict)
+
+    def _cond_inputs(self, prepared, posteriors, spans, repeat: int) -> list[CondInputs] | None:
+        """The first stage's input-image embeddings (posteriors[row][k]: row's draw for image k)."""
+        if not prepared or not self.transformer.link.is_first:
+            return None
+        cond = []
+        for k, image in enumerate(prepared):
+            clean = self.conditioner.vae_latents(image, [posterior[k] for posterior in posteriors])
+            cond.append(CondInputs(spans[k], clean.repeat(repeat, 1, 1, 1), self.conditioner.vit_tokens(image)))
+        return cond
+
+    def start_text(self, tasks, steps: int) -> TextBatch:
+        """The text passes' prefill (one row a task, right-padded; an edit's rows share its input
+        images, the planner's batch key), with room for `steps` written tokens a row. An input
+        image's posterior noise is the image's own seed's first draw, as its image pass draws it."""
+        first, c = tasks[0], self.config
+        prepared = [self.conditioner.prepare(image) for image in first.images] if first.images else []
+        layouts = [p.layout for p in prepared]
+        rows = [self.tokenizer.build_text_sequence(task.prompt, task.task, self.info.template(task.system_prompt),
+                                                   c.image_base_size, layouts) for task in tasks]
+        lengths = [len(row) for row in rows]
+        longest = max(lengths)
+        pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
+        prefix = torch.full((len(rows), longest), pad, dtype=torch.long)
+        positions = torch.zeros((len(rows), longest, 2), dtype=torch.long)
+        for r, row in enumerate(rows):
+            prefix[r, :lengths[r]], positions[r, :lengths[r]] = row.input_ids, row.positions
+        posteriors = [initial_noise(task.seed, (1, 1, 1), self.device,
+                                    [(c.latent_channels, *layout.vae_grid) for layout in layouts])[1] for task in tasks]
+        cond = self._cond_inputs(prepared, posteriors, rows[0].cond, 1)
+        logits, caches = self.transformer.start_text(prefix, positions, lengths, longest + steps, cond,
+                                                     rows[0].bidirectional_blocks)
+        written = [0]
+
+        def step(tokens: torch.Tensor) -> torch.Tensor | None:
+            where = [length + written[0] for length in lengths]
+            written[0] += 1
+            return self.transformer.decode(tokens, where, caches)
+
+        return TextBatch(logits, step)
 
     def _prefill(self, rows, cond=None):
         """Caches the prefix of every row; returns the caches and the positions of each step's

@@ -9,7 +9,11 @@ the names as the reference's `get_system_prompt` does for the image task:
     en_vanilla, en_recaption,
     en_think_recaption                  t2i_system_prompts[name][0]
     en_unified                          unified_system_prompt_en
-    dynamic                             en_vanilla without its surrounding newlines (bot_task image)
+    dynamic                             by the task: think -> en_think_recaption, recaption ->
+                                        en_recaption, image -> en_vanilla without its surrounding
+                                        newlines; think_recaption -> en_think_recaption (the
+                                        reference's gives none there: its lookup takes the task
+                                        unsplit and falls through to the custom text)
     custom                              the request's own text
 
 then strips the result, as the reference does before building the sequence.
@@ -26,6 +30,7 @@ SYSTEM_PROMPT_FILE = "system_prompt.py"
 T2I_PROMPTS, UNIFIED_PROMPT = "t2i_system_prompts", "unified_system_prompt_en"
 T2I_NAMES = ("en_vanilla", "en_recaption", "en_think_recaption")
 NAMES = ("None", *T2I_NAMES, "en_unified", "dynamic", "custom")
+DYNAMIC = {"think": "en_think_recaption", "think_recaption": "en_think_recaption", "recaption": "en_recaption"}
 
 
 def _literal(node, known: dict):
@@ -72,8 +77,9 @@ class SystemPrompts:
         except ValueError as e:
             raise ConfigError(f"generation_config.json: use_system_prompt {self.default!r}: {e}") from None
 
-    def resolve(self, name: str | None, custom: str | None = None) -> str:
-        """The system prompt's text for a name (None: the default); ValueError names the problem."""
+    def resolve(self, name: str | None, custom: str | None = None, task: str = "image") -> str:
+        """The system prompt's text for a name (None: the default) and a task; ValueError names the
+        problem."""
         name = self.default if name is None else name
         if name not in NAMES:
             raise ValueError(f"unknown system prompt {name!r}; choose one of {', '.join(NAMES)}")
@@ -83,17 +89,22 @@ class SystemPrompts:
             if not isinstance(custom, str) or not custom.strip():
                 raise ValueError("system prompt 'custom' needs its text")
             return custom.strip()
-        key = "en_vanilla" if name == "dynamic" else name
+        key = DYNAMIC.get(task, "en_vanilla") if name == "dynamic" else name
         text = self._named(key)
         return (text.strip("\n") if name == "dynamic" else text).strip()
 
-    def for_request(self, value: str | None) -> str:
+    def for_request(self, value: str | None, task: str = "image") -> str:
         """A request's system_prompt: None (the model's default), a name, or any other text (its own)."""
         if value is None or value in NAMES:
-            return self.resolve(value)
+            return self.resolve(value, task=task)
         if not value.strip():
             return ""
         return self.resolve("custom", value)
+
+    def named(self, name: str) -> str:
+        """A named prompt as the file has it (unstripped: the reference's drop_think swaps in
+        en_recaption so)."""
+        return self._named(name)
 
     def _named(self, name: str) -> str:
         where = os.path.join(self.model_dir, SYSTEM_PROMPT_FILE)

@@ -18,6 +18,12 @@ own as the reference does::
 A cfg-distilled model has a <guidance> token after <timestep>, a mean-flow one then <timestep_r>.
 The unconditional (CFG) branch is the same sequence with each prompt token replaced by ``<cfg>``
 (the system prompt and the roles stay), so both branches have equal length and identical positions.
+
+What the Instruct models write before they draw (their think and recaption passes) sits between
+"Assistant: " and <answer>, as the reference's sections: ``<think> text </think> <recaption> text
+</recaption>``, each piece tokenized alone, the texts blanked to <cfg> in the unconditional branch.
+The text pass itself reads the same user part and ends ``"Assistant: <think>"`` (or
+``<recaption>``), the token the model continues from.
 """
 
 from __future__ import annotations
@@ -48,6 +54,26 @@ _IMAGE_HEADER = 3
 # The instruct template's role markers and separator (the reference's conversation "hunyuan-image-3").
 INSTRUCT_USER, INSTRUCT_ASSISTANT, INSTRUCT_SEPARATOR = "User: ", "Assistant: ", "\n\n"
 SEQUENCE_TEMPLATES = ("pretrain", "instruct")
+# The written sections' markers (the reference's decorator sections).
+THINK, END_THINK, RECAPTION, END_RECAPTION = "<think>", "</think>", "<recaption>", "</recaption>"
+# A text pass's first written token, by the task's first part (the reference's bot_response_prefix).
+TEXT_PASS_OPENERS = {"think": THINK, "recaption": RECAPTION}
+
+
+def cot_sections(cot_text: str, drop_think: bool = False) -> tuple[tuple[str, bool], ...]:
+    """The written text as the reference's template sections (get_cot_sections): a closed
+    <think> or <recaption> block becomes (marker, False), (its text, True), (end marker, False),
+    with the text around it split the same way; anything else is one text section. True: the
+    unconditional branch blanks it. drop_think leaves closed think blocks out."""
+    if not cot_text:
+        return ()
+    for opener, closer in ((THINK, END_THINK), (RECAPTION, END_RECAPTION)):
+        if opener in cot_text and closer in cot_text:
+            before, after = cot_text.split(opener)[0], cot_text.split(closer)[1]
+            inner = cot_text.split(opener)[1].split(closer)[0]
+            block = () if drop_think and opener == THINK else ((opener, False), (inner, True), (closer, False))
+            return cot_sections(before, drop_think) + block + cot_sections(after, drop_think)
+    return ((cot_text, True),)
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,9 @@ class SequenceTemplate:
     system_prompt: str = ""
     cfg_distilled: bool = False
     use_meanflow: bool = False
+    # What the model wrote before the image (its text pass): (text, blanked in the uncond branch)
+    # sections between "Assistant: " and <answer> (cot_sections).
+    cot: tuple[tuple[str, bool], ...] = ()
 
     @property
     def step_tokens(self) -> tuple[str, ...]:
@@ -137,9 +166,7 @@ def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int,
     """
     if spans:
         positions = torch.arange(seq_len)[:, None].repeat(1, 2)
-        for start, h, w in [*spans, (image_start, grid_h, grid_w)]:
-            run = build_2d_positions(start + h * w, start, h, w)
-            positions[start:start + h * w] = run[start:]
+        place_2d_runs(positions, [*spans, (image_start, grid_h, grid_w)])
         return positions
     image_end = image_start + grid_h * grid_w
     if image_start < 0 or image_end > seq_len:
@@ -159,6 +186,12 @@ def build_2d_positions(seq_len: int, image_start: int, grid_h: int, grid_w: int,
     y = torch.cat([before, grid_y.reshape(-1), after]).long()
     x = torch.cat([before, grid_x.reshape(-1), after]).long()
     return torch.stack([y, x], dim=1)
+
+
+def place_2d_runs(positions: torch.Tensor, runs: Sequence[tuple[int, int, int]]) -> None:
+    """Writes each run's (start, h, w) 2-D grid positions into 1-D text positions [L, 2], in place."""
+    for start, h, w in runs:
+        positions[start:start + h * w] = build_2d_positions(start + h * w, start, h, w)[start:]
 
 
 @dataclass(frozen=True)
@@ -185,6 +218,11 @@ class CondImageSpans:
     vit: slice  # the ViT run (all slots)
 
 
+def bidirectional_blocks(cond: Sequence[CondImageSpans]) -> list[slice]:
+    """The prefix's runs that attend both ways (each input image's VAE run and ViT run, apart)."""
+    return [run for image in cond for run in (image.vae, image.vit)]
+
+
 @dataclass
 class ImageSequence:
     """One branch (cond or uncond) of a text-to-image sequence."""
@@ -201,8 +239,7 @@ class ImageSequence:
 
     @property
     def bidirectional_blocks(self) -> list[slice]:
-        """The prefix's runs that attend both ways (each input image's VAE run and ViT run, apart)."""
-        return [run for image in self.cond for run in (image.vae, image.vit)]
+        return bidirectional_blocks(self.cond)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -214,6 +251,22 @@ class ImageSequence:
     @property
     def prompt_slice(self) -> slice:
         return slice(self.prompt_start, self.prompt_start + self.prompt_len)
+
+
+@dataclass
+class TextSequence:
+    """A text pass's input (the model continues after its last token)."""
+
+    input_ids: torch.Tensor  # LongTensor [L]
+    positions: torch.Tensor  # LongTensor [L, 2]
+    cond: tuple[CondImageSpans, ...] = ()
+
+    @property
+    def bidirectional_blocks(self) -> list[slice]:
+        return bidirectional_blocks(self.cond)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 class HunyuanTokenizer:
@@ -282,6 +335,11 @@ class HunyuanTokenizer:
             raise ValueError(f"ratio index must be in [0, {NUM_RATIO_TOKENS - 1}], got {ratio_index}")
         return self.img_ratio_ids[ratio_index]
 
+    def ratio_ids(self, buckets: int) -> list[int]:
+        """The ids of <img_ratio_0> .. <img_ratio_{buckets - 1}>, bucket by bucket (the Instruct
+        tokenizers' extra buckets after the 33)."""
+        return [self.img_ratio(k) for k in range(buckets)]
+
     def ratio_index(self, token_id: int) -> int:
         """Inverse of img_ratio: the bucket index a <img_ratio_k> id stands for."""
         index = token_id - self.img_ratio_ids[0]
@@ -296,21 +354,33 @@ class HunyuanTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def template_pieces(self, template: SequenceTemplate) -> tuple[list[int], list[int], list[int]]:
-        """The template's token ids before the prompt (after <bos>), between the prompt and <boi>,
-        and after <eoi>."""
+    def template_pieces(self, template: SequenceTemplate, uncond: bool = False
+                        ) -> tuple[list[int], list[int], list[int]]:
+        """The template's token ids before the prompt (after <bos>), between the prompt and <boi>
+        (the written sections included; uncond: their texts blanked to <cfg>), and after <eoi>."""
+        before, user_end = self._user_pieces(template)
+        written = []
+        for text, blank in template.cot:
+            ids = self.encode(text)
+            written += [self.cfg] * len(ids) if blank and uncond else ids
+        if template.kind != "instruct":
+            return before, user_end + written, []
+        between = user_end + self.encode(INSTRUCT_ASSISTANT) + written + [self.token_id("<answer>")]
+        after = [self.token_id("</answer>")] + self.encode(INSTRUCT_SEPARATOR)
+        return before, between, after
+
+    def _user_pieces(self, template: SequenceTemplate) -> tuple[list[int], list[int]]:
+        """The ids before the user's prompt (after <bos>: the system prompt, the user role) and
+        right after it."""
         if template.kind not in SEQUENCE_TEMPLATES:
             raise ValueError(f"unknown sequence template {template.kind!r}; choose one of {SEQUENCE_TEMPLATES}")
         instruct = template.kind == "instruct"
         before = self.encode(template.system_prompt) if template.system_prompt else []
-        if instruct and template.system_prompt:
-            before += self.encode(INSTRUCT_SEPARATOR)
         if not instruct:
-            return before, [], []
-        before += self.encode(INSTRUCT_USER)
-        between = self.encode(INSTRUCT_SEPARATOR) + self.encode(INSTRUCT_ASSISTANT) + [self.token_id("<answer>")]
-        after = [self.token_id("</answer>")] + self.encode(INSTRUCT_SEPARATOR)
-        return before, between, after
+            return before, []
+        if template.system_prompt:
+            before += self.encode(INSTRUCT_SEPARATOR)
+        return before + self.encode(INSTRUCT_USER), self.encode(INSTRUCT_SEPARATOR)
 
     def sequence_length(self, prompt_len: int, grid_h: int, grid_w: int,
                         template: SequenceTemplate = SequenceTemplate(),
@@ -352,7 +422,7 @@ class HunyuanTokenizer:
         images stay)."""
         prompt = self._checked_prompt(prompt_ids)
         return self._build([self.cfg] * len(prompt), ratio_index, grid_h, grid_w, image_base_size, max_length,
-                           template, cond)
+                           template, cond, uncond=True)
 
     def _checked_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, str):  # convenience: a prompt given as text
@@ -366,18 +436,27 @@ class HunyuanTokenizer:
         """<boi> <img_size_B> <img_ratio_k>: the _IMAGE_HEADER tokens before an image's <timestep>."""
         return [self.boi, self.img_size(image_base_size), self.img_ratio(ratio_index)]
 
-    def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length,
-               template: SequenceTemplate, cond: Sequence[CondImageLayout] = ()) -> ImageSequence:
-        if grid_h < 1 or grid_w < 1:
-            raise ValueError(f"image grid must be at least 1x1 tokens, got {grid_h}x{grid_w}")
-        length = self.sequence_length(len(prompt), grid_h, grid_w, template, cond)
-        if max_length is not None and length > max_length:
-            raise ValueError(
-                f"sequence length {length} (prompt {len(prompt)} tokens + image {grid_h}x{grid_w} = "
-                f"{grid_h * grid_w} tokens + {length - len(prompt) - grid_h * grid_w} template and special tokens) "
-                f"exceeds max_length {max_length}"
-            )
-        before, between, after = self.template_pieces(template)
+    def build_text_sequence(self, prompt_ids: Sequence[int] | str, task: str, template: SequenceTemplate,
+                            image_base_size: int, cond: Sequence[CondImageLayout] = ()) -> "TextSequence":
+        """A text pass's input: the user part as the image sequence has it, then the assistant role
+        and the opener of the task's first part (think, think_recaption: <think>; recaption:
+        <recaption>), encoded together as the reference encodes its bot_response_prefix."""
+        task = task.split("_")[0]
+        if task not in TEXT_PASS_OPENERS:
+            raise ValueError(f"unknown text pass {task!r}; choose one of {', '.join(TEXT_PASS_OPENERS)}")
+        prompt = self._checked_prompt(prompt_ids)
+        ids, spans, runs, prompt_start = self._user_part(prompt, template, image_base_size, cond)
+        _, user_end = self._user_pieces(template)
+        role = INSTRUCT_ASSISTANT if template.kind == "instruct" else ""
+        ids += user_end + self.encode(role + TEXT_PASS_OPENERS[task])
+        positions = torch.arange(len(ids))[:, None].repeat(1, 2)
+        place_2d_runs(positions, runs)
+        return TextSequence(torch.tensor(ids, dtype=torch.long), positions, tuple(spans))
+
+    def _user_part(self, prompt, template, image_base_size, cond):
+        """<bos>, the template before the prompt, the input images, the prompt: (ids, the images'
+        spans, their 2-D runs, where the prompt starts)."""
+        before, _ = self._user_pieces(template)
         ids, spans, runs = [self.bos, *before], [], []
         for image in cond:
             ids += [*self._image_header(image_base_size, image.ratio_index), self.timestep]
@@ -388,7 +467,23 @@ class HunyuanTokenizer:
             spans.append(CondImageSpans(vae.start - 1, vae, vit))
             runs += [(vae.start, *image.vae_grid), (vit.start, *image.vit_grid)]
         prompt_start = len(ids)
-        ids += [*prompt, *between, *self._image_header(image_base_size, ratio_index)]
+        return ids + list(prompt), spans, runs, prompt_start
+
+    def _build(self, prompt, ratio_index, grid_h, grid_w, image_base_size, max_length,
+               template: SequenceTemplate, cond: Sequence[CondImageLayout] = (), uncond: bool = False
+               ) -> ImageSequence:
+        if grid_h < 1 or grid_w < 1:
+            raise ValueError(f"image grid must be at least 1x1 tokens, got {grid_h}x{grid_w}")
+        length = self.sequence_length(len(prompt), grid_h, grid_w, template, cond)
+        if max_length is not None and length > max_length:
+            raise ValueError(
+                f"sequence length {length} (prompt {len(prompt)} tokens + image {grid_h}x{grid_w} = "
+                f"{grid_h * grid_w} tokens + {length - len(prompt) - grid_h * grid_w} template and special tokens) "
+                f"exceeds max_length {max_length}"
+            )
+        _, between, after = self.template_pieces(template, uncond)
+        ids, spans, runs, prompt_start = self._user_part(prompt, template, image_base_size, cond)
+        ids += [*between, *self._image_header(image_base_size, ratio_index)]
         timestep_index = len(ids)
         ids += [self.token_id(token) for token in template.step_tokens]
         image_start = len(ids)

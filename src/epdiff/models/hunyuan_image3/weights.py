@@ -22,8 +22,8 @@ from ...moe.router import Router
 from ...quantization import QuantizationConfig, config_from_checkpoint
 
 # Not the transformer's: never read by its loader (the VAE and the vision parts have their own:
-# load_vae, conditioning.ImageConditioner; lm_head and ln_f serve text generation, not built).
-SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.", "lm_head.", "model.ln_f.")
+# load_vae, conditioning.ImageConditioner).
+SKIPPED_PREFIXES = ("vae.", "vision_model.", "vision_aligner.")
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight$")
 # What a pre-quantized checkpoint stores beside an expert weight (its scale: `weight_scale`).
 EXPERT_EXTRA = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_and_up_proj|down_proj)\.weight(_\w+)$")
@@ -200,7 +200,7 @@ def _belongs_elsewhere(model, name: str) -> bool:
     if layer:
         return layer[1] not in model.model.layers
     first_stage = ("model.wte.", "timestep_emb.", "guidance_emb.", "timestep_r_emb.", "time_embed.", "patch_embed.")
-    last_stage = ("time_embed_2.", "final_layer.")
+    last_stage = ("time_embed_2.", "final_layer.", "lm_head.", "model.ln_f.")  # the text head: where it is built
     return name.startswith(first_stage + last_stage)
 
 

@@ -1,0 +1,149 @@
+"""The writing loop, once for every family that writes before it draws (docs/architecture.md,
+'Writing text'): one token per row per step, on every rank of the layout in lockstep.
+
+A batch holds rows on every DP group (a group with nothing to write runs filler, dropped). Each
+step the family's model gives each row's next-token logits on its last stage; one rank of each DP
+group (the last stage's first TP/SP/CFG rank) picks the tokens, following each row's TextRules
+(forced tokens, a choice among some tokens, stops, the budget) and its sampling settings with a
+generator seeded per request; the replica group receives them, and one all-gather over DP gives
+every rank every group's tokens, so every rank follows every row's rules on the host and all agree,
+with no further collective, when the last real row has ended. The MoE layers couple the DP groups
+layer by layer, so a group whose rows have ended keeps stepping (its tokens are dropped) until then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.collectives import all_gather_tensor
+from ..distributed.parallel_state import ParallelState
+from ..models.base import ImagePipeline, ModelInfo, TextRules, TextSampling, TextTask
+from .denoise import BatchCancelled
+
+# Steps between two cancellation checks (each is a broadcast over the control group).
+CANCEL_CHECK_EVERY = 16
+
+
+@dataclass
+class RowWriter:
+    """One row's tokens and where it stands in its rules (the same on every rank)."""
+
+    rules: TextRules
+    budget: int
+    ids: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    fired: set = field(default_factory=set)
+    done: bool = False
+
+    def forced(self) -> int | None:
+        return self.pending[0] if self.pending else None
+
+    def choices(self) -> Sequence[int] | None:
+        """The tokens the next one must come from, or None (any)."""
+        return self.rules.choose_from.get(self.ids[-1]) if self.ids else None
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        if self.pending and token == self.pending[0]:
+            self.pending.pop(0)
+        if token in self.rules.stops:
+            self.done = True
+            return
+        if token in self.rules.forced and token not in self.fired:
+            self.fired.add(token)
+            self.pending = list(self.rules.forced[token])
+        if len(self.ids) >= self.budget and not self.pending and self.choices() is None:
+            if self.rules.closing and len(self.ids) == self.budget:
+                self.pending = list(self.rules.closing)
+            else:
+                self.done = True
+        if len(self.ids) >= self.rules.most_tokens(self.budget):
+            self.done = True
+
+
+def pick(logits: torch.Tensor, sampling: TextSampling, generator: torch.Generator | None) -> torch.Tensor:
+    """One row's next token from its logits [vocab] (fp32): greedy at temperature 0, else sampled
+    after temperature, top-k and top-p (transformers' order and cut-offs)."""
+    if sampling.temperature <= 0:
+        return logits.argmax()
+    scores = logits / sampling.temperature
+    if 0 < sampling.top_k < scores.numel():
+        kth = torch.topk(scores, sampling.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[-1] = False  # keep at least the likeliest
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
+
+
+def sampler_rank(parallel: ParallelState) -> int:
+    """The global rank that picks its DP group's tokens: the last stage's, TP, SP and CFG index 0."""
+    c = parallel.config
+    inner = c.tensor_parallel_size * c.sequence_parallel_size * c.cfg_parallel_size
+    return inner * (parallel.dp.rank + c.data_parallel_size * (c.pipeline_parallel_size - 1))
+
+
+@torch.inference_mode()
+def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[TextTask, bool]]],
+          parallel: ParallelState, on_tokens: Callable[[list[list[int | None]]], None] | None = None,
+          should_stop: Callable[[int], bool] | None = None) -> list[list[list[int]]]:
+    """Runs the text passes of a batch: groups[g] the (task, real) rows of DP group g (filler rows
+    are not real: they step but never count). Returns every group's rows' tokens (on every rank).
+    on_tokens(tokens[g][r]) after each step: the token each row wrote (None: it had ended).
+    should_stop(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank and must answer
+    alike (the worker's: rank 0's, broadcast); True raises BatchCancelled."""
+    device = parallel.device
+    rows = [[RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real) for task, real in group]
+            for group in groups]
+    steps = max((row.rules.most_tokens(row.budget) for group in rows for row in group if not row.done), default=0)
+    mine = [task for task, _ in groups[parallel.dp.rank]]
+    batch = pipe.start_text(mine, steps)
+    picker = parallel.global_rank == sampler_rank(parallel)
+    generators = [torch.Generator(device=device).manual_seed(task.seed) for task in mine] if picker else []
+    widest = max(len(group) for group in groups)
+    logits = batch.logits
+    for step in range(steps):
+        if picker:
+            tokens = torch.stack([_choose(row, logits[r], task.sampling, generators[r])
+                                  for r, (row, task) in enumerate(zip(rows[parallel.dp.rank], mine))])
+        else:
+            tokens = torch.empty(len(mine), dtype=torch.long, device=device)
+        if parallel.replica.size > 1:
+            dist.broadcast(tokens, src=sampler_rank(parallel), group=parallel.replica.process_group)
+        padded = torch.full((widest,), -1, dtype=torch.long, device=device)
+        padded[:len(mine)] = tokens
+        every = all_gather_tensor(padded, parallel.dp).tolist()  # the step's one host sync
+        written = []
+        for group, got in zip(rows, every):
+            written.append([])
+            for row, token in zip(group, got):
+                written[-1].append(None if row.done else token)
+                if not row.done:
+                    row.push(token)
+        if on_tokens is not None:
+            on_tokens(written)
+        if all(row.done for group in rows for row in group):
+            break
+        if should_stop is not None and (step + 1) % CANCEL_CHECK_EVERY == 0 and should_stop(step + 1):
+            raise BatchCancelled(step + 1)
+        logits = batch.step(tokens)
+    return [[row.ids for row in group] for group in rows]
+
+
+def _choose(row: RowWriter, logits: torch.Tensor, sampling: TextSampling, generator) -> torch.Tensor:
+    forced = row.forced()
+    if row.done or forced is not None:
+        token = forced if forced is not None else (row.ids[-1] if row.ids else 0)
+        return torch.tensor(token, device=logits.device)
+    choices = row.choices()
+    if choices is not None:
+        allowed = torch.tensor(list(choices), device=logits.device)
+        return allowed[logits[allowed].argmax()]
+    return pick(logits, sampling, generator)
