@@ -64,16 +64,27 @@ def is_decode_rank(parallel: ParallelState) -> bool:
     return parallel.tp.rank == 0 and parallel.sp.rank == 0 and parallel.cfg.rank == 0 and parallel.pp.rank == 0
 
 
+def preview_steps(num_steps: int, count: int) -> list[int]:
+    """The steps after which an image asking for `count` previews gets them: evenly spread, never
+    after the last step (fewer than count where the steps are fewer)."""
+    return sorted({s for j in range(1, count + 1) if 0 < (s := round(j * num_steps / (count + 1))) < num_steps})
+
+
 @torch.inference_mode()
 def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelState, metrics: RankMetrics,
             on_step: Callable[[int, int], None] | None = None, show_progress: bool = False,
-            decode: Sequence[bool] | None = None, should_stop: Callable[[int], bool] | None = None
-            ) -> list[DenoisedImage]:
+            decode: Sequence[bool] | None = None, should_stop: Callable[[int], bool] | None = None,
+            previews: tuple[set, Callable] | None = None) -> list[DenoisedImage]:
     """Denoises images that share size, steps and guidance (their prompts may differ) and, where
     the pipeline can, decodes those with decode[k] (default: all). Fills metrics' step times and
     peak memory. should_stop(steps done), asked on every rank after every step but the last, must
     answer alike on every rank (the worker's is rank 0's answer, broadcast); True raises
-    BatchCancelled there."""
+    BatchCancelled there.
+
+    previews (steps, on_preview): after each of those steps (the same on every rank), every rank
+    calls on_preview(step, [(k, preview index, uint8 pixels)]) with the decode rank's previews of
+    the images asking for one then (ImageTask.partial_images; preview_steps): the decoded estimate
+    of the clean latents, x − σ·v (flow matching), from the step's last model call."""
     first, device = tasks[0], parallel.device
     n = len(tasks)
     num_branches = pipe.info.num_guidance_branches(first.guidance_scale)
@@ -97,6 +108,8 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
     # several model calls (a step cache runs with one-call solvers only).
     stages = getattr(scheduler, "calls_per_step", 1)
     num_steps = len(scheduler) // stages
+    gather_at, on_preview = previews if previews is not None else (set(), None)
+    wanted = [preview_steps(num_steps, task.partial_images) for task in tasks]
     for i in steps:
         if i % stages == 0:
             timer.start()
@@ -113,13 +126,19 @@ def denoise(pipe: ImagePipeline, tasks: Sequence[ImageTask], parallel: ParallelS
                 series.record(i, velocity)
         else:
             velocity = series.predict(i)
+        step, estimate = (i + 1) // stages, None
+        if (i + 1) % stages == 0 and step in gather_at and pipe.can_decode:
+            estimate = latents.float() - scheduler.sigma(i) * velocity.float()  # the clean latents, estimated
         latents = scheduler.step(velocity, latents, i)
         finite = torch.isfinite(latents).flatten(1).all(1)
         nonfinite_step = torch.where((nonfinite_step < 0) & ~finite, i // stages, nonfinite_step)
         if (i + 1) % stages:
             continue
         timer.stop()
-        step = (i + 1) // stages
+        if step in gather_at:  # previews are decoded outside the step's time
+            rows = [(k, wanted[k].index(step)) for k in range(n)
+                    if step in wanted[k] and (decode is None or decode[k])] if estimate is not None else []
+            on_preview(step, [(k, index, pipe.decode(estimate[k:k + 1].cpu())[0]) for k, index in rows])
         if on_step is not None:
             on_step(step, num_steps)
         if should_stop is not None and step < num_steps and should_stop(step):

@@ -9,12 +9,15 @@ Under torchrun every rank constructs the same Engine: rank 0 drives (a worker th
 beside it), the other ranks serve rank 0 inside the constructor until rank 0 closes.
 
 A driver thread feeds the workers one batch at a time from the `BatchPlanner` and hands results
-back through futures. A worker that dies fails every waiting request with an error naming its
+back through futures. A request of a model that writes before it draws runs a writing batch first
+(engine/write.py), then its images; while it runs, its `on_event` sees the text as it is written
+(`TextDelta`) and the previews it asked for (`PartialImage`). A worker that dies fails every waiting request with an error naming its
 rank, and the engine stays dead (`alive` is False).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -32,9 +35,9 @@ from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGrou
                                   torchrun_ranks, under_torchrun)
 from .files import image_metadata, pil_image
 from .params import EngineConfig, SamplingParams
-from .planner import BatchPlanner
-from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, Progress, Ready, RunBatch, Stop,
-                     Stopped, engine_worker)
+from .planner import Batch, BatchPlanner
+from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, PartialImages, Progress, Ready,
+                     RunBatch, RunText, Stop, Stopped, TextResult, TextTokens, engine_worker)
 
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
@@ -58,6 +61,25 @@ class ImageFailedError(RuntimeError):
 
 class RequestAbandonedError(RuntimeError):
     """The caller gave the request up (Engine.abandon) before it finished."""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """More of the text the model writes before it draws (the deltas add up to what it wrote; the
+    text it draws from, RequestOutput.cot_text, ends at its pass's end)."""
+    text: str
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview of image `image_index` while it is denoised (SamplingParams.partial_images)."""
+    image_index: int
+    partial_index: int
+    pixels: np.ndarray  # uint8 [H, W, 3]
+
+
+class RequestFailedError(RuntimeError):
+    """The request could not go on after its text pass (what it wrote does not fit)."""
 
 
 @dataclass
@@ -86,6 +108,12 @@ class RequestOutput:
     inference_seconds: float  # wall time of the batches that made its images, decode included
     step_seconds: list[float]  # rank 0's steps in those batches
     peak_memory_bytes: int | None  # highest over the ranks (GPU), since the engine started
+    text_seconds: float = 0.0  # its text pass's batch (a model that writes before it draws)
+
+    @property
+    def cot_text(self) -> str | None:
+        """What the model wrote before it drew (None: it wrote nothing)."""
+        return self.params.cot_text
 
 
 @dataclass
@@ -95,6 +123,10 @@ class _Request:
     future: Future
     on_progress: Callable[[int, int], None] | None
     submitted: float
+    on_event: Callable[[object], None] | None = None
+    written: list = field(default_factory=list)  # its text pass's tokens so far
+    sent: str = ""  # the text streamed so far
+    text_seconds: float = 0.0
     started: float | None = None
     images: dict = field(default_factory=dict)
     inference_seconds: float = 0.0
@@ -192,13 +224,16 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def submit(self, params: SamplingParams, on_progress: Callable[[int, int], None] | None = None) -> Future:
+    def submit(self, params: SamplingParams, on_progress: Callable[[int, int], None] | None = None,
+               on_event: Callable[[object], None] | None = None) -> Future:
         """Queues one request; the future gives its RequestOutput. params are resolved here
-        (RequestError names the field). on_progress(step, steps) runs on the driver thread."""
-        return self.submit_all([params], on_progress)[0]
+        (RequestError names the field). on_progress(step, steps) and on_event(TextDelta or
+        PartialImage) run on the driver thread."""
+        return self.submit_all([params], on_progress, on_event)[0]
 
     def submit_all(self, requests: list[SamplingParams],
-                   on_progress: Callable[[int, int], None] | None = None) -> list[Future]:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   on_event: Callable[[object], None] | None = None) -> list[Future]:
         """Queues requests together, so that the next batch can hold all of them."""
         if not self.is_driver:
             raise EngineDeadError("under torchrun only rank 0 submits requests")
@@ -212,7 +247,8 @@ class Engine:
             for params in requests:
                 request_id = next(self._ids)
                 future = Future()
-                self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter())
+                self._requests[request_id] = _Request(request_id, params, future, on_progress, time.perf_counter(),
+                                                      on_event)
                 self._planner.add(request_id, params)
                 future.add_done_callback(lambda f, rid=request_id: f.cancelled() and self._cancel(rid))
                 futures.append(future)
@@ -242,8 +278,8 @@ class Engine:
             self._planner.cancel(request_id)
             del self._requests[request_id]
             in_flight = self._in_flight[0] if self._in_flight is not None else None
-            if isinstance(in_flight, RunBatch) and not any(
-                    item.request_id in self._requests for item in in_flight.batch.images):
+            if isinstance(in_flight, (RunBatch, RunText)) and not any(
+                    item.request_id in self._requests for item in _items(in_flight)):
                 cancel = CancelBatch(in_flight.batch.batch_id)
                 self._workers.channel.command(cancel)
         _fail(future, RequestAbandonedError("the request was abandoned before it finished"))
@@ -322,14 +358,15 @@ class Engine:
             if self._planner.num_images < dp and now - oldest < BATCH_WINDOW_S:
                 return
             batch = self._planner.next_batch()
-            for item in batch.images:
+            command = RunBatch(batch) if isinstance(batch, Batch) else RunText(batch)
+            for item in _items(command):
                 request = self._requests.get(item.request_id)
                 if request is not None and request.started is None:
                     request.started = now
                     request.future.set_running_or_notify_cancel()
-            self._in_flight = (RunBatch(batch), None)
+            self._in_flight = (command, None)
             self._batch_started = self._last_step = now
-            self._workers.channel.command(self._in_flight[0])
+            self._workers.channel.command(command)
 
     def _handle(self, event):
         # WorkerFailed events are the workers' failure() business; Stopped is close()'s.
@@ -341,9 +378,18 @@ class Engine:
                         request.on_progress(event.step, event.total)
                     except Exception as e:  # noqa: BLE001 - a caller's callback must not stop the engine
                         log.warning("epdiff: a progress callback failed: %s: %s", type(e).__name__, e)
+        elif isinstance(event, TextTokens):
+            self._last_step = time.perf_counter()
+            for request_id, token in event.tokens.items():
+                self._stream_text(request_id, token)
+        elif isinstance(event, PartialImages):
+            for request_id, image_index, index, pixels in event.images:
+                self._event(self._requests.get(request_id), PartialImage(image_index, index, pixels))
         elif isinstance(event, Done):  # the answer to the command in flight (only this thread clears it)
             if isinstance(self._in_flight[0], RunBatch):
                 self._finish_batch(event.reply)
+            elif isinstance(self._in_flight[0], RunText):
+                self._finish_text(event.reply)
             else:
                 with self._lock:
                     (_, future), self._in_flight = self._commands.popleft(), None
@@ -355,6 +401,60 @@ class Engine:
                 return []
             ids = {item.request_id for item in self._in_flight[0].batch.images}
             return [self._requests[i] for i in ids if i in self._requests]
+
+    @staticmethod
+    def _event(request: _Request | None, event) -> None:
+        if request is None or request.on_event is None:
+            return
+        try:
+            request.on_event(event)
+        except Exception as e:  # noqa: BLE001 - a caller's callback must not stop the engine
+            log.warning("epdiff: an event callback failed: %s: %s", type(e).__name__, e)
+
+    def _stream_text(self, request_id: int, token: int) -> None:
+        """The request's written text so far, as a delta (held back while it ends inside a
+        character: a byte-level tokenizer's partial UTF-8 decodes to U+FFFD)."""
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is None:
+            return
+        request.written.append(token)
+        info = self.config.model_info
+        text = info.detokenize(request.params.text_task, request.written)
+        if text.endswith("\ufffd") or not text.startswith(request.sent):
+            return
+        delta, request.sent = text[len(request.sent):], text
+        if delta:
+            self._event(request, TextDelta(delta))
+
+    def _finish_text(self, result: TextResult):
+        """A writing batch's requests go on to their images, drawn from what they wrote."""
+        info, failed = self.config.model_info, []
+        with self._lock:
+            self._in_flight = self._batch_started = self._last_step = None
+            for request_id, tokens in result.tokens.items():
+                request = self._requests.get(request_id)
+                if request is None:  # abandoned meanwhile
+                    continue
+                params, request.text_seconds = request.params, result.seconds
+                try:
+                    cot_text, size, system_prompt = info.finish_text(params.text_task, tokens)
+                    height, width = size if size is not None else (params.height, params.width)
+                    tokens_at_size = info.image_tokens(height, width)
+                    if tokens_at_size % self.config.parallel.sequence_parallel_size:
+                        raise ValueError(f"the model chose {width}x{height}, whose {tokens_at_size} image tokens "
+                                         f"cannot be split over sequence parallel size "
+                                         f"{self.config.parallel.sequence_parallel_size}; give a size")
+                    info.check_prompt(params.prompt, height, width, system_prompt, params.images, cot_text)
+                except ValueError as e:
+                    del self._requests[request_id]
+                    failed.append((request, RequestFailedError(f"after its text pass: {e}")))
+                    continue
+                request.params = dataclasses.replace(params, cot_text=cot_text, height=height, width=width,
+                                                     system_prompt=system_prompt)
+                self._planner.add(request_id, request.params)
+        for request, error in failed:
+            _fail(request.future, error)
 
     def _finish_batch(self, result: BatchResult):
         done = []
@@ -404,7 +504,7 @@ class Engine:
             request_id=request.request_id, params=params, images=images,
             queue_seconds=(request.started or request.submitted) - request.submitted,
             inference_seconds=request.inference_seconds, step_seconds=request.step_seconds,
-            peak_memory_bytes=request.peak_memory_bytes))
+            peak_memory_bytes=request.peak_memory_bytes, text_seconds=request.text_seconds))
 
     def _die(self, failure: str):
         with self._lock:
@@ -466,6 +566,11 @@ class Engine:
     def __exit__(self, exc_type, *exc) -> None:
         # Ctrl-C: stop now rather than finish the batch in flight.
         self.close(timeout_s=0.0 if exc_type is KeyboardInterrupt else 30.0)
+
+
+def _items(command: RunBatch | RunText) -> list:
+    """The real rows of a batch in flight (images, or text passes)."""
+    return command.batch.images if isinstance(command, RunBatch) else command.batch.items
 
 
 def _fail(future: Future, error: Exception) -> None:

@@ -80,7 +80,8 @@ def image_metadata(image, params, config) -> dict[str, str]:
             "device": config.device, "dtype": config.dtype, "quantization": config.quantization or "none",
             "parallel_layout": config.parallel.describe(), "model": os.path.basename(os.path.normpath(config.model)),
             "cache": params.cache.describe(), "full_steps": str(image.full_steps), "solver": params.solver,
-            "system_prompt": params.system_prompt or "",
+            "system_prompt": params.system_prompt or "", "task": params.task or "image",
+            **({"cot_text": params.cot_text} if params.cot_text is not None else {}),
             "software": "epdiff"}
 
 

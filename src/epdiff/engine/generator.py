@@ -6,6 +6,10 @@
         images[0].save("out.png")
         more = generator.generate("a large blue square at the top", seed=7)  # same workers, no reload
 
+        # An Instruct model writes first; its text and previews stream while the request runs:
+        for event in generator.stream("a cat in a hat", task="think_recaption", partial_images=2):
+            ...  # TextDelta(text), PartialImage(image_index, partial_index, pixels), then the RequestOutput
+
 Started as one process it spawns one worker per rank when constructed (keep such scripts under
 `if __name__ == "__main__":`, since spawn re-imports them); under torchrun every rank constructs
 it, rank 0 gets the images and the other ranks serve rank 0 until it closes.
@@ -13,7 +17,10 @@ it, rank 0 gets the images and the other ranks serve rank 0 until it closes.
 
 from __future__ import annotations
 
-from .engine import Engine, RequestOutput
+import queue
+from typing import Iterator
+
+from .engine import Engine, PartialImage, RequestOutput, TextDelta
 from .params import EngineConfig, SamplingParams, prompt_requests
 
 
@@ -45,6 +52,24 @@ class ImageGenerator:
     def generate(self, prompts, **kwargs) -> list:
         """PIL images in prompt order (num_images_per_prompt each). Empty on ranks other than 0."""
         return [image.to_pil() for out in self.generate_outputs(prompts, **kwargs) for image in out.images]
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[TextDelta | PartialImage | RequestOutput]:
+        """One prompt's request as it runs: the text its model writes before drawing (TextDelta),
+        the previews it asks for (partial_images=N: PartialImage), then its RequestOutput. Leaving
+        the loop early abandons the request (its slot goes to the next one). Rank 0 only."""
+        if not self.engine.is_driver:
+            return
+        (params,) = self.requests(prompt, **kwargs)
+        events: queue.Queue = queue.Queue()
+        future = self.engine.submit(params, on_event=events.put)
+        future.add_done_callback(lambda _: events.put(None))
+        try:
+            while (event := events.get()) is not None:
+                yield event
+            yield future.result()
+        finally:
+            if not future.done():
+                self.engine.abandon(future)
 
     def routing_stats(self) -> list[dict]:
         """Per pipeline stage: tokens per (layer, expert) since the model was loaded."""

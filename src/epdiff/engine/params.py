@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError, ParallelConfig, check_choices, is_int, option
 from ..loader import LOAD_FORMATS
-from ..models.base import ModelInfo
+from ..models.base import ModelInfo, TextSampling, TextTask
 from ..models.registry import model_info
 from ..quantization import QUANTIZATION_METHODS
 from ..sampling.scheduler import SOLVERS
@@ -31,6 +31,8 @@ MAX_GUIDANCE_SCALE = 100.0
 # An input image (editing) larger than this many pixels is refused before it is decoded whole.
 MAX_INPUT_PIXELS = 4096 * 4096
 MIN_INPUT_SIDE = 16
+# Previews a request may ask for while it is denoised (OpenAI's partial_images: 0 to 3).
+MAX_PARTIAL_IMAGES = 3
 
 
 def load_input_image(value, index: int):
@@ -202,9 +204,34 @@ class SamplingParams:
     solver: str | None = None  # None: the model's default (ModelInfo.solvers[0])
     system_prompt: str | None = None  # None: the model's default; a name the family knows, or the text itself
     images: tuple | list | None = None  # an edit's input images (PIL images, paths or bytes); None: text to image
+    # What the model does before drawing: "image" (nothing), or one of the family's text passes
+    # (ModelInfo.text_tasks: HunyuanImage-3.0-Instruct's think, recaption, think_recaption). None:
+    # the model's default. A text pass with no size given lets the model choose the aspect ratio.
+    task: str | None = None
+    max_new_tokens: int | None = None  # the text pass's budget (None: the model's)
+    temperature: float | None = None  # the text pass's sampling (None: the model's; 0: greedy)
+    top_k: int | None = None
+    top_p: float | None = None
+    # The text the image is drawn from, for a model that writes before it draws: given, no text
+    # pass runs; None: the text pass (if any) writes it.
+    cot_text: str | None = None
+    partial_images: int = 0  # previews of each image while it is denoised (0 to MAX_PARTIAL_IMAGES)
 
     def image_seed(self, k: int) -> int:
         return self.seed + k
+
+    @property
+    def writes_first(self) -> bool:
+        """A text pass runs before the images (resolved params)."""
+        return self.cot_text is None and self.task not in (None, "image")
+
+    @property
+    def text_task(self) -> TextTask:
+        """The request's text pass (resolved params that write first); its tokens are drawn from the
+        request's seed."""
+        return TextTask(self.prompt, self.seed, self.task, self.height is None,
+                        TextSampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p),
+                        self.system_prompt, self.images)
 
     def resolve(self, config: EngineConfig) -> "SamplingParams":
         """Defaults filled from the model, every field checked; raises RequestError."""
@@ -247,25 +274,46 @@ class SamplingParams:
         if len(images) > info.max_input_images:
             raise RequestError("image", f"{len(images)} input images: the model takes at most {info.max_input_images}")
         images = tuple(load_input_image(image, k) for k, image in enumerate(images))
-        default = info.edit_size(images) if images and None in (self.height, self.width) else info.default_size
-        height = default[0] if self.height is None else self.height
-        width = default[1] if self.width is None else self.width
-        try:
-            height, width = info.resolve_size(height, width)
-        except ValueError as e:
-            raise RequestError("size", str(e)) from None
-        tokens = info.image_tokens(height, width)
-        if tokens % layout.sequence_parallel_size:
-            raise RequestError("size", f"{tokens} image tokens at {height}x{width} cannot be split over "
-                                       f"sequence parallel size {layout.sequence_parallel_size}")
+        task = info.default_task if self.task is None else self.task
+        if task != "image" and task not in info.text_tasks:
+            tasks = ", ".join(["image", *info.text_tasks])
+            raise RequestError("task", f"unknown task {_shown(task)} for this model; it does: {tasks}")
+        if self.cot_text is not None and (not isinstance(self.cot_text, str) or not info.text_tasks):
+            raise RequestError("cot_text", f"cot_text is the text a model that writes before drawing draws from: "
+                                           f"{'this model writes none' if not info.text_tasks else 'give a string'}"
+                                           f", got {_shown(self.cot_text)}")
+        writes = task != "image" and self.cot_text is None
+        chooses_size = writes and self.height is None and self.width is None  # the model's choice, as the reference's "auto"
+        if chooses_size:
+            height = width = None
+        else:
+            default = info.edit_size(images) if images and None in (self.height, self.width) else info.default_size
+            height = default[0] if self.height is None else self.height
+            width = default[1] if self.width is None else self.width
+            try:
+                height, width = info.resolve_size(height, width)
+            except ValueError as e:
+                raise RequestError("size", str(e)) from None
+            tokens = info.image_tokens(height, width)
+            if tokens % layout.sequence_parallel_size:
+                raise RequestError("size", f"{tokens} image tokens at {height}x{width} cannot be split over "
+                                           f"sequence parallel size {layout.sequence_parallel_size}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise RequestError("system_prompt", f"system_prompt must be a string, got {_shown(self.system_prompt)}")
         try:
-            system_prompt = info.resolve_system_prompt(self.system_prompt)
+            system_prompt = info.resolve_system_prompt(self.system_prompt, task)
         except ValueError as e:
             raise RequestError("system_prompt", str(e)) from None
+        sampling = self._text_sampling(info) if writes else TextSampling()
+        if not is_int(self.partial_images) or not 0 <= self.partial_images <= MAX_PARTIAL_IMAGES:
+            raise RequestError("partial_images", f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES}, "
+                                                 f"got {_shown(self.partial_images)}")
         try:
-            info.check_prompt(self.prompt, height, width, system_prompt, images)
+            if writes:
+                info.check_text_pass(TextTask(self.prompt, self.seed, task, chooses_size, sampling, system_prompt,
+                                              images))
+            if height is not None:
+                info.check_prompt(self.prompt, height, width, system_prompt, images, self.cot_text or "")
         except ValueError as e:
             raise RequestError("prompt", str(e)) from None
         cache = config.default_cache if self.cache is None else self.cache
@@ -289,24 +337,43 @@ class SamplingParams:
                                             f"{solver!r} ({SOLVERS[solver].stages} model calls a step)")
         return dataclasses.replace(self, height=height, width=width, num_inference_steps=steps,
                                    guidance_scale=float(guidance), cache=cache, solver=solver,
-                                   system_prompt=system_prompt, images=images)
+                                   system_prompt=system_prompt, images=images, task=task,
+                                   max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                   top_k=sampling.top_k, top_p=sampling.top_p)
+
+    def _text_sampling(self, info: ModelInfo) -> TextSampling:
+        """The text pass's budget and sampling: the request's, else the model's; RequestError names
+        a bad one."""
+        default = info.default_text_sampling
+        budget = default.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
+        if not is_int(budget) or budget < 1:
+            raise RequestError("max_new_tokens", f"max_new_tokens must be a positive integer, got {_shown(budget)}")
+        temperature = default.temperature if self.temperature is None else self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise RequestError("temperature", f"temperature must be a number in [0, 2] (0: greedy), got "
+                                              f"{_shown(temperature)}")
+        top_k = default.top_k if self.top_k is None else self.top_k
+        if not is_int(top_k) or top_k < 0:
+            raise RequestError("top_k", f"top_k must be a non-negative integer (0: off), got {_shown(top_k)}")
+        top_p = default.top_p if self.top_p is None else self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise RequestError("top_p", f"top_p must be a number in (0, 1], got {_shown(top_p)}")
+        return TextSampling(int(budget), float(temperature), int(top_k), float(top_p))
 
 
-def prompt_requests(config: EngineConfig, prompts, *, height=None, width=None, num_inference_steps=None,
-                    guidance_scale=None, seed: int = 0, num_images_per_prompt: int = 1,
-                    cache=None, solver=None, system_prompt=None, images=None) -> list[SamplingParams]:
+def prompt_requests(config: EngineConfig, prompts, *, seed: int = 0, num_images_per_prompt: int = 1,
+                    **fields) -> list[SamplingParams]:
     """One resolved request per prompt; image k of prompt i is drawn from seed + i·num_images_per_prompt
-    + k. Every request is checked before any runs (RequestError names the prompt and the field)."""
+    + k. fields: SamplingParams' others (height, steps, guidance, task, ...). Every request is
+    checked before any runs (RequestError names the prompt and the field)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise RequestError("prompt", "no prompt given")
     out = []
     for i, prompt in enumerate(prompts):
         # Prompt 0 is resolved first, so a seed or count of the wrong type is refused there.
-        params = SamplingParams(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, seed=seed + i * num_images_per_prompt if i else seed,
-                                n=num_images_per_prompt, cache=cache, solver=solver, system_prompt=system_prompt,
-                                images=images)
+        params = SamplingParams(prompt, seed=seed + i * num_images_per_prompt if i else seed,
+                                n=num_images_per_prompt, **fields)
         try:
             out.append(params.resolve(config))
         except RequestError as e:

@@ -10,15 +10,20 @@ Policy: the oldest waiting request always runs in the next batch (no request sta
 the step count; its images spread over the groups first (parallel beats batched), then the other
 waiting requests with that step count fill what is left, in arrival order: an empty group first,
 else the least-filled group already denoising that size and guidance, up to max_batch_size images.
+
+A request whose model writes before it draws waits first for its text pass (one row per request):
+a writing batch takes the waiting text passes (the oldest request first, spread over the groups,
+an edit's alone in its group: its input images are its rows' prefix), and a request whose text is
+written waits for its images in its place of arrival.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..models.base import ImageTask
+from ..models.base import ImageTask, TextTask
 from .params import SamplingParams
 
 
@@ -43,6 +48,29 @@ class WorkItem(ImageTask):
 
 
 @dataclass(frozen=True)
+class TextItem(TextTask):
+    """A request's text pass, as the planner places it."""
+
+    request_id: int | None = field(kw_only=True)  # None: filler
+
+    @property
+    def batch_key(self):
+        return self.request_id if self.images else None  # an edit's input images are its rows' prefix
+
+
+@dataclass(frozen=True)
+class TextBatchPlan:
+    """A writing batch: the text passes of each DP group."""
+
+    batch_id: int
+    groups: tuple[tuple[TextItem, ...], ...]
+
+    @property
+    def items(self) -> list[TextItem]:
+        return [item for group in self.groups for item in group if item.request_id is not None]
+
+
+@dataclass(frozen=True)
 class Batch:
     batch_id: int
     groups: tuple[tuple[WorkItem, ...], ...]  # one per DP group, each non-empty (filler where idle)
@@ -57,11 +85,12 @@ class Batch:
 
 
 def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
-    """A resolved request's images."""
+    """A resolved request's images (its text written, if it writes first)."""
     return [WorkItem(prompt=params.prompt, seed=params.image_seed(k), height=params.height, width=params.width,
                      num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-                     cache=params.cache, solver=params.solver,
-                     system_prompt=params.system_prompt, images=params.images, request_id=request_id, image_index=k)
+                     cache=params.cache, solver=params.solver, system_prompt=params.system_prompt,
+                     images=params.images, cot_text=params.cot_text or "", partial_images=params.partial_images,
+                     request_id=request_id, image_index=k)
             for k in range(params.n)]
 
 
@@ -69,30 +98,45 @@ class BatchPlanner:
     def __init__(self, dp_size: int, max_batch_size: int):
         self.dp_size, self.max_batch_size = dp_size, max_batch_size
         self._waiting: OrderedDict[int, list[WorkItem]] = OrderedDict()  # request id -> images not yet run
+        self._writing: OrderedDict[int, TextItem] = OrderedDict()  # request id -> its text pass, not yet run
         self._ids = itertools.count()
 
     def add(self, request_id: int, params: SamplingParams) -> None:
+        """A resolved request: its text pass, or (none, or written) its images, in arrival order
+        (request ids grow with arrival)."""
+        if params.writes_first:
+            task = params.text_task
+            self._writing[request_id] = TextItem(**vars(task), request_id=request_id)
+            return
         self._waiting[request_id] = work_items(request_id, params)
+        for later in [i for i in self._waiting if i > request_id]:
+            self._waiting.move_to_end(later)
 
     def cancel(self, request_id: int) -> None:
         self._waiting.pop(request_id, None)
+        self._writing.pop(request_id, None)
 
     def __len__(self) -> int:
-        """Requests with images still to run."""
-        return len(self._waiting)
+        """Requests with work still to run."""
+        return len(self._waiting) + len(self._writing)
 
     @property
     def num_images(self) -> int:
-        return sum(len(items) for items in self._waiting.values())
+        """Rows the next batch could fill: images, or text passes."""
+        return sum(len(items) for items in self._waiting.values()) + len(self._writing)
 
     @property
     def oldest(self) -> int | None:
         """The request id that the next batch starts with."""
-        return next(iter(self._waiting), None)
+        return min(next(iter(self._waiting), None), next(iter(self._writing), None),
+                   key=lambda i: float("inf") if i is None else i)
 
-    def next_batch(self) -> Batch | None:
-        if not self._waiting:
+    def next_batch(self) -> Batch | TextBatchPlan | None:
+        oldest = self.oldest
+        if oldest is None:
             return None
+        if oldest in self._writing:
+            return self._next_writing()
         lockstep = next(iter(self._waiting.values()))[0].lockstep_key
         groups: list[list[WorkItem]] = [[] for _ in range(self.dp_size)]
         for request_id, items in list(self._waiting.items()):
@@ -110,6 +154,16 @@ class BatchPlanner:
                 break
         filler = replace(next(g[0] for g in groups if g), request_id=None)
         return Batch(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
+
+    def _next_writing(self) -> TextBatchPlan:
+        groups: list[list[TextItem]] = [[] for _ in range(self.dp_size)]
+        for request_id, item in list(self._writing.items()):
+            group = self._place(groups, item)
+            if group is not None:
+                group.append(item)
+                del self._writing[request_id]
+        filler = replace(next(g[0] for g in groups if g), request_id=None)
+        return TextBatchPlan(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
 
     def _place(self, groups: list[list[WorkItem]], item: WorkItem) -> list[WorkItem] | None:
         for group in groups:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from ..distributed.parallel_state import ParallelState
 from ..moe.layer import moe_layers
 from ..moe.stats import collect_routing_stats
-from .denoise import BatchCancelled, RankMetrics, denoise, is_decode_rank
-from .planner import Batch
+from .denoise import BatchCancelled, RankMetrics, denoise, is_decode_rank, preview_steps
+from .planner import Batch, TextBatchPlan
+from .write import write
 
 # Rank 0 broadcasts a no-op this often while idle, so that a rank waiting for the next command
 # never waits longer than the control group allows.
@@ -33,6 +34,12 @@ CONTROL_TIMEOUT = datetime.timedelta(hours=2)
 class RunBatch:
     """Denoise (and decode) one batch; the answer is a BatchResult."""
     batch: Batch
+
+
+@dataclass(frozen=True)
+class RunText:
+    """Write one batch's text passes; the answer is a TextResult."""
+    batch: TextBatchPlan
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class CancelBatch:
     batch_id: int
 
 
-Command = RunBatch | CollectRoutingStats | Stop | CancelBatch
+Command = RunBatch | RunText | CollectRoutingStats | Stop | CancelBatch
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,20 @@ class Progress:
     batch_id: int
     step: int
     total: int
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """The tokens a writing batch's requests wrote in one step (request id -> token)."""
+    batch_id: int
+    tokens: dict
+
+
+@dataclass(frozen=True)
+class PartialImages:
+    """Previews decoded after a step: (request id, image index, preview index, uint8 pixels)."""
+    batch_id: int
+    images: list
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,14 @@ class ImageResult:
     pixels: object  # numpy uint8 [H, W, 3], or None (latents only, or not finite)
     nonfinite_step: int | None
     full_steps: int  # the steps that ran the whole model
+
+
+@dataclass
+class TextResult:
+    batch_id: int
+    tokens: dict  # request id -> every token its text pass wrote
+    seconds: float
+    cancelled_at: int | None = None
 
 
 @dataclass
@@ -159,6 +188,8 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
             continue
         if isinstance(command, RunBatch):
             reply = run_batch(pipe, parallel, control, metrics, command.batch, channel, show_progress)
+        elif isinstance(command, RunText):
+            reply = run_text(pipe, config.model_info, parallel, control, command.batch, channel)
         elif isinstance(command, CollectRoutingStats):
             reply = routing_summary(pipe, parallel, control)
         else:
@@ -182,11 +213,22 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
     def should_stop(step: int) -> bool:  # on every rank, at every step boundary
         return control.agree(channel is not None and cancel_requested(channel, batch.batch_id))
 
+    # Previews: after the steps any image of the batch asks for one, every rank joins one gather
+    # of the decode ranks' previews on rank 0.
     real = [item.request_id is not None for item in items]  # filler is denoised, never decoded
+    gather_at = {step for group in batch.groups for item in group if item.request_id is not None
+                 for step in preview_steps(item.num_inference_steps, item.partial_images)}
+
+    def on_preview(step: int, previews: list):
+        found = [(items[k].request_id, items[k].image_index, index, pixels.numpy()) for k, index, pixels in previews]
+        parts = control.gather(found)
+        if channel is not None:
+            channel.send(PartialImages(batch.batch_id, [p for part in parts for p in part]))
+
     mine, cancelled_at = [], None
     try:
         denoised = denoise(pipe, items, parallel, metrics, on_step, show_progress, decode=real,
-                           should_stop=should_stop)
+                           should_stop=should_stop, previews=(gather_at, on_preview))
     except BatchCancelled as e:
         denoised, cancelled_at = [], e.step
     if is_decode_rank(parallel):  # one rank per DP group reports its group's images
@@ -198,6 +240,36 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
         return None
     return BatchResult(batch.batch_id, [image for part in parts for image in part[0]], time.perf_counter() - start,
                        [part[1] for part in parts], [part[2] for part in parts], cancelled_at)
+
+
+def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: TextBatchPlan,
+             channel) -> TextResult | None:
+    start = time.perf_counter()
+    groups = [[(item, item.request_id is not None) for item in group] for group in batch.groups]
+
+    def on_tokens(written):
+        if channel is None:
+            return
+        if channel.abandoned:
+            raise RuntimeError("the engine was closed during this batch")
+        tokens = {item.request_id: token for group, got in zip(batch.groups, written)
+                  for item, token in zip(group, got) if item.request_id is not None and token is not None}
+        if tokens:
+            channel.send(TextTokens(batch.batch_id, tokens))
+
+    def should_stop(step: int) -> bool:
+        return control.agree(channel is not None and cancel_requested(channel, batch.batch_id))
+
+    cancelled_at, ids = None, None
+    try:
+        ids = write(pipe, info, groups, parallel, on_tokens, should_stop)
+    except BatchCancelled as e:
+        cancelled_at = e.step
+    if parallel.global_rank != 0:
+        return None
+    tokens = {} if ids is None else {item.request_id: row for group, rows in zip(batch.groups, ids)
+                                     for item, row in zip(group, rows) if item.request_id is not None}
+    return TextResult(batch.batch_id, tokens, time.perf_counter() - start, cancelled_at)
 
 
 def cancel_requested(channel, batch_id: int) -> bool:

@@ -115,6 +115,9 @@ class Scheduler(Protocol):
 
     def step(self, velocity: torch.Tensor, sample: torch.Tensor, step_index: int) -> torch.Tensor: ...
 
+    def sigma(self, step_index: int) -> torch.Tensor:
+        """The noise level call step_index is evaluated at (previews estimate x − σ·v from it)."""
+
 
 @dataclass
 class DenoisingBatch:
@@ -206,8 +209,8 @@ class ModelInfo(ABC):
         the image pass's system prompt)."""
         raise NotImplementedError(f"the {self.family.name} family writes no text")
 
-    def detokenize(self, token_ids: list[int]) -> str:
-        """Written tokens as text (streamed while they are written)."""
+    def detokenize(self, task: TextTask, token_ids: list[int]) -> str:
+        """What a text pass has written so far, as text (streamed while it is written)."""
         raise NotImplementedError(f"the {self.family.name} family writes no text")
 
     def edit_size(self, images) -> tuple[int, int]:

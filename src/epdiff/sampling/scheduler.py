@@ -116,6 +116,10 @@ class FlowMatchScheduler:
     def __len__(self) -> int:
         return len(self.calls)
 
+    def sigma(self, call: int) -> torch.Tensor:
+        """The noise level model call ``call`` is evaluated at (0-dim fp32)."""
+        return self.timestep(call) / NUM_TRAIN_TIMESTEPS
+
     def timestep(self, call: int) -> torch.Tensor:
         """Model timestep (0-dim fp32 tensor) of model call ``call``."""
         self._check_index(call)

@@ -175,7 +175,7 @@ class HunyuanImage3Info(ModelInfo):
         t = self.tokenizer
         end = t.token_id(END_RECAPTION if "recaption" in task.task else END_THINK)
         cot_ids = token_ids[:token_ids.index(end) + 1] if end in token_ids else token_ids[:task.sampling.max_new_tokens]
-        cot = TEXT_PASS_OPENERS[task.task.split("_")[0]] + t.decode(cot_ids)
+        cot = self.detokenize(task, cot_ids)
         system_prompt = task.system_prompt
         if self.generation.drop_think and THINK in cot and RECAPTION in cot:
             recaption = cot.split(RECAPTION)[1]
@@ -192,8 +192,9 @@ class HunyuanImage3Info(ModelInfo):
             size = self.resolution.bucket(ratios.index(token_ids[-1]))
         return cot, size, system_prompt
 
-    def detokenize(self, token_ids):
-        return self.tokenizer.decode(token_ids)
+    def detokenize(self, task, token_ids):
+        """The pass's opener (its input's last token), then the tokens decoded as the reference does."""
+        return TEXT_PASS_OPENERS[task.task.split("_")[0]] + self.tokenizer.decode(token_ids)
 
     def describe(self) -> dict:
         # dict: bucket sides rounded down to the VAE factor can repeat at small bases
