@@ -192,7 +192,9 @@ class Engine:
             self._workers = _InProcessWorker(lambda channel: engine_worker(device, channel, *args))
         else:
             self._workers = WorkerGroup(world, engine_worker, args, self.config.device)
-        self._planner = BatchPlanner(self.config.parallel.data_parallel_size, self.config.max_batch_size)
+        layout = self.config.parallel
+        self._planner = BatchPlanner(layout.data_parallel_size, self.config.max_batch_size,
+                                     layout.sequence_parallel_size)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -420,7 +422,7 @@ class Engine:
             return
         request.written.append(token)
         info = self.config.model_info
-        text = info.detokenize(request.params.text_task, request.written)
+        text = info.detokenize(request.params.text_task(), request.written)
         if text.endswith("\ufffd") or not text.startswith(request.sent):
             return
         delta, request.sent = text[len(request.sent):], text
@@ -438,7 +440,7 @@ class Engine:
                     continue
                 params, request.text_seconds = request.params, result.seconds
                 try:
-                    cot_text, size, system_prompt = info.finish_text(params.text_task, tokens)
+                    cot_text, size, system_prompt = info.finish_text(params.text_task(), tokens)
                     height, width = size if size is not None else (params.height, params.width)
                     tokens_at_size = info.image_tokens(height, width)
                     if tokens_at_size % self.config.parallel.sequence_parallel_size:

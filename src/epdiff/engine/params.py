@@ -225,13 +225,12 @@ class SamplingParams:
         """A text pass runs before the images (resolved params)."""
         return self.cot_text is None and self.task not in (None, "image")
 
-    @property
-    def text_task(self) -> TextTask:
+    def text_task(self, image_token_multiple: int = 1) -> TextTask:
         """The request's text pass (resolved params that write first); its tokens are drawn from the
-        request's seed."""
+        request's seed. image_token_multiple: the layout's sequence parallel size."""
         return TextTask(self.prompt, self.seed, self.task, self.height is None,
                         TextSampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p),
-                        self.system_prompt, self.images)
+                        self.system_prompt, self.images, image_token_multiple)
 
     def resolve(self, config: EngineConfig) -> "SamplingParams":
         """Defaults filled from the model, every field checked; raises RequestError."""

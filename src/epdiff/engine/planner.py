@@ -95,8 +95,9 @@ def work_items(request_id: int, params: SamplingParams) -> list[WorkItem]:
 
 
 class BatchPlanner:
-    def __init__(self, dp_size: int, max_batch_size: int):
+    def __init__(self, dp_size: int, max_batch_size: int, sequence_parallel_size: int = 1):
         self.dp_size, self.max_batch_size = dp_size, max_batch_size
+        self.sequence_parallel_size = sequence_parallel_size  # a text pass chooses sizes it can split
         self._waiting: OrderedDict[int, list[WorkItem]] = OrderedDict()  # request id -> images not yet run
         self._writing: OrderedDict[int, TextItem] = OrderedDict()  # request id -> its text pass, not yet run
         self._ids = itertools.count()
@@ -105,7 +106,7 @@ class BatchPlanner:
         """A resolved request: its text pass, or (none, or written) its images, in arrival order
         (request ids grow with arrival)."""
         if params.writes_first:
-            task = params.text_task
+            task = params.text_task(self.sequence_parallel_size)
             self._writing[request_id] = TextItem(**vars(task), request_id=request_id)
             return
         self._waiting[request_id] = work_items(request_id, params)

@@ -74,6 +74,8 @@ class TextTask:
     sampling: TextSampling = TextSampling()
     system_prompt: str = ""
     images: tuple = ()
+    # The chosen size's image tokens must be a multiple of this (sequence parallelism splits them).
+    image_token_multiple: int = 1
 
 
 @dataclass(frozen=True)

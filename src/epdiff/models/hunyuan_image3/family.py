@@ -163,7 +163,9 @@ class HunyuanImage3Info(ModelInfo):
         answer = (t.token_id("<answer>"),) if self.generation.sequence_template == "instruct" else ()
         header = (*answer, t.boi, size)
         forced[recaption_end if "recaption" in task.task else think_end] = header
-        ratios = tuple(t.ratio_ids(len(self.resolution.buckets)))
+        # Under sequence parallelism only the buckets whose image tokens it can split (elsewhere all).
+        ratios = tuple(ratio for k, ratio in enumerate(t.ratio_ids(len(self.resolution.buckets)))
+                       if self.image_tokens(*self.resolution.bucket(k)) % task.image_token_multiple == 0)
         # Where max_new_tokens runs out first, the pass still ends with a size (the reference would
         # fail to read one): the header is forced and the ratio chosen.
         return TextRules(frozenset(ratios), forced, {size: ratios}, closing=header)

@@ -1,0 +1,177 @@
+"""The Instruct models' text passes (issue 23, docs/architecture.md 'Writing text'): the rules
+(forced tokens, the ratio choice, the budget), sampling, every layout with EP against one rank,
+the engine's flow from the text to the image, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epdiff.distributed.parallel_state import ParallelState
+from epdiff.engine.denoise import RankMetrics, denoise
+from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
+from epdiff.engine.write import RowWriter, pick, write
+from epdiff.models.base import ImageTask, TextRules, TextSampling, TextTask
+from epdiff.models.registry import model_info
+from layouts import layout
+from test_instruct import checkpoint
+
+_one_rank: dict = {}
+
+
+def text_task(variant: str, prompt: str, seed: int, task: str, choose_size: bool, budget: int = 16,
+              sampling: dict | None = None, multiple: int = 1) -> TextTask:
+    info = model_info(checkpoint(variant))
+    return TextTask(prompt, seed, task, choose_size, TextSampling(budget, **(sampling or {})),
+                    info.resolve_system_prompt("dynamic", task), image_token_multiple=multiple)
+
+
+def write_then_draw(state: ParallelState, variant: str, groups, steps: int = 2):
+    """Every group's rows written (on every rank), then this DP group's first row drawn from what it
+    wrote: (all groups' token ids, that image's latents)."""
+    info = model_info(checkpoint(variant))
+    pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
+    ids = write(pipe, info, [[(task, True) for task in group] for group in groups], state)
+    task = groups[state.dp.rank][0]
+    cot, size, system = info.finish_text(task, ids[state.dp.rank][0])
+    height, width = size or (256, 256)
+    image = ImageTask(task.prompt, task.seed, height, width, steps, info.default_guidance_scale,
+                      system_prompt=system, cot_text=cot)
+    out = denoise(pipe, [image], state, RankMetrics(rank=state.global_rank, layout=state.config.describe()))
+    return ids, out[0].latents
+
+
+# Group 0: two prompts of different lengths (right-padded rows), greedy and sampled; group 1 (DP):
+# another row. Think then recaption, the size chosen.
+ROWS = [[("a red circle", 3, "think_recaption", True, None),
+         ("two blue squares on the left of a green triangle", 4, "recaption", False,
+          dict(temperature=0.8, top_k=40, top_p=0.9))],
+        [("a small yellow star", 5, "think_recaption", True, dict(temperature=0.7, top_k=0, top_p=0.95))]]
+
+
+def groups_for(variant: str, dp: int, multiple: int = 1):
+    """multiple: the layout's SP size (its text passes choose among the sizes it can split)."""
+    return [[text_task(variant, *row[:4], sampling=row[4], multiple=multiple) for row in group] for group in ROWS[:dp]]
+
+
+def layouts_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
+    rows = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        groups = groups_for(variant, config.data_parallel_size, config.sequence_parallel_size)
+        ids, latents = write_then_draw(state, variant, groups)
+        key = variant, state.dp.rank, config.sequence_parallel_size
+        if key not in _one_rank:  # one rank writes this DP group's rows as one batch
+            _one_rank[key] = write_then_draw(ParallelState.single(), variant, [groups[state.dp.rank]])
+        ref_ids, ref_latents = _one_rank[key]
+        err = float((latents - ref_latents).abs().max())
+        rows.append(dict(layout=config.describe(), rank=rank, same_tokens=ids[state.dp.rank] == ref_ids[0],
+                         err=err, close=err <= 1e-5 * float(ref_latents.abs().max())))
+    return rows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_layout_with_ep_writes_the_one_rank_tokens_and_draws_its_latents(world8, world):
+    variant, configs = {2: ("instruct-distil", [layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"),
+                                                layout(pp=2, ep=True)]),
+                        4: ("instruct", [layout(cfg=2, dp=2, ep=True)])}[world]
+    rows = [r for per_rank in world8.run(world, layouts_against_one_rank, variant, configs) for r in per_rank]
+    assert rows and all(r["same_tokens"] and r["close"] for r in rows), rows
+
+
+def test_a_row_writes_the_same_alone_as_in_a_padded_batch():
+    info = model_info(checkpoint("instruct-distil"))
+    pipe = info.load_pipeline(ParallelState.single(), torch.float32, "safetensors", None, False)
+    group = groups_for("instruct-distil", 1)[0]
+    together = write(pipe, info, [[(task, True) for task in group]], ParallelState.single())[0]
+    alone = [write(pipe, info, [[(task, True)]], ParallelState.single())[0][0] for task in group]
+    assert together == alone
+    assert len(together[1]) == 16  # recaption without a size: the budget, then it ends
+
+
+def test_rules_force_the_transitions_choose_a_ratio_and_close_at_the_budget():
+    info = model_info(checkpoint("instruct"))
+    t = info.tokenizer
+    think_end, recaption, recaption_end = t.token_id("</think>"), t.token_id("<recaption>"), t.token_id("</recaption>")
+    header = (t.token_id("<answer>"), t.boi, t.img_size(256))
+    ratios = tuple(t.ratio_ids(len(info.resolution.buckets)))
+    rules = info.text_rules(TextTask("x", 0, "think_recaption", True))
+    assert rules.forced == {think_end: (recaption,), recaption_end: header} and rules.stops == frozenset(ratios)
+    assert rules.choose_from == {t.img_size(256): ratios} and rules.closing == header and len(ratios) == 37
+    word = t.encode("red")[0]
+    row = RowWriter(rules, budget=4)
+    for token in (word, think_end):
+        row.push(token)
+    assert row.forced() == recaption  # </think> -> <recaption>
+    row.push(recaption)
+    row.push(word)  # the budget: the answer and the header close the pass, then a ratio is chosen
+    assert row.pending == list(header) and not row.done
+    for token in header:
+        row.push(token)
+    assert row.choices() == ratios
+    row.push(ratios[5])
+    assert row.done and row.ids[-1] == ratios[5]
+    cot, size, _ = info.finish_text(TextTask("x", 0, "think_recaption", True, TextSampling(4)), row.ids)
+    assert cot == "<think>" + t.decode([word, think_end, recaption, word]) and size == info.resolution.bucket(5)
+    fixed = info.text_rules(TextTask("x", 0, "recaption", False))
+    assert fixed == TextRules(frozenset({recaption_end}), {})
+    assert info.text_rules(TextTask("x", 0, "think", False)).stops == frozenset({think_end, recaption_end})
+
+
+def test_sampling_keeps_the_top_k_and_top_p_tokens_and_is_seeded():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert int(pick(logits, TextSampling(temperature=0.0), None)) == 4
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    draws = {int(pick(logits, TextSampling(temperature=1.0, top_k=2), g())) for _ in range(3)}
+    assert len(draws) == 1 and draws <= {3, 4}
+    seen = {int(pick(logits, TextSampling(temperature=1.0, top_k=2), torch.Generator().manual_seed(s)))
+            for s in range(40)}
+    assert seen == {3, 4}
+    # top_p 0.7: the likeliest (p = 0.64) and the next (0.24) are kept, the rest (0.12) dropped
+    seen = {int(pick(logits, TextSampling(temperature=1.0, top_p=0.7), torch.Generator().manual_seed(s)))
+            for s in range(60)}
+    assert seen == {3, 4}
+
+
+def test_the_engine_writes_then_draws_and_streams_the_text():
+    from epdiff.engine import ImageGenerator
+    from epdiff.engine.engine import PartialImage, RequestOutput, TextDelta
+
+    folder = checkpoint("instruct-distil")
+    with ImageGenerator(folder) as generator:
+        events = list(generator.stream("a red circle", task="think_recaption", max_new_tokens=6, seed=3,
+                                       num_inference_steps=4, partial_images=2, num_images_per_prompt=2))
+        given = generator.generate_outputs("a red circle", cot_text="<recaption>a red circle</recaption>",
+                                           num_inference_steps=2, task="think_recaption")[0]
+    kinds = [type(e) for e in events]
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    out = events[-1]
+    assert isinstance(out, RequestOutput) and kinds.count(PartialImage) == 4  # 2 previews of 2 images
+    assert kinds.index(PartialImage) > max(i for i, k in enumerate(kinds) if k is TextDelta)
+    assert text.startswith(out.cot_text) and out.cot_text.startswith("<think>") and out.params.height is not None
+    assert out.images[0].metadata["cot_text"] == out.cot_text and out.images[0].metadata["task"] == "think_recaption"
+    assert given.cot_text == "<recaption>a red circle</recaption>" and given.text_seconds == 0.0  # no text pass
+
+
+def test_bad_text_requests_are_refused_naming_the_field():
+    config = EngineConfig(checkpoint("instruct-distil")).resolve()
+    cases = [(dict(task="poem"), "task", "unknown task 'poem' for this model; it does: image, think, recaption"),
+             (dict(task="recaption", max_new_tokens=0), "max_new_tokens", "max_new_tokens must be a positive integer"),
+             (dict(task="recaption", temperature=-1), "temperature", r"temperature must be a number in \[0, 2\]"),
+             (dict(task="recaption", top_k=-3), "top_k", "top_k must be a non-negative integer"),
+             (dict(task="recaption", top_p=0.0), "top_p", r"top_p must be a number in \(0, 1\]"),
+             (dict(partial_images=4), "partial_images", "partial_images must be an integer from 0 to 3, got 4"),
+             (dict(task="recaption", max_new_tokens=10**6), "prompt", "ask for fewer new tokens")]
+    for fields, field, message in cases:
+        with pytest.raises(RequestError, match=message) as e:
+            SamplingParams("a red circle", **fields).resolve(config)
+        assert e.value.field == field
+    base = EngineConfig(checkpoint("base")).resolve()
+    with pytest.raises(RequestError, match="unknown task 'think' for this model; it does: image$"):
+        SamplingParams("a red circle", task="think").resolve(base)
+    with pytest.raises(RequestError, match="this model writes none"):
+        SamplingParams("a red circle", cot_text="<think>x</think>").resolve(base)
+    chosen = SamplingParams("a red circle", task="recaption").resolve(config)
+    assert chosen.height is None and chosen.writes_first and chosen.max_new_tokens == 2048
+    sized = SamplingParams("a red circle", task="recaption", height=256, width=256).resolve(config)
+    assert (sized.height, sized.width) == (256, 256) and not sized.text_task().choose_size
