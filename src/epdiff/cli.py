@@ -122,9 +122,12 @@ def cmd_generate(args) -> int:
     requests = prompt_requests(config, prompts, height=args.height, width=args.width,
                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, solver=args.solver,
-                               system_prompt=args.system_prompt, images=args.image)
+                               system_prompt=args.system_prompt, images=args.image, task=args.task,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p)
     first = requests[0]
-    snapped = (args.height or args.width) and (args.height, args.width) != (first.height, first.width)
+    snapped = first.height is not None and (args.height or args.width) and (args.height, args.width) != (
+        first.height, first.width)
     with Engine(config, decode=output is not None, show_progress=not args.no_progress) as engine:
         if not engine.is_driver:  # torchrun, rank > 0: it has served rank 0 until the end
             return 0
@@ -134,6 +137,7 @@ def cmd_generate(args) -> int:
                   flush=True)
         futures = engine.submit_all(requests)
         total, latents, failures, full_steps = len(prompts) * args.num_images_per_prompt, {}, [], []
+        size = f"{first.height}x{first.width}"
         layout = config.parallel.describe()
         for i, future in enumerate(futures):
             try:
@@ -141,6 +145,10 @@ def cmd_generate(args) -> int:
             except ImageFailedError as e:
                 failures.append(f"prompt {i}: {e}")
                 continue
+            if out.cot_text is not None and out.params.task != "image":
+                print(f"  prompt {i} wrote, then drew at {out.params.height}x{out.params.width}: {out.cot_text}",
+                      flush=True)
+            size = f"{out.params.height}x{out.params.width}"
             for image in out.images:
                 full_steps.append(image.full_steps)
                 if args.save_latents:
@@ -159,7 +167,7 @@ def cmd_generate(args) -> int:
             "seed": str(args.seed), "layout": layout}))
     if args.metrics_json:
         save_json(args.metrics_json, metrics)
-    print(f"epdiff: {total - len(failures)} of {total} image(s), {first.height}x{first.width}, "
+    print(f"epdiff: {total - len(failures)} of {total} image(s), {size}, "
           f"{first.num_inference_steps} steps, {layout}")
     if first.cache.enabled and full_steps:
         print(f"  cache {first.cache.describe()}: {min(full_steps)} to {max(full_steps)} of "
@@ -296,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None,
                    help="Instruct models: a name (None, en_vanilla, en_recaption, en_think_recaption, en_unified, "
                         "dynamic) or the text itself (default: generation_config.json use_system_prompt)")
+    p.add_argument("--task", default=None,
+                   help="Instruct models: what the model writes before it draws: image (nothing), think, recaption "
+                        "or think_recaption; without --height/--width it also chooses the size (default: "
+                        "generation_config.json bot_task)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="the text pass's budget (default: 2048)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="the text pass's sampling, 0: greedy (default: generation_config.json)")
+    p.add_argument("--top-k", type=int, default=None, help="the text pass's sampling, 0: off (default: "
+                                                           "generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None, help="the text pass's sampling (default: generation_config.json)")
     p.add_argument("--seed", type=int, default=0,
                    help="image k of prompt i uses seed + i·N + k (N images per prompt); each PNG records its own "
                         "seed (default: %(default)s)")
