@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib.machinery
+import inspect
 import json
 import os
 import sys
@@ -125,13 +126,12 @@ def cpu_workarounds():
     cache_utils.StaticLayer.lazy_initialization = lambda self, k, v=None: lazy(self, k, k if v is None else v)
 
 
-def run_reference(folder: str, case: dict) -> torch.Tensor:
-    from instruct_cases import input_image
-
+def load_reference(folder: str, case: dict):
+    """The reference model on the folder, the case's steps and guidance written to its
+    generation_config.json, with the workarounds of the docstring; returns (model, generation)."""
     from hunyuan_image_3.hunyuan_image_3_pipeline import FlowMatchDiscreteScheduler
     from hunyuan_image_3.modeling_hunyuan_image_3 import HunyuanImage3ForCausalMM
 
-    from epdiff.models.hunyuan_image3.system_prompts import SystemPrompts
     from epdiff.sampling.scheduler import FlowMatchScheduler
 
     path = os.path.join(folder, "generation_config.json")
@@ -146,10 +146,10 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
     # file's own pipeline, as `tokenizers` reads it (the release's BPE tokenizer loads whole).
     from tokenizers import Tokenizer
     model.tokenizer._tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    pipe, captured = model.pipeline, {}
+    pipe = model.pipeline
     prepare = pipe.prepare_latents
     pipe.prepare_latents = lambda *a, **k: prepare(*a, **k).float()
-    if case["solver"] != "euler":
+    if case.get("solver", "euler") != "euler":
         scheduler = FlowMatchDiscreteScheduler(shift=generation["flow_shift"], reverse=True, solver=case["solver"])
         set_timesteps = scheduler.set_timesteps
 
@@ -159,6 +159,10 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
 
         scheduler.set_timesteps = evaluation_points
         pipe.scheduler = model.scheduler = scheduler
+    return model, generation
+
+
+def capture_latents(model, captured: dict) -> None:
     decode = model.vae.decode
 
     def keep(z, *a, **k):
@@ -166,7 +170,11 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
         return decode(z, *a, **k)
 
     model.vae.decode = keep
-    system = SystemPrompts(folder, None).resolve("en_vanilla")
+
+
+def input_images(model, case: dict) -> list:
+    from instruct_cases import input_image
+
     images = [input_image(name) for name in case.get("images", ())]
     if images:
         # transformers' Siglip2 processor from the same settings, its PIL backend (epdiff's; the
@@ -174,6 +182,17 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
         processor = Siglip2ImageProcessorPil(**model.config.vit_processor)
         model.image_processor.vit_info.processor = lambda image, **k: processor(image, return_tensors="pt", **k)
+    return images
+
+
+def run_reference(folder: str, case: dict) -> torch.Tensor:
+    from epdiff.models.hunyuan_image3.system_prompts import SystemPrompts
+
+    model, _ = load_reference(folder, case)
+    captured = {}
+    capture_latents(model, captured)
+    system = SystemPrompts(folder, None).resolve("en_vanilla")
+    images = input_images(model, case)
     height, width = case["size"] if isinstance(case["size"], tuple) else (case["size"], case["size"])
     model.generate_image(prompt=case["prompt"], image=images or None, seed=case["seed"],
                          image_size=f"{height}x{width}", bot_task="image", use_system_prompt="custom",
@@ -181,18 +200,106 @@ def run_reference(folder: str, case: dict) -> torch.Tensor:
     return captured["latents"][0]
 
 
+def text_generate_workarounds(model) -> None:
+    """What transformers 5's GenerationMixin.generate needs to run the reference's text pass."""
+    # generate renames the reference's `past_key_values` kwarg to `cache` (and refuses it as unused):
+    # hand it back to the reference's prepare_inputs_for_generation under its own name.
+    prepare = model.prepare_inputs_for_generation
+
+    def prepare_inputs(input_ids, cache=None, past_key_values=None, **kwargs):
+        return prepare(input_ids, past_key_values=cache if past_key_values is None else past_key_values, **kwargs)
+
+    signature = inspect.signature(prepare)  # generate checks its kwargs against it: `cache` added
+    prepare_inputs.__signature__ = signature.replace(parameters=[
+        *list(signature.parameters.values())[:-1], inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None),
+        list(signature.parameters.values())[-1]])
+    model.prepare_inputs_for_generation = prepare_inputs
+    # the reference's _update_model_kwargs_for_generation returns fresh kwargs without
+    # `use_cache`, which transformers 5's decode loop reads (the model ignores it): carry it over.
+    update = model._update_model_kwargs_for_generation
+
+    def update_kwargs(outputs, model_kwargs, *args, **kwargs):
+        updated = update(outputs, model_kwargs, *args, **kwargs)
+        updated.setdefault("use_cache", model_kwargs.get("use_cache"))
+        return updated
+
+    model._update_model_kwargs_for_generation = update_kwargs
+
+
+def run_text_reference(folder: str, case: dict) -> dict[str, torch.Tensor]:
+    """A TEXT_CASES case: generate_image with a think/recaption bot_task; the text pass's input
+    and generated ids, the cot text it returned, the ratio index and input ids of the image pass,
+    and the final latents."""
+    from epdiff.models.hunyuan_image3.system_prompts import SystemPrompts
+
+    model, _ = load_reference(folder, case)
+    captured, calls = {}, []
+    capture_latents(model, captured)
+    generate = model.generate
+
+    def record(**kwargs):
+        out = generate(**kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    model.generate = record
+    text_generate_workarounds(model)
+    system = SystemPrompts(folder, None).resolve(case["system"])
+    images = input_images(model, case)
+    size = case["size"]
+    image_size = size if size == "auto" else f"{size}x{size}"
+    cot_text, _ = model.generate_image(prompt=case["prompt"], image=images or None, seed=case["seed"],
+                                       image_size=image_size, bot_task=case["bot_task"],
+                                       use_system_prompt="custom", system_prompt=system,
+                                       max_new_tokens=case["max_new_tokens"], do_sample=case["do_sample"])
+    (text_kwargs, text_out), (image_kwargs, _) = calls
+    assert text_kwargs["mode"] == "gen_text" and image_kwargs["mode"] == "gen_image", [k["mode"] for k, _ in calls]
+    text_ids = text_kwargs["input_ids"]
+    image_ids = image_kwargs["input_ids"]
+    info = image_kwargs["batch_gen_image_info"][0]
+    tensors = {
+        "generated_ids": text_out[0, text_ids.shape[1]:],
+        "text_input_ids": text_ids[0],
+        "image_input_ids": image_ids[0],
+        "cot_text": torch.tensor(list(cot_text[0].encode("utf-8")), dtype=torch.uint8),
+        "ratio_index": torch.tensor(info.ratio_index),
+        "latents": captured["latents"][0],
+    }
+    if image_ids.shape[0] > 1:  # real CFG: the unconditional row
+        tensors["image_input_ids_uncond"] = image_ids[1]
+    return {k: v.to(torch.int64) if k not in ("cot_text", "latents") else v for k, v in tensors.items()}
+
+
+def print_text_case(name: str, tensors: dict, folder: str) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    ids = tensors[f"{name}.generated_ids"].tolist()
+    print(f"== {name}\n  generated_ids {ids}\n  tokens {[tokenizer.id_to_token(i) for i in ids]}"
+          f"\n  cot_text {bytes(tensors[f'{name}.cot_text'].tolist()).decode()!r}"
+          f"\n  ratio_index {int(tensors[f'{name}.ratio_index'])}"
+          f"  latents {tuple(tensors[f'{name}.latents'].shape)} std {float(tensors[f'{name}.latents'].std())}",
+          flush=True)
+
+
 def main():
-    reference_dir, out = sys.argv[1], sys.argv[2]
+    text = "--text" in sys.argv[1:]
+    reference_dir, out = [a for a in sys.argv[1:] if a != "--text"]
     stub_torchvision()
     cpu_workarounds()
     sys.path.insert(0, reference_dir)
     from safetensors.torch import save_file
 
-    from instruct_cases import CASES, make_checkpoint
+    from instruct_cases import CASES, TEXT_CASES, make_checkpoint
 
     tensors = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, case in CASES.items():
+        for name, case in (TEXT_CASES if text else {}).items():
+            folder = make_checkpoint(os.path.join(tmp, name), case["variant"], case.get("text_bias"))
+            for key, value in run_text_reference(folder, case).items():
+                tensors[f"{name}.{key}"] = value.contiguous()
+            print_text_case(name, tensors, folder)
+        for name, case in ({} if text else CASES).items():
             folder = make_checkpoint(os.path.join(tmp, name), case["variant"])
             tensors[name] = run_reference(folder, case).contiguous()
             print(name, tuple(tensors[name].shape), float(tensors[name].std()), flush=True)

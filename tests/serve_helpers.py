@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -117,3 +118,46 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class InProcessServer:
+    """The app under uvicorn on a thread of this process, on a free port: a one-rank engine loads
+    in the test process (no interpreter to start), and clients reach it over real HTTP (streams,
+    disconnects, OpenAI's client)."""
+
+    def __init__(self, engine_config, **server_options):
+        import uvicorn
+
+        from epdiff.serve.app import create_app
+        from epdiff.serve.config import ServerConfig
+        from epdiff.serve.server import bind
+        from epdiff.serve.service import EngineService
+
+        server = ServerConfig(**server_options).resolve()
+        self.service = EngineService(engine_config.resolve(), server.max_queue)
+        self._socket = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        # Signal handlers are the process's (pytest's): uvicorn installs none on a thread.
+        self._server = uvicorn.Server(uvicorn.Config(create_app(self.service, server), log_level="warning",
+                                                     lifespan="on", timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True,
+                                        name="test-uvicorn")
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while time.time() < deadline:
+            if self.service.state == "dead" or not self._thread.is_alive():
+                raise AssertionError(f"the server did not start: {self.service.error}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the server did not become healthy in {STARTUP_TIMEOUT_S} s")
+
+    def __exit__(self, *exc):
+        self._server.should_exit = True
+        self._thread.join(60)
+        self._socket.close()

@@ -2,8 +2,8 @@
 
 Every value a request carries is checked by `SamplingParams.resolve` (the one place the CLI, the
 Python API and the server share); this module only parses what is the API's own (the body, the
-"WxH" size, response_format, output_format) and renames the engine's fields to the API's in the
-error it returns.
+"WxH" size, response_format, output_format, stream) and renames the engine's fields to the API's in
+the error it returns. A streamed request's answer is OpenAI's server-sent events (`stream_event`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from .config import ServerConfig
 OUTPUT_FORMATS = {ext.lstrip("."): fmt for ext, fmt in IMAGE_FORMATS.items()}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 ENGINE_FIELDS = ("prompt", "n", "size", "num_inference_steps", "guidance_scale", "seed", "cache", "solver",
-                 "system_prompt")
-API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format")
+                 "system_prompt", "task", "max_new_tokens", "temperature", "top_k", "top_p", "cot_text",
+                 "partial_images")
+API_FIELDS = ENGINE_FIELDS + ("response_format", "output_format", "stream")
+# Checked against --max-prompt-chars before anything is tokenized.
+TEXT_FIELDS = ("prompt", "system_prompt", "cot_text")
 # Sent by OpenAI clients; accepted and ignored (this server serves one model, with no notion of
 # DALL-E's quality or style presets, nor moderation).
 IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation")
@@ -56,10 +59,12 @@ class GenerationRequest:
     params: SamplingParams  # resolved by the engine's rules
     output_format: str  # PIL's name: PNG, JPEG or WEBP
     size: str | None  # as the client wrote it (for error messages)
+    stream: bool = False  # answered as server-sent events
 
 
 def parse_size(size) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width); None or 'auto' -> the model's base size."""
+    """'WxH' -> (height, width); None or 'auto' -> (None, None): the model's choice where it writes
+    before drawing (SamplingParams.resolve), else its default size."""
     if size is None or size == "auto":
         return None, None
     match = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", size) if isinstance(size, str) else None
@@ -71,8 +76,9 @@ def parse_size(size) -> tuple[int | None, int | None]:
 
 # OpenAI's edit form: the files (`image`, or `image[]` for several) and text fields; these are numbers.
 EDIT_IMAGE_FIELDS = ("image", "image[]")
-EDIT_INTEGER_FIELDS = ("n", "num_inference_steps", "seed")
-EDIT_NUMBER_FIELDS = ("guidance_scale",)
+EDIT_INTEGER_FIELDS = ("n", "num_inference_steps", "seed", "max_new_tokens", "top_k", "partial_images")
+EDIT_NUMBER_FIELDS = ("guidance_scale", "temperature", "top_p")
+EDIT_BOOLEAN_FIELDS = ("stream",)
 
 
 def parse_edit(form: list[tuple[str, object]], engine_config, limits: ServerConfig) -> GenerationRequest:
@@ -103,6 +109,9 @@ def parse_edit(form: list[tuple[str, object]], engine_config, limits: ServerConf
             except ValueError:
                 kind = "an integer" if key in EDIT_INTEGER_FIELDS else "a number"
                 raise bad_request(key, f"{key} must be {kind}, got {body[key]!r}") from None
+    for key in EDIT_BOOLEAN_FIELDS:  # a form's text: OpenAI's clients send "true" and "false"
+        if key in body:
+            body[key] = {"true": True, "false": False}.get(body[key].strip().lower(), body[key])
     if isinstance(body.get("cache"), str) and body["cache"].lstrip().startswith("{"):
         try:
             body["cache"] = json.loads(body["cache"])
@@ -139,27 +148,37 @@ def parse_generation(body, engine_config, limits: ServerConfig, images=None) -> 
     if is_int(steps) and steps > limits.max_inference_steps:
         raise bad_request("num_inference_steps", f"num_inference_steps must be at most {limits.max_inference_steps} "
                                                  f"on this server (--max-inference-steps), got {steps}")
-    prompt = body["prompt"]
-    if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
-        raise bad_request("prompt", f"prompt is {len(prompt)} characters, over this server's limit of "
-                                    f"{limits.max_prompt_chars} (--max-prompt-chars)")
-    system_prompt = body.get("system_prompt")
-    if isinstance(system_prompt, str) and len(system_prompt) > limits.max_prompt_chars:
-        raise bad_request("system_prompt", f"system_prompt is {len(system_prompt)} characters, over this server's "
-                                           f"limit of {limits.max_prompt_chars} (--max-prompt-chars)")
+    tokens = body.get("max_new_tokens")
+    if is_int(tokens) and tokens > limits.max_text_tokens:
+        raise bad_request("max_new_tokens", f"max_new_tokens must be at most {limits.max_text_tokens} on this server "
+                                            f"(--max-text-tokens), got {tokens}")
+    for key in TEXT_FIELDS:
+        text = body.get(key)
+        if isinstance(text, str) and len(text) > limits.max_prompt_chars:
+            raise bad_request(key, f"{key} is {len(text)} characters, over this server's limit of "
+                                   f"{limits.max_prompt_chars} (--max-prompt-chars)")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("stream", f"stream must be true or false, got {stream!r}")
+    partial_images = body.get("partial_images", 0)
+    if is_int(partial_images) and partial_images > 0 and not stream:
+        raise bad_request("partial_images", f"partial_images {partial_images} needs stream: true (the previews are "
+                                            "sent as events of the stream)")
     size = body.get("size")
     height, width = parse_size(size)
     seed = body.get("seed")
     params = SamplingParams(
-        prompt=prompt, height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
+        prompt=body["prompt"], height=height, width=width, num_inference_steps=body.get("num_inference_steps"),
         guidance_scale=body.get("guidance_scale"), n=n,
         seed=secrets.randbelow(RANDOM_SEED_RANGE) if seed is None else seed, cache=parse_cache(body.get("cache")),
-        solver=body.get("solver"), system_prompt=body.get("system_prompt"), images=images)
+        solver=body.get("solver"), system_prompt=body.get("system_prompt"), images=images, task=body.get("task"),
+        max_new_tokens=tokens, temperature=body.get("temperature"), top_k=body.get("top_k"),
+        top_p=body.get("top_p"), cot_text=body.get("cot_text"), partial_images=partial_images)
     try:
         params = params.resolve(engine_config)
     except RequestError as e:
         raise request_error(e, size) from None
-    return GenerationRequest(params, OUTPUT_FORMATS[output_format], size)
+    return GenerationRequest(params, OUTPUT_FORMATS[output_format], size, stream)
 
 
 CACHE_FIELDS = ("kind", "interval", "order", "threshold")
@@ -189,15 +208,19 @@ def request_error(error: RequestError, size) -> ApiError:
     return bad_request(error.field, message)
 
 
+def encode_image(pixels, output_format: str, metadata: dict | None = None) -> str:
+    """An image's file in output_format, as base64 text. Encoding takes milliseconds: not on the event loop."""
+    buffer = io.BytesIO()
+    write_image(buffer, output_format, pixels, metadata or {})
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
-    """One OpenAI data item per image: its bytes in base64, and its own seed."""
-    items = []
-    for image in output.images:
-        buffer = io.BytesIO()
-        write_image(buffer, output_format, image.pixels, image.metadata)
-        items.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "seed": image.seed,
-                      "full_steps": image.full_steps})
-    return items
+    """One OpenAI data item per image: its bytes in base64, its own seed, and the text the model
+    wrote before drawing as OpenAI's revised_prompt (where it wrote one)."""
+    revised = {} if output.cot_text is None else {"revised_prompt": output.cot_text}
+    return [{"b64_json": encode_image(image.pixels, output_format, image.metadata), "seed": image.seed,
+             "full_steps": image.full_steps, **revised} for image in output.images]
 
 
 def generation_response(output: RequestOutput, data: list[dict], output_format: str,
@@ -220,4 +243,51 @@ def generation_response(output: RequestOutput, data: list[dict], output_format: 
         "inference_time_s": round(output.inference_seconds, 4),
         "queue_time_s": round(output.queue_seconds, 4),
         "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
+        "cot_text": output.cot_text,
     }
+
+
+# -- streaming: OpenAI's image stream events (openai-python's ImageGenStreamEvent, ImageEditStreamEvent)
+# plus epdiff's: image_index (which of the n images), cot_text, and `<prefix>.text_delta` {type, delta}
+# for the text the model writes before drawing (as vLLM-Omni streams its AR stage's text).
+
+STREAM_PREFIXES = {False: "image_generation", True: "image_edit"}
+# The settings OpenAI's events echo; epdiff has neither notion (its images are opaque RGB).
+STREAM_SETTINGS = {"quality": "auto", "background": "opaque"}
+
+
+def server_sent_event(data: dict, event: str | None = None) -> bytes:
+    """One SSE message; its `event:` is the data's type (json.dumps writes no newline)."""
+    return f"event: {event or data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def text_delta_event(edit: bool, text: str) -> dict:
+    return {"type": f"{STREAM_PREFIXES[edit]}.text_delta", "delta": text}
+
+
+def partial_image_event(edit: bool, b64_json: str, height: int, width: int, output_format: str,
+                        image_index: int, partial_index: int) -> dict:
+    return {"type": f"{STREAM_PREFIXES[edit]}.partial_image", "b64_json": b64_json, "created_at": int(time.time()),
+            "size": f"{width}x{height}", **STREAM_SETTINGS, "output_format": output_format.lower(),
+            "partial_image_index": partial_index, "image_index": image_index}
+
+
+def completed_events(edit: bool, response: dict, image_tokens: int) -> list[dict]:
+    """One `completed` event per image of a finished request's response (generation_response):
+    OpenAI's fields, the image's data item and the response's own (steps, times, cot_text).
+    usage: the image tokens drawn; epdiff does not count input tokens (0)."""
+    shared = {key: value for key, value in response.items() if key not in ("created", "data")}
+    usage = {"input_tokens": 0, "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+             "output_tokens": image_tokens, "total_tokens": image_tokens}
+    events = []
+    for index, item in enumerate(response["data"]):
+        item = {key: value for key, value in item.items() if key != "revised_prompt"}  # cot_text says it
+        events.append({"type": f"{STREAM_PREFIXES[edit]}.completed", "created_at": response["created"],
+                       **STREAM_SETTINGS, **shared, **item, "usage": usage, "image_index": index})
+    return events
+
+
+def error_event(error: ApiError) -> dict:
+    """An error once the stream has started (its HTTP status is sent): OpenAI's error body with a
+    type, which OpenAI's clients raise as an APIError."""
+    return {"type": "error", **error.body()}

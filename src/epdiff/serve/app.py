@@ -18,14 +18,16 @@ from concurrent.futures import CancelledError
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
-from ..engine.engine import RequestAbandonedError
-from .api import ApiError, bad_request, encode_images, generation_response, parse_edit, parse_generation
+from ..engine.engine import PartialImage, RequestAbandonedError, TextDelta
+from .api import (ApiError, GenerationRequest, bad_request, completed_events, encode_image, encode_images, error_event,
+                  generation_response, parse_edit, parse_generation, partial_image_event, server_sent_event,
+                  text_delta_event)
 from .config import ServerConfig
 from .service import EngineService
 
@@ -211,26 +213,31 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         start = time.perf_counter()
         headers = {}
         try:
-            body, headers = await generate(request, edit)
-            status, response = 200, JSONResponse(body, headers=headers)
+            parsed, headers = await read_request(request, edit)
+            if parsed.stream:  # from here on, the stream counts its own outcome
+                return await start_stream(request, parsed, headers, edit, start)
+            future = submit(parsed, headers)
+            output = await wait_for(future, request)
+            status, response = 200, JSONResponse(await respond(output, parsed), headers=headers)
         except ApiError as e:
             status, response = e.status, error_response(e, headers)
         except ClientDisconnect:  # gone while its body was read
-            status, response = 499, error_response(ApiError(499, "the client disconnected", None,
-                                                            "client_closed_request"), headers)
+            status, response = 499, error_response(client_gone(), headers)
         except (asyncio.CancelledError, CancelledError):  # the server is going down under this request
             status, response = 503, error_response(unavailable("the server shut down before this request "
                                                                "finished"), headers)
         except Exception as e:  # noqa: BLE001 - a bug still answers in the API's error format
-            log.exception("epdiff serve: request failed")
-            status, response = 500, error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", None,
-                                                            "internal_error", "server_error"), headers)
+            status, response = 500, error_response(internal_error(e), headers)
+        count(status, start)
+        return response
+
+    def count(status: int, start: float) -> None:
         metrics.requests.labels(str(status)).inc()
         if status == 200:
             metrics.latency.observe(time.perf_counter() - start)
-        return response
 
-    async def generate(request: Request, edit: bool) -> tuple[dict, dict]:
+    async def read_request(request: Request, edit: bool) -> tuple[GenerationRequest, dict]:
+        """The request read, parsed and resolved; the headers its answer carries."""
         progress_id = request.headers.get("x-request-id")
         if progress_id is not None and not PROGRESS_ID.fullmatch(progress_id):
             raise ApiError(400, f"X-Request-ID must be 1 to 64 letters, digits, '-' or '_', got {progress_id!r}",
@@ -249,24 +256,54 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             parsed = await asyncio.to_thread(parse_edit, form, service.config, server)
         else:
             parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
+        return parsed, headers
+
+    def submit(parsed: GenerationRequest, headers: dict, on_event=None):
         try:
-            future = service.submit(parsed.params, progress_id)
+            return service.submit(parsed.params, headers.get("X-Request-ID"), on_event)
         except QueueFullError as e:
             raise ApiError(429, f"the queue is full: {e}; retry later", None, "queue_full",
                            "rate_limit_exceeded") from None
         except EngineDeadError as e:
             raise unavailable(str(e)) from None
-        output = await wait_for(future, request)
+
+    async def respond(output, parsed: GenerationRequest) -> dict:
+        """A finished request's answer (its images encoded on a thread), counted in the metrics."""
         data = await asyncio.to_thread(encode_images, output, parsed.output_format)
         metrics.images.inc(len(data))
         metrics.inference.observe(output.inference_seconds)
         metrics.queue.observe(output.queue_seconds)
-        return generation_response(output, data, parsed.output_format, parsed.size), headers
+        return generation_response(output, data, parsed.output_format, parsed.size)
+
+    def deadline() -> float | None:
+        return time.monotonic() + server.request_timeout if server.request_timeout else None
+
+    def given_up(future, until: float | None) -> ApiError | None:
+        """Why a request not finished gets no answer: the server closed, or its time ran out (then
+        it is abandoned: not started, the engine drops it; started, its batch stops at the next
+        step once no request in it is wanted)."""
+        if service.closed.is_set():
+            return unavailable("the server shut down before this request finished")
+        if until is not None and time.monotonic() > until:
+            service.abandon(future)
+            return ApiError(504, f"the request took longer than this server's {server.request_timeout:g} s "
+                                 "(--request-timeout)", None, "timeout", "server_error")
+        return None
+
+    def result_of(future):
+        try:
+            return future.result()
+        except EngineDeadError as e:
+            raise unavailable(str(e)) from None
+        except ImageFailedError as e:
+            raise ApiError(500, str(e), None, "image_failed", "server_error") from None
+        except (CancelledError, RequestAbandonedError):
+            raise unavailable("the request was given up before it finished") from None
 
     async def wait_for(future, request: Request):
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
-        deadline = time.monotonic() + server.request_timeout if server.request_timeout else None
+        until = deadline()
 
         def wake(_):
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
@@ -278,25 +315,68 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                 await asyncio.wait_for(finished.wait(), WAIT_POLL_S)
             if future.done():
                 break
-            if service.closed.is_set():
-                raise unavailable("the server shut down before this request finished")
-            # Abandoned (client gone or out of time): not started, the engine drops it; started, its
-            # batch stops at the next step once no request in it is wanted.
             if await request.is_disconnected():
                 service.abandon(future)
-                raise ApiError(499, "the client disconnected", None, "client_closed_request")
-            if deadline is not None and time.monotonic() > deadline:
+                raise client_gone()
+            error = given_up(future, until)
+            if error is not None:
+                raise error
+        return result_of(future)
+
+    async def start_stream(request: Request, parsed: GenerationRequest, headers: dict, edit: bool, start: float):
+        """Submits a streamed request and answers it with its events: the text written, the previews,
+        then one `completed` per image, or an `error` event. Refusals before it is submitted keep
+        their HTTP status (raised here)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item):  # the engine's events and, last, the finished future, in the driver thread's order
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads any more
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+        future = submit(parsed, headers, on_event=put)
+        future.add_done_callback(put)
+        until = deadline()
+        outcome = {"status": 499}  # a stream that ends with no outcome lost its client
+
+        async def body():
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(events.get(), WAIT_POLL_S)
+                    except asyncio.TimeoutError:
+                        event = None
+                    if event is future:
+                        output = result_of(future)
+                        response = await respond(output, parsed)
+                        tokens = service.config.model_info.image_tokens(output.params.height, output.params.width)
+                        for completed in completed_events(edit, response, tokens):
+                            yield server_sent_event(completed)
+                        outcome["status"] = 200
+                        return
+                    if isinstance(event, TextDelta):
+                        yield server_sent_event(text_delta_event(edit, event.text))
+                    elif isinstance(event, PartialImage):
+                        height, width = event.pixels.shape[:2]
+                        b64 = await asyncio.to_thread(encode_image, event.pixels, parsed.output_format)
+                        yield server_sent_event(partial_image_event(edit, b64, height, width, parsed.output_format,
+                                                                    event.image_index, event.partial_index))
+                    error = given_up(future, until)  # after every event too: events may never pause
+                    if error is not None:
+                        raise error
+            except ApiError as e:
+                outcome["status"] = e.status
+                yield server_sent_event(error_event(e))
+            except Exception as e:  # noqa: BLE001 - a bug still ends the stream in the API's error format
+                outcome["status"] = 500
+                yield server_sent_event(error_event(internal_error(e)))
+
+        def finish():
+            if not future.done():  # its client left mid-stream, or the server is going down
                 service.abandon(future)
-                raise ApiError(504, f"the request took longer than this server's {server.request_timeout:g} s "
-                                    "(--request-timeout)", None, "timeout", "server_error")
-        try:
-            return future.result()
-        except EngineDeadError as e:
-            raise unavailable(str(e)) from None
-        except ImageFailedError as e:
-            raise ApiError(500, str(e), None, "image_failed", "server_error") from None
-        except (CancelledError, RequestAbandonedError):
-            raise unavailable("the request was given up before it finished") from None
+            count(outcome["status"], start)
+
+        return EventStream(body(), finish, headers)
 
     return app
 
@@ -344,6 +424,34 @@ def parse_request(raw: bytes, engine_config, server: ServerConfig):
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
         raise ApiError(400, f"the request body is not JSON this server reads: {reason}", None, "invalid_json") from None
     return parse_generation(body, engine_config, server)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose `on_close` runs however the stream ends: finished, failed, or its
+    client gone (Starlette then cancels the iteration and leaves the body's generator suspended)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], None], headers: dict):
+        # no-cache and no proxy buffering: each event is meant to arrive when it is sent
+        super().__init__(content, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.on_close()
+
+
+def client_gone() -> ApiError:
+    return ApiError(499, "the client disconnected", None, "client_closed_request")
+
+
+def internal_error(error: Exception) -> ApiError:
+    log.exception("epdiff serve: request failed")
+    return ApiError(500, f"internal error: {type(error).__name__}: {error}", None, "internal_error", "server_error")
 
 
 def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:

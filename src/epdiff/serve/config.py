@@ -22,7 +22,10 @@ class ServerConfig:
                                            "are failed")
     max_inference_steps: int = option(200, "a request asking for more steps gets 400")
     max_images: int = option(10, "a request asking for more images (n) gets 400 (OpenAI's own limit is 10)")
-    max_prompt_chars: int = option(10_000, "a longer prompt gets 400, before it is tokenized")
+    max_prompt_chars: int = option(10_000, "a longer prompt (or system_prompt, cot_text) gets 400, before it is "
+                                           "tokenized")
+    max_text_tokens: int = option(4096, "a request asking for a longer text pass (max_new_tokens, for a model that "
+                                        "writes before it draws) gets 400")
     max_body_bytes: int = option(1 << 20, "a larger request body gets 413")
     max_upload_bytes: int = option(32 << 20, "a larger image edit (its multipart form, images included) gets 413")
     request_timeout: float = option(600.0, "seconds a request may take, queue included; then it gets 504 and, once "
@@ -34,8 +37,8 @@ class ServerConfig:
 
     def resolve(self) -> "ServerConfig":
         """Checks every limit; the API key from the environment where none is given."""
-        for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_body_bytes",
-                     "max_upload_bytes"):
+        for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_text_tokens",
+                     "max_body_bytes", "max_upload_bytes"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")

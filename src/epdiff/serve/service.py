@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from typing import Callable
 
 from ..engine import Engine, EngineConfig, EngineDeadError, SamplingParams
 
@@ -122,13 +123,16 @@ class EngineService:
             if self.state != "dead":
                 self.state = "stopped"
         # Requests the engine could not answer within the grace period see `closed` and get 503.
+        # A worker the engine could not stop is ended by the server process (run_server), not
+        # here: an app in a process with children of its own (a test's) must leave them alone.
         self.closed.set()
-        stop_children()
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def submit(self, params: SamplingParams, progress_id: str | None) -> Future:
-        """Raises EngineDeadError (not ready), QueueFullError or RequestError."""
+    def submit(self, params: SamplingParams, progress_id: str | None,
+               on_event: Callable[[object], None] | None = None) -> Future:
+        """Raises EngineDeadError (not ready), QueueFullError or RequestError. on_event: the
+        engine's TextDelta and PartialImage events, on its driver thread."""
         with self._lock:
             if self.state != "ready":
                 raise EngineDeadError(self.unavailable_reason())
@@ -141,7 +145,7 @@ class EngineService:
                 self.progress.update(progress_id, status="running", step=step, steps=steps)
 
         try:
-            future = engine.submit(params, on_progress=on_progress)
+            future = engine.submit(params, on_progress=on_progress, on_event=on_event)
         except BaseException:
             if progress_id is not None:  # a refused request leaves no entry
                 self.progress.discard(progress_id)
