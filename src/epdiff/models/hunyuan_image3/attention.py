@@ -38,7 +38,7 @@ class KVCache:
     key_mask: torch.Tensor | None = None  # [B, L], False at padding (prompts of different lengths)
 
 
-DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -51,8 +51,9 @@ class TextCache:
 
     @classmethod
     def of(cls, prefix: KVCache, capacity: int) -> "TextCache":
+        capacity = -(-capacity // 16) * 16  # the memory-efficient kernel's mask alignment
         B, L, H, D = prefix.k.shape
-        k, v = (prefix.k.new_empty(B, capacity, H, D) for _ in range(2))
+        k, v = (prefix.k.new_zeros(B, capacity, H, D) for _ in range(2))  # masked, but finite
         k[:, :L], v[:, :L] = prefix.k, prefix.v
         return cls(k, v)
 
@@ -115,30 +116,22 @@ class Attention(nn.Module):
         out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
         return self._out(out), KVCache(k, v)
 
-    def decode(self, x, cos, sin, cache: TextCache, where: list[int]) -> torch.Tensor:
-        """x [B, 1, hidden]: each row's next token, written to slot where[r]; it sees slots 0..where[r]
-        (a row's earlier slots are its prefix and its written tokens: prompts of different lengths
-        write from their own ends, as the reference's right-padded batch does).
+    def decode(self, x, cos, sin, cache: TextCache, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, hidden]: each row's next token, written to slot slots[r] (on the device); it sees
+        the slots `visible` [B, capacity] marks (its prefix and its written tokens: prompts of
+        different lengths write from their own ends, as the reference's right-padded batch does).
+        Shapes do not change from step to step: the step can be a CUDA graph.
 
         The query heads that share a KV head attend as that head's queries ([B, group, KV, D]: no
-        GQA expansion, and a mask, where there is one, broadcasts over them), by the flash or
-        memory-efficient kernels: cuDNN's builds a plan for every new key length, ~2 ms of host
-        time a call on an H100 (BENCHMARKS §19)."""
+        GQA expansion; the mask broadcasts over them), by the memory-efficient kernel: cuDNN's
+        builds a plan for every new key length, ~2 ms of host time a call on an H100 (BENCHMARKS §19)."""
         q, k, v = self._qkv(x, cos, sin)
         B = x.shape[0]
         q = q.view(B, self.kv_heads, self.group_size, self.head_dim).transpose(1, 2)
-        visible = None
-        if len(set(where)) == 1:  # one length: no mask
-            end = where[0] + 1
-            cache.k[:, end - 1], cache.v[:, end - 1] = k[:, 0], v[:, 0]
-        else:
-            rows = torch.arange(B, device=x.device)
-            slots = torch.tensor(where, device=x.device)
-            cache.k[rows, slots], cache.v[rows, slots] = k[:, 0], v[:, 0]
-            end = max(where) + 1
-            visible = torch.arange(end, device=x.device)[None] <= slots[:, None]
+        rows = torch.arange(B, device=x.device)
+        cache.k[rows, slots], cache.v[rows, slots] = k[:, 0], v[:, 0]
         with sdpa_kernel(DECODE_BACKENDS):
-            out = sdpa(q, cache.k[:, :end], cache.v[:, :end], key_mask=visible)
+            out = sdpa(q, cache.k, cache.v, key_mask=visible)
         return self._out(out.transpose(1, 2).reshape(B, 1, -1, self.head_dim))
 
     def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:

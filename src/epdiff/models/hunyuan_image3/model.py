@@ -151,8 +151,8 @@ class DecoderLayer(nn.Module):
         h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache), residual=x)
         return x + self.mlp(h)
 
-    def decode(self, x, cos, sin, cache: TextCache, where: list[int]):
-        attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, where)
+    def decode(self, x, cos, sin, cache: TextCache, slots, visible):
+        attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, slots, visible)
         h, x = self.post_attention_layernorm(attn, residual=x)
         return x + self.mlp(h)
 
@@ -274,15 +274,17 @@ class HunyuanImage3Transformer(nn.Module):
             logits = self._logits(x[torch.arange(len(lengths), device=self.device), last])
         return logits, [TextCache.of(cache, capacity) for cache in caches]
 
-    def decode(self, token_ids: torch.Tensor, where: list[int], caches: list[TextCache]) -> torch.Tensor | None:
-        """One written token per row: token_ids [B] at sequence index where[b] (its slot, and its
-        1-D position). Returns the next logits [B, vocab] (fp32) on the last stage, None elsewhere."""
-        B, hidden = len(where), self.config.hidden_size
-        x = self._receive_or(lambda: self.model.wte(token_ids.to(self.device)[:, None]), (B, 1, hidden))
-        index = torch.tensor(where, device=self.device)[:, None, None].expand(B, 1, 2)
-        cos, sin = self._rope(index)
+    def decode(self, token_ids: torch.Tensor, slots: torch.Tensor, caches: list[TextCache]) -> torch.Tensor | None:
+        """One written token per row: token_ids [B] at sequence index slots[b] (its cache slot and its
+        1-D position; both on the device, so the step's shapes and host work never change). Returns
+        the next logits [B, vocab] (fp32) on the last stage, None elsewhere."""
+        B, hidden = slots.shape[0], self.config.hidden_size
+        x = self._receive_or(lambda: self.model.wte(token_ids[:, None]), (B, 1, hidden))
+        cos, sin = self._rope(slots[:, None, None].expand(B, 1, 2))
+        capacity = caches[0].k.shape[1] if caches else 0
+        visible = torch.arange(capacity, device=self.device)[None] <= slots[:, None]
         for layer, cache in zip(self.model.layers.values(), caches):
-            x = layer.decode(x, cos, sin, cache, where)
+            x = layer.decode(x, cos, sin, cache, slots, visible)
         if not self.link.is_last:
             self.link.send(x)
             return None

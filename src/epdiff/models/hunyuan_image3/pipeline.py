@@ -16,6 +16,7 @@ import torch
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
+from ...kernels.graphs import CudaGraphStep
 from ..base import DenoisingBatch, ImagePipeline, TextBatch
 from .conditioning import ImageConditioner
 from .loading import load_model
@@ -134,14 +135,16 @@ class HunyuanImage3Pipeline(ImagePipeline):
         cond = self._cond_inputs(prepared, posteriors, rows[0].cond, 1)
         logits, caches = self.transformer.start_text(prefix, positions, lengths, longest + steps, cond,
                                                      rows[0].bidirectional_blocks)
-        written = [0]
+        slots = torch.tensor(lengths, device=self.device)  # where each row's next token goes
 
         def step(tokens: torch.Tensor) -> torch.Tensor | None:
-            where = [length + written[0] for length in lengths]
-            written[0] += 1
-            return self.transformer.decode(tokens, where, caches)
+            logits = self.transformer.decode(tokens, slots, caches)
+            slots.add_(1)
+            return logits
 
-        return TextBatch(logits, step)
+        # One GPU: the step as a CUDA graph (its launches are most of its time otherwise: BENCHMARKS
+        # §19); under collectives it runs eagerly.
+        return TextBatch(logits, CudaGraphStep(step) if self.parallel.config.world_size == 1 else step)
 
     def _prefill(self, rows, cond=None):
         """Caches the prefix of every row; returns the caches and the positions of each step's
