@@ -10,9 +10,11 @@ budget is --tokens and nothing stops a row early (a random model writes the pass
 odds of about 1 in 133,120 a token). The first run of each batch size is a warm-up.
 
 The limit: a step reads every weight it uses once (attention, router, shared expert, the routed
-experts its rows chose: at batch B, of E = 64 experts top-8, E·(1 − (1 − 8/E)^B) per layer when the
-choices are independent, the lm_head) and every row's K/V cache, at the GPU's HBM bandwidth
-(H200 4.8 TB/s, H100 SXM 3.35 TB/s). Writes JSON to --out.
+experts its rows chose, the lm_head) and every row's K/V cache, at the GPU's HBM bandwidth (H200
+4.8 TB/s, H100 SXM 3.35 TB/s). The experts a step chose are counted in a separate eager pass (a
+hook on each router; the mean over layers and steps): with random weights the rows of a batch
+choose alike, far fewer distinct experts than independent choices would (E·(1 − (1 − 8/E)^B)).
+Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.write import write
+from epdiff.kernels import graphs
 from epdiff.models.base import TextSampling, TextTask
+from epdiff.moe.router import Router
 from epdiff.models.registry import model_info
 from step_scaling import release_width_model
 
@@ -38,19 +43,38 @@ PROMPT = ("A cozy reading corner by a tall window on a rainy afternoon: an armch
           "framed map of the coast on the wall behind.")
 
 
-def weight_bytes_per_step(config, rows: int, context: int, fp8: bool) -> float:
-    """Bytes a decode step of `rows` rows reads: the weights it uses and the K/V of `context` tokens a row."""
+def distinct_experts(pipe, info, tasks, state) -> float:
+    """The mean number of distinct experts a one-token step's router chose (an eager pass of 32
+    tokens: a hook cannot run inside a CUDA graph)."""
+    counts, hooks = [], []
+    for module in pipe.transformer.modules():
+        if isinstance(module, Router):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out: counts.append(out[0].unique().numel()) if out[0].shape[0] == len(tasks) else None))
+    replay = graphs.CudaGraphStep.__call__
+    graphs.CudaGraphStep.__call__ = lambda self, *inputs: self.fn(*inputs)
+    try:
+        write(pipe, info, [[(replace(task, sampling=TextSampling(32)), True) for task in tasks]], state)
+    finally:
+        graphs.CudaGraphStep.__call__ = replay
+        for hook in hooks:
+            hook.remove()
+    return statistics.mean(counts)
+
+
+def weight_bytes_per_step(config, rows: int, context: int, fp8: bool, experts: float) -> float:
+    """Bytes a decode step of `rows` rows reads: the weights it uses (`experts` distinct routed
+    experts a layer) and the K/V of `context` tokens a row."""
     D, hd, H, KV, E = config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.num_experts
     column = 1 if fp8 else 2  # column-parallel projections and the routed experts are FP8 under --quantization fp8
     total = 2 * config.vocab_size * D  # lm_head, bf16
     for layer in range(config.num_hidden_layers):
-        I, k = config.moe_intermediate_size[layer], config.moe_topk[layer]
+        I = config.moe_intermediate_size[layer]
         S = config.shared_intermediate_size(layer)
-        used = E * (1 - (1 - k / E) ** rows)
         total += (column * D * (H + 2 * KV) * hd + 2 * H * hd * D  # qkv, o
                   + 4 * D * E  # router, fp32
                   + column * 2 * S * D + 2 * S * D  # shared expert: up and gate, down
-                  + used * 3 * I * D * column  # routed experts
+                  + experts * 3 * I * D * column  # routed experts
                   + rows * context * 2 * KV * hd * 2)  # the K/V cache, bf16
     return total
 
@@ -110,9 +134,11 @@ def main():
                 times.append(time.perf_counter() - t0 - prefill[-1])
         steps = max(len(ids) for ids in written)
         step_s = statistics.median(times) / steps
+        experts = distinct_experts(pipe, info, tasks, state)
         context = len(info.tokenizer.encode(system)) + prompt_tokens + 16 + steps // 2
-        limit_s = weight_bytes_per_step(info.config, rows, context, quantization == "fp8") / bandwidth if bandwidth else None
-        row = dict(batch=rows, steps=steps, step_ms=step_s * 1e3, tokens_per_s=rows / step_s,
+        limit_s = (weight_bytes_per_step(info.config, rows, context, quantization == "fp8", experts) / bandwidth
+                   if bandwidth else None)
+        row = dict(batch=rows, steps=steps, step_ms=step_s * 1e3, tokens_per_s=rows / step_s, distinct_experts=experts,
                    tokens_per_s_per_row=1 / step_s, prefill_s=prefill[-1],
                    limit_step_ms=None if limit_s is None else limit_s * 1e3,
                    of_limit=None if limit_s is None else limit_s / step_s)
