@@ -67,12 +67,12 @@ def check_supported_fields(cfg: dict) -> None:
                           "(one expert count for every layer)")
 
 
-# generation_config.json fields that pick the prompt template and the task; epdiff builds the
-# base model's text-to-image sequence only. An absent key means the first value.
+# generation_config.json fields that pick the prompt template and the task. An absent key means
+# the first value.
 SUPPORTED_GENERATION_VALUES = {
     "sequence_template": ("pretrain", "instruct"),  # 'instruct' wraps the prompt in the chat roles
-    # The reference's tasks. epdiff draws directly (the image task) whatever the file names: the
-    # text passes that think / recaption / img_ratio run first are not built (HunyuanImage3Info.describe).
+    # The reference's tasks: a request's default where it is image, think, recaption or
+    # think_recaption (the Instruct models' text passes, family.py); else the image task.
     "bot_task": ("image", None, "auto", "think", "recaption", "think_recaption", "img_ratio"),
 }
 

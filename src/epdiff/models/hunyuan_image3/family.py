@@ -79,8 +79,8 @@ class HunyuanImage3Info(ModelInfo):
         return "vit_type" in self.config.raw
 
     def edit_size(self, images):
-        """The first input image's own aspect bucket (the reference asks the model for the ratio in
-        a text pass, which epdiff does not run: see the README)."""
+        """The first input image's own aspect bucket (an edit without a text pass; with one, the model
+        chooses; the reference asks the model for the ratio in a one-token pass here)."""
         width, height = images[0].size
         return self.resolution.bucket(self.resolution.nearest_index(height, width))
 
