@@ -91,8 +91,8 @@ def check_generation_config(generation: dict, source: str = "generation_config.j
 @dataclass(frozen=True)
 class GenerationConfig:
     """generation_config.json's image settings; a field's default is what an absent key means
-    (the base model's values). The file's other keys (the language model's sampling) are kept in
-    `raw` and not used by text-to-image."""
+    (the base model's values). The file's other keys are kept in `raw`: the language model's
+    sampling, which the Instruct models' text passes read (family.py)."""
 
     diff_infer_steps: int = 50
     diff_guidance_scale: float = 5.0

@@ -87,8 +87,10 @@ def instruct_fields(variant: str, hidden_size: int, vit_sizes: dict = TINY_VIT) 
                      max_num_patches=max_patches, resample=2)
     config = dict(vit_type=VIT_TYPE, vit=vit, vit_processor=processor, cfg_distilled=distil, use_meanflow=distil,
                   vit_aligner=dict(projector_type="mlp_gelu", input_dim=vit_hidden, n_embed=hidden_size, depth=2))
+    # The text passes' sampling as the base release's generation_config.json has it.
     generation = dict(sequence_template="instruct", use_system_prompt="en_vanilla", bot_task="image",
-                      diff_infer_steps=8 if distil else 50, diff_guidance_scale=2.5 if distil else 5.0)
+                      diff_infer_steps=8 if distil else 50, diff_guidance_scale=2.5 if distil else 5.0,
+                      do_sample=True, temperature=0.6, top_k=1024, top_p=0.95)
     return config, generation
 
 
