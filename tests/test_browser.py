@@ -1,6 +1,7 @@
 """The web page in headless Chromium (Debian's chromium and chromium-driver, driven by selenium):
 a prompt typed, Generate clicked, the image appears with its time; a bad value shows the
-server's error. EPDIFF_SCREENSHOT=path keeps a screenshot of the page (docs/server.png)."""
+server's error; an image uploaded is edited; the text an Instruct model writes appears as it is
+streamed, then the image. EPDIFF_SCREENSHOT=path keeps a screenshot of the page (docs/server.png)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 TIMEOUT_S = 120
 
@@ -63,8 +64,10 @@ def test_a_prompt_typed_and_generate_clicked_shows_the_image(page, server):
     # The page reads the engine's step progress while the image is being made.
     WebDriverWait(page, TIMEOUT_S, poll_frequency=0.05).until(
         lambda d: "of 200" in d.find_element(By.ID, "status").text)
+    # Previews fill the image first (the page asks for 2); the status tells the final image has come.
     WebDriverWait(page, TIMEOUT_S).until(
         lambda d: d.execute_script("return document.getElementById('image').naturalWidth") > 0)
+    WebDriverWait(page, TIMEOUT_S).until(lambda d: "steps:" in d.find_element(By.ID, "status").text)
     status = page.find_element(By.ID, "status").text
     assert "128x128, seed 3, 200 steps" in status and "denoise and decode" in status, status
     assert page.find_element(By.ID, "error").text == ""
@@ -105,7 +108,23 @@ def test_an_image_uploaded_on_the_page_is_edited(edit_server, browser, tmp_path)
     fill(browser, prompt="make it blue", steps="2", seed="5")
     browser.find_element(By.ID, "images").send_keys(str(path))
     browser.find_element(By.ID, "generate").click()
-    WebDriverWait(browser, TIMEOUT_S).until(
-        lambda d: d.execute_script("return document.getElementById('image').naturalWidth") > 0)
+    WebDriverWait(browser, TIMEOUT_S).until(lambda d: "steps:" in d.find_element(By.ID, "status").text)
     status = browser.find_element(By.ID, "status").text
     assert "320x192, seed 5, 2 steps" in status, status  # the uploaded image's own aspect bucket
+
+
+def test_the_text_the_model_writes_appears_then_the_image(edit_server, browser):
+    browser.get(edit_server.url + "/")
+    WebDriverWait(browser, TIMEOUT_S).until(lambda d: d.find_element(By.ID, "task").is_displayed())
+    task = Select(browser.find_element(By.ID, "task"))
+    assert [o.text for o in task.options] == ["image", "think", "recaption", "think_recaption"]
+    task.select_by_value("think_recaption")
+    # A size given: the model's own choice may be a large one, slow to decode on the CPU.
+    fill(browser, prompt="a red circle", steps="2", seed="5", size="256x256", tokens="8")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.05).until(lambda d: d.find_element(By.ID, "text").text)
+    WebDriverWait(browser, TIMEOUT_S).until(lambda d: "steps:" in d.find_element(By.ID, "status").text)
+    assert browser.find_element(By.ID, "text").text.startswith("<think>")
+    assert browser.execute_script("return document.getElementById('image').naturalWidth") == 256
+    status = browser.find_element(By.ID, "status").text
+    assert "256x256, seed 5, 2 steps" in status and browser.find_element(By.ID, "error").text == "", status

@@ -215,7 +215,7 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         try:
             parsed, headers = await read_request(request, edit)
             if parsed.stream:  # from here on, the stream counts its own outcome
-                return await start_stream(request, parsed, headers, edit, start)
+                return start_stream(parsed, headers, edit, start)
             future = submit(parsed, headers)
             output = await wait_for(future, request)
             status, response = 200, JSONResponse(await respond(output, parsed), headers=headers)
@@ -323,10 +323,10 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                 raise error
         return result_of(future)
 
-    async def start_stream(request: Request, parsed: GenerationRequest, headers: dict, edit: bool, start: float):
+    def start_stream(parsed: GenerationRequest, headers: dict, edit: bool, start: float) -> EventStream:
         """Submits a streamed request and answers it with its events: the text written, the previews,
-        then one `completed` per image, or an `error` event. Refusals before it is submitted keep
-        their HTTP status (raised here)."""
+        then one `completed` per image, or an `error` event. A refusal at submission keeps its HTTP
+        status (raised here); a client that leaves is seen by the response, which abandons the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
