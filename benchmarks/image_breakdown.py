@@ -62,6 +62,7 @@ def main():
     p.add_argument("--edit", action="store_true", help="an edit: one input image of --size (Instruct variants)")
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None, help="a checkpoint folder instead (a smoke run of the script on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the steps before they were captured)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     info = model_info(args.model or release_width_model(args.layers, args.variant))
@@ -71,6 +72,7 @@ def main():
                               "dummy" if args.model is None else "safetensors", None if args.quantization == "none" else args.quantization,
                               True)
     load_s = time.perf_counter() - start
+    pipe.use_cuda_graphs = not args.enforce_eager
     prefill, decode = Timed(pipe, "start_batch"), Timed(pipe, "decode")  # start_batch: tokenize, noise, input images, prefill
     images = ()
     if args.edit:  # a photo-like input: smooth colour gradients and noise
@@ -102,11 +104,12 @@ def main():
             rows.append(row)
     mean = {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
     result = dict(layers=args.layers, variant=args.variant, edit=args.edit, quantization=args.quantization, size=args.size,
+                  cuda_graphs=not args.enforce_eager,
                   steps=task.num_inference_steps, guidance=task.guidance_scale, load_s=load_s,
                   device=torch.cuda.get_device_name() if cuda else "cpu",
                   peak_GiB=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                   mean=mean, images=rows)
-    print(f"| {args.variant}{' edit' if args.edit else ''}, {args.layers} layers, {args.quantization} | prefill {mean['prefill_s']:.3f} s | "
+    print(f"| {args.variant}{' edit' if args.edit else ''}, {args.layers} layers, {args.quantization}{' eager' if args.enforce_eager else ', graphs'} | prefill {mean['prefill_s']:.3f} s | "
           f"{mean['steps']:.0f} steps × {mean['step_s']:.3f} s | decode {mean['decode_s']:.3f} s | "
           f"PNG {mean['png_s']:.3f} s | other {mean['other_s']:.3f} s | image {mean['image_s']:.3f} s |")
     if args.out:

@@ -174,6 +174,7 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
     start = time.perf_counter()
     pipe = config.model_info.load_pipeline(parallel, getattr(torch, config.dtype), config.load_format,
                                            config.quantization, decode=decode and is_decode_rank(parallel))
+    pipe.use_cuda_graphs = not config.enforce_eager
     metrics = RankMetrics.of(pipe, parallel, time.perf_counter() - start)
     loaded = control.gather(metrics)
     if channel is not None:

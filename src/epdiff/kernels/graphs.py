@@ -12,15 +12,16 @@ class CudaGraphStep:
     updates in place. On a GPU the first call runs eagerly on a side stream (lazy initialisation,
     Triton compilation, the MoE layers' token counts), the second is captured and every call from
     then on copies its inputs into the captured ones and replays; the returned tensor is the
-    graph's own output buffer, overwritten by the next call. Elsewhere fn runs as it is."""
+    graph's own output buffer, overwritten by the next call. Elsewhere (or not enabled) fn runs
+    as it is. The graph's memory pool holds one call's intermediate tensors for its life."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        self.fn, self.calls = fn, 0
+    def __init__(self, fn: Callable[..., torch.Tensor], enabled: bool = True):
+        self.fn, self.calls, self.enabled = fn, 0, enabled
         self.graph = self.inputs = self.output = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if not inputs or inputs[0].device.type != "cuda":
+        if not self.enabled or not inputs or inputs[0].device.type != "cuda":
             return self.fn(*inputs)
         if self.calls == 1:
             side = torch.cuda.Stream()

@@ -141,6 +141,7 @@ class ImagePipeline(ABC):
     transformer: nn.Module  # this rank's part of the denoiser (its MoE layers, its parameter bytes)
     checkpoint_bytes_read: int = 0
     can_decode: bool = False  # the VAE is loaded here
+    use_cuda_graphs: bool = True  # a family may replay its static-shaped steps as CUDA graphs (--enforce-eager: no)
 
     @abstractmethod
     def start_batch(self, tasks: Sequence[ImageTask], branches: Sequence[int],
