@@ -34,24 +34,44 @@ CASES = {  # what scripts/reference_instruct.py ran Tencent's code on
 
 
 # The text pass (bot_task think_recaption / recaption: the "think" and "recaption" text the model
-# writes before its image), greedy, 32 new tokens at most; what the reference generated is in
-# TEXT_REFERENCE (scripts/reference_instruct.py --text). size: 256 (256x256) or "auto" (the model
-# picks the ratio token). system: the folder's system prompt passed as the custom one. text_bias:
-# lm_head rows rewritten so that the closing tokens come (make_checkpoint).
+# writes before its image), greedy, 32 new tokens at most; what the reference generated, the
+# image pass's input ids and latents are in TEXT_REFERENCE (scripts/reference_instruct.py --text).
+# size: 256 (256x256) or "auto" (the model picks the ratio token); system: the folder's system
+# prompt passed as the custom one; text_bias: lm_head rows scaled (make_checkpoint) so that the
+# random model writes </think> and </recaption> within the 32 tokens.
 TEXT_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "hunyuan_instruct_text_reference.safetensors")
-TEXT = dict(solver="euler", max_new_tokens=32, do_sample=False)
+TEXT = dict(solver="euler", steps=2, max_new_tokens=32, do_sample=False)
+DISTIL, INSTRUCT = dict(variant="instruct-distil", guidance=2.5), dict(variant="instruct", guidance=5.0)
 TEXT_CASES = {
-    "recaption": dict(variant="instruct-distil", bot_task="recaption", size=256, steps=2, guidance=2.5,
-                      system="en_recaption", prompt="a red circle", seed=1, **TEXT),
-    "think-recaption": dict(variant="instruct", bot_task="think_recaption", size=256, steps=2, guidance=5.0,
-                            system="en_think_recaption", prompt="a red circle", seed=2, **TEXT),
-    "think-recaption-auto": dict(variant="instruct-distil", bot_task="think_recaption", size="auto", steps=2,
-                                 guidance=2.5, system="en_think_recaption", prompt="two blue squares", seed=3,
-                                 **TEXT),
-    "recaption-auto": dict(variant="instruct-distil", bot_task="recaption", size="auto", steps=2, guidance=2.5,
-                           system="en_recaption", prompt="a small green star", seed=4, **TEXT),
-    "edit-think": dict(variant="instruct-distil", bot_task="think_recaption", size="auto", steps=2, guidance=2.5,
-                       system="en_think_recaption", prompt="make it blue", seed=5, images=("red-square",), **TEXT),
+    # </recaption> after 10 words (an <img_ratio_20> among them): end of the pass
+    "recaption": dict(**DISTIL, bot_task="recaption", size=256, system="en_recaption", prompt="a small green star",
+                      seed=1, text_bias={"</recaption>": 3.9}, **TEXT),
+    # </think> after 7 tokens, <recaption> forced, </recaption> 2 tokens later; real CFG image pass
+    "think-recaption": dict(**INSTRUCT, bot_task="think_recaption", size=256, system="en_think_recaption",
+                            prompt="a red circle", seed=2, text_bias={"</think>": 1.85, "</recaption>": 4.0},
+                            **TEXT),
+    # </think>, <recaption> forced, </recaption>, then <answer> <boi> <img_size_256> forced and the
+    # ratio token (greedy over the ratio tokens): <img_ratio_12>
+    "think-recaption-auto": dict(**DISTIL, bot_task="think_recaption", size="auto", system="en_think_recaption",
+                                 prompt="a small green star", seed=3,
+                                 text_bias={"</think>": 2.78, "</recaption>": 5.0}, **TEXT),
+    # </recaption> after 16 tokens, then the forced tokens and the ratio token
+    "recaption-auto": dict(**DISTIL, bot_task="recaption", size="auto", system="en_recaption", prompt="two circles",
+                           seed=4, text_bias={"</recaption>": 2.9}, **TEXT),
+    # an edit: the input image in the text pass too (its VAE latents sampled with the text pass's own
+    # seed, drawn by the reference from Python's random: TEXT_REFERENCE NAME.text_seed)
+    "edit-think": dict(**DISTIL, bot_task="think_recaption", size="auto", system="en_think_recaption",
+                       prompt="make the square blue", seed=5, images=("red-square",),
+                       text_bias={"</think>": 2.3, "</recaption>": 4.0}, **TEXT),
+    # no closing token within 32 tokens: the cot text is all 32 (real CFG image pass)
+    "recaption-max-tokens": dict(**INSTRUCT, bot_task="recaption", size=256, system="en_recaption",
+                                 prompt="a small green star", seed=6, **TEXT),
+    # auto size: a ratio token the model writes by itself ends the pass (before any </recaption>)
+    "recaption-auto-ratio-stop": dict(**DISTIL, bot_task="recaption", size="auto", system="en_recaption",
+                                      prompt="a small green star", seed=7, **TEXT),
+    # </think>, <recaption> forced, then </think> twice more and no </recaption> within 32 tokens
+    "think-recaption-max-tokens": dict(**DISTIL, bot_task="think_recaption", size=256, system="en_think_recaption",
+                                       prompt="two blue squares", seed=8, text_bias={"</think>": 2.2}, **TEXT),
 }
 
 
@@ -71,18 +91,19 @@ def input_image(name: str) -> Image.Image:
 
 
 def make_checkpoint(folder: str, variant: str, text_bias: dict[str, float] | None = None, **sizes) -> str:
-    """make_tiny's checkpoint; text_bias {token: c} then rewrites lm_head.weight (random, bf16):
-    row(token) += c * (mean of all rows), in fp32, rounded back to bf16, one token after another
-    in the dict's order (the mean taken before any change), so that greedy decoding emits the
-    token where its logit, raised by c * (h . mean row), wins. The shard holding lm_head.weight
-    is written back with the same names, dtypes and shapes (the index json stays valid)."""
+    """make_tiny's checkpoint (seed 5). text_bias {token: factor} (TEXT_CASES): the lm_head.weight
+    row of each named token multiplied by its factor afterwards, in fp32 from the stored bf16
+    values, rounded back to bf16 (the logit of the token is scaled by the factor, so greedy
+    decoding emits it at the first step where its scaled logit wins). Only the shard holding
+    lm_head.weight is rewritten, with the same tensor names, dtypes and shapes, so the index
+    json stays valid. Without text_bias the checkpoint is make_tiny's, byte for byte."""
     folder = make_tiny(folder, **{**SIZES, **sizes}, variant=variant, seed=5)
     if text_bias:
-        bias_lm_head(folder, text_bias)
+        scale_lm_head_rows(folder, text_bias)
     return folder
 
 
-def bias_lm_head(folder: str, text_bias: dict[str, float]) -> None:
+def scale_lm_head_rows(folder: str, factors: dict[str, float]) -> None:
     import json
 
     import torch
@@ -96,8 +117,7 @@ def bias_lm_head(folder: str, text_bias: dict[str, float]) -> None:
     tensors = load_file(shard)
     vocab = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).get_vocab()
     weight = tensors["lm_head.weight"].float()
-    mean = weight.mean(0)
-    for token, c in text_bias.items():
-        weight[vocab[token]] += c * mean
+    for token, factor in factors.items():
+        weight[vocab[token]] *= factor
     tensors["lm_head.weight"] = weight.to(torch.bfloat16)
     save_tensors(tensors, shard)

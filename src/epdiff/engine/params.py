@@ -113,9 +113,8 @@ class EngineConfig:
     cache_order: int = option(StepCacheConfig.order, "taylor: the order of the extrapolation")
     cache_threshold: float = option(StepCacheConfig.threshold, "fbcache: skip the other blocks when the first "
                                                                "block's output changed by less than this (relative)")
-    enforce_eager: bool = option(False, "run every model call eagerly: no CUDA graphs (on one GPU the steps of "
-                                        "a batch are otherwise captured once and replayed; the graph keeps one "
-                                        "step's intermediate tensors)")
+    enforce_eager: bool = option(False, "no CUDA graphs: on one GPU a text pass's one-token step is otherwise "
+                                        "captured once per batch and replayed")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod

@@ -96,23 +96,15 @@ class HunyuanImage3Pipeline(ImagePipeline):
             scale = torch.tensor(1000.0 * first.guidance_scale, dtype=torch.bfloat16).float()
             guidance = scale.expand(len(rows)).to(self.device)
 
-        def model_call(latents: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches, block_cache,
-                                    guidance=guidance, timesteps_r=r if c.use_meanflow else None).float()
-
-        # The first-block cache decides on the host which blocks run: its steps stay eager.
-        call = self._graphed(model_call) if block_cache is None else model_call
-
+        # Eager: as a CUDA graph a 1024² step ran no faster on an H100 (BENCHMARKS §20), and the graph
+        # would keep a step's intermediate tensors besides the cache.
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
-            return call(latents, timesteps[i].expand(len(rows)), timesteps_r[i].expand(len(rows)))
+            t = timesteps[i].expand(len(rows))
+            r = timesteps_r[i].expand(len(rows)) if c.use_meanflow else None
+            return self.transformer(latents.repeat(len(branches), 1, 1, 1), t, gen_positions, caches,
+                                    block_cache, guidance=guidance, timesteps_r=r).float()
 
         return DenoisingBatch(latents, scheduler, predict)
-
-    def _graphed(self, step):
-        """A step whose shapes never change, as a CUDA graph on one GPU (its launches are much of
-        its time otherwise: BENCHMARKS §19, §20); eager under collectives, on a CPU, or with
-        --enforce-eager."""
-        return CudaGraphStep(step, enabled=self.use_cuda_graphs and self.parallel.config.world_size == 1)
 
     def _cond_inputs(self, prepared, posteriors, spans, repeat: int) -> list[CondInputs] | None:
         """The first stage's input-image embeddings (posteriors[row][k]: row's draw for image k)."""
@@ -152,7 +144,9 @@ class HunyuanImage3Pipeline(ImagePipeline):
             slots.add_(1)
             return logits
 
-        return TextBatch(logits, self._graphed(step))
+        # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
+        # §19); eager under collectives, on a CPU, or with --enforce-eager.
+        return TextBatch(logits, CudaGraphStep(step, self.use_cuda_graphs and self.parallel.config.world_size == 1))
 
     def _prefill(self, rows, cond=None):
         """Caches the prefix of every row; returns the caches and the positions of each step's

@@ -1,15 +1,13 @@
-"""GPU: steps replayed as CUDA graphs against the eager steps: the text pass's one-token step writes
-the same tokens (bf16 and FP8, a padded batch of two rows), a denoising step gives the same latents
-(bf16 within 0.5 %)."""
+"""GPU: the text pass's one-token step replayed as a CUDA graph writes what the eager step writes
+(bf16 and FP8, a padded batch of two rows: the same tokens)."""
 
 import pytest
 import torch
 
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.write import write
 from epdiff.kernels import graphs
-from epdiff.models.base import ImageTask, TextSampling, TextTask
+from epdiff.models.base import TextSampling, TextTask
 from epdiff.models.registry import model_info
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -50,31 +48,3 @@ def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, 
     eager = write(pipe, info, rows, state)
     assert captured == eager
 
-
-def counting_replays(monkeypatch) -> list:
-    replays = []
-    real = graphs.CudaGraphStep.__call__
-
-    def counting(self, *inputs):
-        out = real(self, *inputs)
-        replays.append(self.enabled and self.graph is not None)
-        return out
-
-    monkeypatch.setattr(graphs.CudaGraphStep, "__call__", counting)
-    return replays
-
-
-@pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_a_captured_denoising_step_gives_the_eager_latents(folder, monkeypatch, quantization):
-    info = model_info(folder)
-    state = ParallelState.single(torch.device("cuda"))
-    pipe = info.load_pipeline(state, torch.bfloat16, "safetensors", quantization, True)
-    task = ImageTask("a red circle", 3, 256, 256, 6, 2.5, system_prompt=info.resolve_system_prompt(None))
-    replays = counting_replays(monkeypatch)
-    captured = denoise(pipe, [task, task], state, RankMetrics(rank=0, layout="1 GPU"))
-    assert sum(replays) == 5  # steps 2..6
-    pipe.use_cuda_graphs = False
-    eager = denoise(pipe, [task, task], state, RankMetrics(rank=0, layout="1 GPU"))
-    for a, b in zip(captured, eager):
-        err = float((a.latents - b.latents).norm() / b.latents.norm())
-        assert err <= 5e-3, err
