@@ -90,7 +90,7 @@ class ToyInfo(ModelInfo):
     def image_tokens(self, height, width):
         return height * width // PATCH ** 2
 
-    def check_prompt(self, prompt, height, width, system_prompt="", images=()):
+    def check_prompt(self, prompt, height, width, system_prompt="", images=(), cot_text=""):
         if len(prompt) > 60:
             raise ValueError(f"prompt is {len(prompt)} characters, over 60")
 

@@ -88,7 +88,7 @@ class NucleusImageInfo(ModelInfo):
         h, w = self.grid(height, width)
         return h * w
 
-    def check_prompt(self, prompt, height, width, system_prompt="", images=()):
+    def check_prompt(self, prompt, height, width, system_prompt="", images=(), cot_text=""):
         h, w = self.grid(height, width)
         n = len(self.tokenizer(prompt)["input_ids"])
         limit = ROPE_POSITIONS - max(h // 2, w // 2) - 256  # the chat template's tokens besides the prompt
