@@ -6,6 +6,7 @@ tests/test_instruct.py compares epdiff with. Run once; the tensors are committed
     python -m venv refvenv && refvenv/bin/pip install torch==2.13.0 transformers==5.25.0 diffusers==0.42.1 \
         einops safetensors tokenizers pillow && refvenv/bin/pip install -e .
     refvenv/bin/python scripts/reference_instruct.py ref tests/data/hunyuan_instruct_reference.safetensors
+    refvenv/bin/python scripts/reference_instruct.py ref tests/data/hunyuan_instruct_text_reference.safetensors --text
 
 The checkpoints are written by epdiff's make_tiny (tests/test_instruct.py writes the same ones),
 so the reference reads epdiff's release layout. Cases (tests/instruct_cases.py CASES):
@@ -15,6 +16,19 @@ so the reference reads epdiff's release layout. Cases (tests/instruct_cases.py C
   edit-*      edits: one input image (Distil, and Instruct with real CFG), two of different buckets
 The folder's system prompt (en_vanilla of its system_prompt.py) is passed as the reference's
 custom system prompt: the reference's own get_system_prompt would give Tencent's text.
+
+--text runs tests/instruct_cases.py TEXT_CASES instead: generate_image with bot_task
+think_recaption or recaption (the text pass before the image), greedy (do_sample=False, which
+overrides the folder's sampling settings), max_new_tokens 32, the case's system prompt of the
+folder (en_recaption, en_think_recaption) as the custom one, on checkpoints whose lm_head rows of
+</think> and </recaption> are scaled (make_checkpoint's text_bias) so that the random model closes
+its sections. Per case NAME: NAME.generated_ids (all the text pass generated after its input:
+forced tokens and the ratio token included), NAME.text_input_ids, NAME.image_input_ids (the image
+pass's cond row; NAME.image_input_ids_uncond its unconditional row under real CFG),
+NAME.cot_text (the cot text generate_image returned, UTF-8 bytes), NAME.ratio_index (the image's
+bucket), NAME.text_seed (the seed the text pass drew from Python's random, which it samples its
+input images' VAE latents with; Python's random is seeded with the case's seed first) and
+NAME.latents (as above).
 
 What the run needs beyond the reference on a CPU with transformers 5 (none changes the math):
 torchvision absent (empty modules, but for the ToTensor, Normalize and Compose its conditioning
@@ -29,6 +43,12 @@ needs torchvision) built from the same vit_processor settings, asked for stacked
 (transformers 5 returns lists). The heun-2 case replaces the reference's scheduler (its pipeline hard-codes
 euler) and feeds it the evaluation points of epdiff's FlowMatchScheduler, which its own
 second-order formulas need (docs/architecture.md, 'Solvers').
+The text pass (transformers' GenerationMixin.generate) also needs: its prepare_inputs_for_generation
+given the cache under the reference's name `past_key_values` (transformers 5 renames the kwarg to
+`cache` and would refuse it as unused: the wrapper's signature is the reference's plus `cache`), and
+`use_cache` carried over by its _update_model_kwargs_for_generation (which returns fresh kwargs
+without it; transformers 5's decode loop reads it, the model ignores it). The cached decode steps
+were checked against one uncached forward of the whole sequence (logits within 4e-7).
 """
 
 from __future__ import annotations
@@ -209,10 +229,10 @@ def text_generate_workarounds(model) -> None:
     def prepare_inputs(input_ids, cache=None, past_key_values=None, **kwargs):
         return prepare(input_ids, past_key_values=cache if past_key_values is None else past_key_values, **kwargs)
 
-    signature = inspect.signature(prepare)  # generate checks its kwargs against it: `cache` added
-    prepare_inputs.__signature__ = signature.replace(parameters=[
-        *list(signature.parameters.values())[:-1], inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None),
-        list(signature.parameters.values())[-1]])
+    # generate checks its kwargs against this signature: the reference's, `cache` added
+    *named, rest = inspect.signature(prepare).parameters.values()
+    cache = inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None)
+    prepare_inputs.__signature__ = inspect.signature(prepare).replace(parameters=[*named, cache, rest])
     model.prepare_inputs_for_generation = prepare_inputs
     # the reference's _update_model_kwargs_for_generation returns fresh kwargs without
     # `use_cache`, which transformers 5's decode loop reads (the model ignores it): carry it over.
@@ -227,13 +247,16 @@ def text_generate_workarounds(model) -> None:
 
 
 def run_text_reference(folder: str, case: dict) -> dict[str, torch.Tensor]:
-    """A TEXT_CASES case: generate_image with a think/recaption bot_task; the text pass's input
-    and generated ids, the cot text it returned, the ratio index and input ids of the image pass,
-    and the final latents."""
+    """A TEXT_CASES case: generate_image with a think/recaption bot_task, greedy. Returns the text
+    pass's input ids and the ids it generated (outputs[0, input_length:], forced and ratio tokens
+    included), the cot text generate_image returned (UTF-8 bytes), the ratio index and input ids
+    (both rows under real CFG) of the image pass, the seed the text pass drew, and the final latents."""
+    import random
+
     from epdiff.models.hunyuan_image3.system_prompts import SystemPrompts
 
     model, _ = load_reference(folder, case)
-    captured, calls = {}, []
+    captured, calls, seeds = {}, [], []
     capture_latents(model, captured)
     generate = model.generate
 
@@ -243,26 +266,42 @@ def run_text_reference(folder: str, case: dict) -> dict[str, torch.Tensor]:
         return out
 
     model.generate = record
+    prepare_seed = model.prepare_seed
+
+    def record_seed(seed, batch_size):
+        seeds.append(prepare_seed(seed=seed, batch_size=batch_size))
+        return seeds[-1]
+
+    model.prepare_seed = record_seed
     text_generate_workarounds(model)
     system = SystemPrompts(folder, None).resolve(case["system"])
     images = input_images(model, case)
     size = case["size"]
     image_size = size if size == "auto" else f"{size}x{size}"
+    # generate_image gives its text pass no seed: prepare_seed draws one from Python's random (it
+    # samples the input images' VAE latents of that pass). Seeded here so that a run is reproducible;
+    # the seed drawn is recorded (text_seed).
+    random.seed(case["seed"])
     cot_text, _ = model.generate_image(prompt=case["prompt"], image=images or None, seed=case["seed"],
                                        image_size=image_size, bot_task=case["bot_task"],
                                        use_system_prompt="custom", system_prompt=system,
                                        max_new_tokens=case["max_new_tokens"], do_sample=case["do_sample"])
     (text_kwargs, text_out), (image_kwargs, _) = calls
     assert text_kwargs["mode"] == "gen_text" and image_kwargs["mode"] == "gen_image", [k["mode"] for k, _ in calls]
+    assert seeds[1] == [case["seed"]], seeds
     text_ids = text_kwargs["input_ids"]
     image_ids = image_kwargs["input_ids"]
+    generated = text_out[0, text_ids.shape[1]:]
     info = image_kwargs["batch_gen_image_info"][0]
+    if size == "auto":  # the image's bucket is the ratio token's
+        assert info.ratio_index == model.tokenizer.get_all_ratio_token_ids().index(int(generated[-1])), info
     tensors = {
-        "generated_ids": text_out[0, text_ids.shape[1]:],
+        "generated_ids": generated,
         "text_input_ids": text_ids[0],
         "image_input_ids": image_ids[0],
         "cot_text": torch.tensor(list(cot_text[0].encode("utf-8")), dtype=torch.uint8),
         "ratio_index": torch.tensor(info.ratio_index),
+        "text_seed": torch.tensor(seeds[0][0]),
         "latents": captured["latents"][0],
     }
     if image_ids.shape[0] > 1:  # real CFG: the unconditional row

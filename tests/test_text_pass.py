@@ -1,4 +1,6 @@
-"""The Instruct models' text passes (issue 23, docs/architecture.md 'Writing text'): the rules
+"""The Instruct models' text passes (issue 23, docs/architecture.md 'Writing text'): Tencent's code
+on the same tiny checkpoints (tokens, the written text, the chosen size, both image-pass rows and
+the final latents: tensors its code produced, scripts/reference_instruct.py --text), the rules
 (forced tokens, the ratio choice, the budget), sampling, every layout with EP against one rank,
 the engine's flow from the text to the image, and the refusals."""
 
@@ -13,6 +15,7 @@ from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
 from epdiff.engine.write import RowWriter, pick, write
 from epdiff.models.base import ImageTask, TextRules, TextSampling, TextTask
 from epdiff.models.registry import model_info
+from instruct_cases import TEXT_CASES, TEXT_REFERENCE, input_image, make_checkpoint
 from layouts import layout
 from test_instruct import checkpoint
 
@@ -39,6 +42,49 @@ def write_then_draw(state: ParallelState, variant: str, groups, steps: int = 2):
                       system_prompt=system, cot_text=cot)
     out = denoise(pipe, [image], state, RankMetrics(rank=state.global_rank, layout=state.config.describe()))
     return ids, out[0].latents
+
+
+@pytest.fixture(scope="module")
+def text_reference():
+    from safetensors.torch import load_file
+
+    return load_file(TEXT_REFERENCE)
+
+
+@pytest.mark.parametrize("name", list(TEXT_CASES))
+def test_the_text_pass_and_its_image_match_the_reference_code(name, text_reference, tmp_path):
+    case, ref = TEXT_CASES[name], {k.split(".", 1)[1]: v for k, v in text_reference.items() if k.startswith(name + ".")}
+    info = model_info(make_checkpoint(str(tmp_path), case["variant"], text_bias=case.get("text_bias")))
+    state = ParallelState.single()
+    pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
+    images = tuple(input_image(image) for image in case.get("images", ()))
+    system = info.system_prompts.resolve(case["system"])
+    # The reference's text pass draws an edit's input-image sample from a seed of its own (text_seed).
+    task = TextTask(case["prompt"], int(ref["text_seed"]), case["bot_task"], case["size"] == "auto",
+                    TextSampling(case["max_new_tokens"]), system, images)
+    layouts = [pipe.conditioner.prepare(image).layout for image in images]
+    text_input = info.tokenizer.build_text_sequence(task.prompt, task.task, info.template(system),
+                                                    info.config.image_base_size, layouts)
+    assert text_input.input_ids.tolist() == ref["text_input_ids"].tolist()
+    ids = write(pipe, info, [[(task, True)]], state)[0][0]
+    assert ids == ref["generated_ids"].tolist()
+    cot, size, system = info.finish_text(task, ids)
+    assert cot == bytes(ref["cot_text"].tolist()).decode()
+    height, width = size or (case["size"], case["size"])
+    ratio = info.resolution.ratio_index(height, width)
+    assert ratio == int(ref["ratio_index"])
+    grid = info.resolution.grid(ratio)
+    build = (info.tokenizer.build_sequence, info.tokenizer.build_uncond_sequence)
+    rows = [make(case["prompt"], ratio, *grid, info.config.image_base_size, info.context, info.template(system, cot),
+                 layouts).input_ids.tolist() for make in build]
+    assert rows[0] == ref["image_input_ids"].tolist()
+    if "image_input_ids_uncond" in ref:
+        assert rows[1] == ref["image_input_ids_uncond"].tolist()
+    image = ImageTask(case["prompt"], case["seed"], height, width, case["steps"], case["guidance"],
+                      system_prompt=system, images=images, cot_text=cot)
+    latents = denoise(pipe, [image], state, RankMetrics(rank=0, layout="1 rank"))[0].latents
+    err = float((latents - ref["latents"]).norm() / ref["latents"].norm())
+    assert err <= 1e-4, f"{name}: relative error {err:.2e} against Tencent's code"
 
 
 # Group 0: two prompts of different lengths (right-padded rows), greedy and sampled; group 1 (DP):

@@ -107,9 +107,10 @@ class HunyuanImage3Info(ModelInfo):
     def template(self, system_prompt: str, cot_text: str = "") -> SequenceTemplate:
         """The sequence template of a request with this (resolved) system prompt and what the model
         wrote before drawing."""
-        c = self.config
-        return SequenceTemplate(self.generation.sequence_template, system_prompt, c.cfg_distilled, c.use_meanflow,
-                                cot_sections(cot_text, self.generation.drop_think))
+        c, kind = self.config, self.generation.sequence_template
+        answer = ("<answer>", "</answer>") if kind == "instruct" else ("", "")
+        return SequenceTemplate(kind, system_prompt, c.cfg_distilled, c.use_meanflow,
+                                cot_sections(cot_text, self.generation.drop_think, answer))
 
     def resolve_system_prompt(self, value, task="image"):
         return self.system_prompts.for_request(value, task)

@@ -60,20 +60,34 @@ THINK, END_THINK, RECAPTION, END_RECAPTION = "<think>", "</think>", "<recaption>
 TEXT_PASS_OPENERS = {"think": THINK, "recaption": RECAPTION}
 
 
-def cot_sections(cot_text: str, drop_think: bool = False) -> tuple[tuple[str, bool], ...]:
-    """The written text as the reference's template sections (get_cot_sections): a closed
-    <think> or <recaption> block becomes (marker, False), (its text, True), (end marker, False),
-    with the text around it split the same way; anything else is one text section. True: the
-    unconditional branch blanks it. drop_think leaves closed think blocks out."""
+def cot_sections(cot_text: str, drop_think: bool = False, answer: tuple[str, str] = ("", "")
+                 ) -> tuple[tuple[str, bool], ...]:
+    """The written text as the reference's template sections, (text, whether the unconditional
+    branch blanks it): with a closed <think> or <recaption> block, get_cot_sections' split (each
+    block's markers kept, its text blanked, the text around it split the same way; only what lies
+    between the first and the second end marker counts as after it; drop_think leaves closed think
+    blocks out); without one, the whole text as one section inside the answer markers (the
+    instruct template's, `answer`), as the reference writes any other assistant text."""
     if not cot_text:
         return ()
-    for opener, closer in ((THINK, END_THINK), (RECAPTION, END_RECAPTION)):
-        if opener in cot_text and closer in cot_text:
-            before, after = cot_text.split(opener)[0], cot_text.split(closer)[1]
-            inner = cot_text.split(opener)[1].split(closer)[0]
+    if not any(opener in cot_text and closer in cot_text for opener, closer in _BLOCKS):
+        return ((answer[0] + cot_text + answer[1], True),)
+    return _cot_blocks(cot_text, drop_think)
+
+
+_BLOCKS = ((THINK, END_THINK), (RECAPTION, END_RECAPTION))
+
+
+def _cot_blocks(text: str, drop_think: bool) -> tuple[tuple[str, bool], ...]:
+    if not text:
+        return ()
+    for opener, closer in _BLOCKS:
+        if opener in text and closer in text:
+            before, after = text.split(opener)[0], text.split(closer)[1]
+            inner = text.split(opener)[1].split(closer)[0]
             block = () if drop_think and opener == THINK else ((opener, False), (inner, True), (closer, False))
-            return cot_sections(before, drop_think) + block + cot_sections(after, drop_think)
-    return ((cot_text, True),)
+            return _cot_blocks(before, drop_think) + block + _cot_blocks(after, drop_think)
+    return ((text, True),)
 
 
 @dataclass(frozen=True)
