@@ -180,20 +180,20 @@ def test_sampling_keeps_the_top_k_and_top_p_tokens_and_is_seeded():
 
 
 def test_the_engine_writes_then_draws_and_streams_the_text():
+    """(Previews and their order after the text: tests/test_serve_stream.py, through the same engine.)"""
     from epdiff.engine import ImageGenerator
-    from epdiff.engine.engine import PartialImage, RequestOutput, TextDelta
+    from epdiff.engine.engine import RequestOutput, TextDelta
 
     folder = checkpoint("instruct-distil")
-    with ImageGenerator(folder) as generator:
+    with ImageGenerator(folder, decode=False) as generator:
         events = list(generator.stream("a red circle", task="think_recaption", max_new_tokens=6, seed=3,
-                                       num_inference_steps=4, partial_images=2, num_images_per_prompt=2))
+                                       num_inference_steps=2, num_images_per_prompt=2))
         given = generator.generate_outputs("a red circle", cot_text="<recaption>a red circle</recaption>",
                                            num_inference_steps=2, task="think_recaption")[0]
-    kinds = [type(e) for e in events]
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     out = events[-1]
-    assert isinstance(out, RequestOutput) and kinds.count(PartialImage) == 4  # 2 previews of 2 images
-    assert kinds.index(PartialImage) > max(i for i, k in enumerate(kinds) if k is TextDelta)
+    assert isinstance(out, RequestOutput) and all(isinstance(e, TextDelta) for e in events[:-1])
+    assert len(out.images) == 2 and out.text_seconds > 0
     assert text.startswith(out.cot_text) and out.cot_text.startswith("<think>") and out.params.height is not None
     assert out.images[0].metadata["cot_text"] == out.cot_text and out.images[0].metadata["task"] == "think_recaption"
     assert given.cot_text == "<recaption>a red circle</recaption>" and given.text_seconds == 0.0  # no text pass
