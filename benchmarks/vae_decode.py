@@ -1,0 +1,73 @@
+"""The VAE decode of one 1024² image on one GPU, as the pipeline runs it and in variants: channels-last
+3-D activations and weights, cuDNN's autotuner, bf16 instead of fp16 autocast.
+
+    python benchmarks/vae_decode.py --size 1024
+
+HunyuanImage-3.0's release VAE config (32 latent channels, 16× spatial, one latent frame decoded
+to four, the last kept), dummy weights, fp32 weights under autocast as the pipeline decodes
+(HunyuanImage3Pipeline.decode). Each variant: a warm-up, then the median of --runs decodes, CUDA
+events; its image against the pipeline's (uint8 levels). Writes vae_decode.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from epdiff.models.hunyuan_image3.vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, to_uint8
+
+VARIANTS = {  # name: (autocast dtype, channels-last weights and input, cudnn.benchmark)
+    "pipeline (fp16 autocast)": (torch.float16, False, False),
+    "+ channels-last": (torch.float16, True, False),
+    "+ cudnn.benchmark": (torch.float16, False, True),
+    "+ both": (torch.float16, True, True),
+    "bf16 autocast + both": (torch.bfloat16, True, True),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    vae = AutoencoderKLConv3D(dict(RELEASE_VAE_CONFIG), with_encoder=False).cuda().eval()
+    latents = torch.randn(1, vae.latent_channels, args.size // 16, args.size // 16, device="cuda")
+    results, reference = [], None
+    for name, (dtype, channels_last, benchmark) in VARIANTS.items():
+        torch.backends.cudnn.benchmark = benchmark
+        model = vae.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        times = []
+        for run in range(args.runs + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+                start.record()
+                images = model.decode_latents(latents)
+                end.record()
+            torch.cuda.synchronize()
+            if run:
+                times.append(start.elapsed_time(end) / 1e3)
+        pixels = to_uint8(images.float())
+        reference = pixels if reference is None else reference
+        differ = (pixels.int() - reference.int()).abs()
+        row = dict(variant=name, seconds=statistics.median(times), max_level_diff=int(differ.max()),
+                   mean_level_diff=float(differ.float().mean()))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    torch.backends.cudnn.benchmark = False
+    for row in results:
+        print(f"| {row['variant']} | {row['seconds']:.3f} s | {row['max_level_diff']} levels at most, "
+              f"{row['mean_level_diff']:.3f} on average |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "vae_decode.json"), "w") as f:
+            json.dump(dict(size=args.size, device=torch.cuda.get_device_name(), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
