@@ -82,7 +82,10 @@ def test_the_text_then_the_previews_then_the_image(instruct):
         assert image(event["b64_json"]).size == (128, 128)
     assert partial["partial_image_index"] == 0
     assert completed["seed"] == 2 and completed["num_inference_steps"] == 2
-    assert completed["usage"]["output_tokens"] > 0 and "revised_prompt" not in completed
+    usage = completed["usage"]  # in: "a red circle"; out: the image's 8 × 8 tokens and what was written
+    assert usage["input_tokens"] == usage["input_tokens_details"]["text_tokens"] == 3
+    assert usage["output_tokens"] > 64 and usage["total_tokens"] == 3 + usage["output_tokens"]
+    assert "revised_prompt" not in completed
     assert image(completed["b64_json"]).text["cot_text"] == completed["cot_text"]
     assert httpx.get(f"{instruct.url}/v1/images/progress/s1").json()["status"] == "done"
 
@@ -93,6 +96,7 @@ def test_an_answer_not_streamed_carries_the_written_text(instruct, base):
                       json={"prompt": "a red circle", "cot_text": given, "task": "think_recaption",
                             "num_inference_steps": 1}).json()
     assert body["cot_text"] == given and body["data"][0]["revised_prompt"] == given
+    assert body["usage"]["output_tokens"] == 64  # nothing written: the image's tokens alone
     body = httpx.post(base.url + GENERATE, timeout=120, json={"prompt": "a red circle", "num_inference_steps": 1}).json()
     assert body["cot_text"] is None and "revised_prompt" not in body["data"][0]
 

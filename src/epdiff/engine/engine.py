@@ -109,6 +109,9 @@ class RequestOutput:
     step_seconds: list[float]  # rank 0's steps in those batches
     peak_memory_bytes: int | None  # highest over the ranks (GPU), since the engine started
     text_seconds: float = 0.0  # its text pass's batch (a model that writes before it draws)
+    prompt_tokens: int = 0  # the prompt, in the model's tokens
+    input_image_tokens: int = 0  # an edit's input images' sections, in the model's tokens
+    written_tokens: int = 0  # what its text pass wrote
 
     @property
     def cot_text(self) -> str | None:
@@ -497,6 +500,8 @@ class Engine:
                 f"overflowed in {self.config.dtype} with guidance scale {params.guidance_scale:g}, or the model's "
                 f"weights are corrupt; no image was made"))
             return
+        text_tokens, image_tokens = self.config.model_info.input_tokens(params.prompt, params.system_prompt,
+                                                                        params.images)
         images = []
         for k, img in sorted(request.images.items()):
             image = GeneratedImage(params.prompt, k, img.seed, img.latents, img.pixels, img.full_steps)
@@ -506,7 +511,8 @@ class Engine:
             request_id=request.request_id, params=params, images=images,
             queue_seconds=(request.started or request.submitted) - request.submitted,
             inference_seconds=request.inference_seconds, step_seconds=request.step_seconds,
-            peak_memory_bytes=request.peak_memory_bytes, text_seconds=request.text_seconds))
+            peak_memory_bytes=request.peak_memory_bytes, text_seconds=request.text_seconds,
+            prompt_tokens=text_tokens, input_image_tokens=image_tokens, written_tokens=len(request.written)))
 
     def _die(self, failure: str):
         with self._lock:

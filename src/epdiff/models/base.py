@@ -239,6 +239,11 @@ class ModelInfo(ABC):
         raise NotImplementedError(f"the {self.family.name} family writes no text")
 
     @abstractmethod
+    def input_tokens(self, prompt: str, system_prompt: str = "", images=()) -> tuple[int, int]:
+        """What a request gives the model, in its tokens: (text: the prompt's, image: the input
+        images' sections)."""
+
+    @abstractmethod
     def describe(self) -> dict:
         """What GET /v1/models says about the model besides its name and layout."""
 

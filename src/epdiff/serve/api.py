@@ -225,8 +225,9 @@ def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
 
 
 def generation_response(output: RequestOutput, data: list[dict], output_format: str,
-                        requested_size: str | None = None) -> dict:
-    """The OpenAI answer plus epdiff's own fields; `requested_size` when the size made differs."""
+                        requested_size: str | None, image_tokens: int) -> dict:
+    """The OpenAI answer plus epdiff's own fields; `requested_size` when the size made differs;
+    image_tokens: one image's (its usage)."""
     params = output.params
     peak = output.peak_memory_bytes
     made = f"{params.width}x{params.height}"
@@ -245,7 +246,18 @@ def generation_response(output: RequestOutput, data: list[dict], output_format: 
         "queue_time_s": round(output.queue_seconds, 4),
         "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
         "cot_text": output.cot_text,
+        "usage": usage(output, image_tokens),
     }
+
+
+def usage(output: RequestOutput, image_tokens: int) -> dict:
+    """OpenAI's usage of an image request, in the model's tokens: in, the prompt and the input
+    images' sections; out, every image's tokens and the text written before drawing."""
+    made = len(output.images) * image_tokens + output.written_tokens
+    given = output.prompt_tokens + output.input_image_tokens
+    return {"input_tokens": given, "input_tokens_details": {"text_tokens": output.prompt_tokens,
+                                                            "image_tokens": output.input_image_tokens},
+            "output_tokens": made, "total_tokens": given + made}
 
 
 # -- streaming: OpenAI's image stream events (openai-python's ImageGenStreamEvent, ImageEditStreamEvent)
@@ -273,18 +285,16 @@ def partial_image_event(edit: bool, b64_json: str, height: int, width: int, outp
             "partial_image_index": partial_index, "image_index": image_index}
 
 
-def completed_events(edit: bool, response: dict, image_tokens: int) -> list[dict]:
+def completed_events(edit: bool, response: dict) -> list[dict]:
     """One `completed` event per image of a finished request's response (generation_response):
-    OpenAI's fields, the image's data item and the response's own (steps, times, cot_text).
-    usage: the image tokens drawn; epdiff does not count input tokens (0)."""
+    OpenAI's fields, the image's data item and the response's own (steps, times, cot_text, the
+    request's usage)."""
     shared = {key: value for key, value in response.items() if key not in ("created", "data")}
-    usage = {"input_tokens": 0, "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
-             "output_tokens": image_tokens, "total_tokens": image_tokens}
     events = []
     for index, item in enumerate(response["data"]):
         item = {key: value for key, value in item.items() if key != "revised_prompt"}  # cot_text says it
         events.append({"type": f"{STREAM_PREFIXES[edit]}.completed", "created_at": response["created"],
-                       **STREAM_SETTINGS, **shared, **item, "usage": usage, "image_index": index})
+                       **STREAM_SETTINGS, **shared, **item, "image_index": index})
     return events
 
 

@@ -273,7 +273,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         metrics.images.inc(len(data))
         metrics.inference.observe(output.inference_seconds)
         metrics.queue.observe(output.queue_seconds)
-        return generation_response(output, data, parsed.output_format, parsed.size)
+        tokens = service.config.model_info.image_tokens(output.params.height, output.params.width)
+        return generation_response(output, data, parsed.output_format, parsed.size, tokens)
 
     def deadline() -> float | None:
         return time.monotonic() + server.request_timeout if server.request_timeout else None
@@ -349,8 +350,7 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                     if event is future:
                         output = result_of(future)
                         response = await respond(output, parsed)
-                        tokens = service.config.model_info.image_tokens(output.params.height, output.params.width)
-                        for completed in completed_events(edit, response, tokens):
+                        for completed in completed_events(edit, response):
                             yield server_sent_event(completed)
                         outcome["status"] = 200
                         return

@@ -135,6 +135,9 @@ class HunyuanImage3Info(ModelInfo):
             raise ValueError(f"prompt is {n} tokens: with {grid_h * grid_w} image tokens{inputs}{written} the "
                              f"sequence is {total} tokens, over the model's context of {self.context}")
 
+    def input_tokens(self, prompt, system_prompt="", images=()):
+        return len(self.tokenizer.encode(prompt)), sum(len(layout) for layout in self._cond_layouts(images))
+
     # -- the text passes (Instruct: think and recaption before drawing) --------------------------
 
     def check_text_pass(self, task: TextTask) -> None:

@@ -88,6 +88,9 @@ class NucleusImageInfo(ModelInfo):
         h, w = self.grid(height, width)
         return h * w
 
+    def input_tokens(self, prompt, system_prompt="", images=()):
+        return len(self.tokenizer(prompt)["input_ids"]), 0
+
     def check_prompt(self, prompt, height, width, system_prompt="", images=(), cot_text=""):
         h, w = self.grid(height, width)
         n = len(self.tokenizer(prompt)["input_ids"])
