@@ -98,7 +98,7 @@ def test_hopper_fp8_path_matches_fallback(monkeypatch):
     from epdiff.moe import experts as experts_module
 
     fused = _experts("auto", FP8)
-    assert fused._use_grouped_mm(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+    assert fused.uses_grouped_mm(torch.empty(1, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(333, 512, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(-1, 8, (333, 4), device="cuda")  # -1: the slot's expert is on another rank
     w = torch.rand(333, 4, device="cuda")

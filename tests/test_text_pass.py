@@ -12,7 +12,7 @@ import torch
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
-from epdiff.engine.write import RowWriter, pick, write
+from epdiff.engine.write import NONFINITE, RowWriter, pick, write
 from epdiff.models.base import ImageTask, TextRules, TextSampling, TextTask
 from epdiff.models.registry import model_info
 from instruct_cases import TEXT_CASES, TEXT_REFERENCE, input_image, make_checkpoint
@@ -159,9 +159,34 @@ def test_rules_force_the_transitions_choose_a_ratio_and_close_at_the_budget():
     assert row.done and row.ids[-1] == ratios[5]
     cot, size, _ = info.finish_text(TextTask("x", 0, "think_recaption", True, TextSampling(4)), row.ids)
     assert cot == "<think>" + t.decode([word, think_end, recaption, word]) and size == info.resolution.bucket(5)
+    # </think> as the budget's last token: its forced <recaption> goes past the budget, then the
+    # pass still closes and chooses a size
+    row = RowWriter(rules, budget=2)
+    for token in (word, think_end, recaption):
+        row.push(token)
+    assert row.pending == list(header) and not row.done
     fixed = info.text_rules(TextTask("x", 0, "recaption", False))
     assert fixed == TextRules(frozenset({recaption_end}), {})
     assert info.text_rules(TextTask("x", 0, "think", False)).stops == frozenset({think_end, recaption_end})
+
+
+def test_a_row_whose_logits_overflow_ends_alone(monkeypatch):
+    info = model_info(checkpoint("instruct-distil"))
+    state = ParallelState.single()
+    pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
+    decode, calls = pipe.transformer.decode, []
+
+    def overflowing(*args):
+        logits = decode(*args)
+        calls.append(1)
+        if len(calls) == 3:  # row 0's fourth token: NaN logits (the sampled row's)
+            logits[0, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(pipe.transformer, "decode", overflowing)
+    group = groups_for("instruct-distil", 1)[0][::-1]  # the sampled row first
+    ids = write(pipe, info, [[(task, True) for task in group]], state)[0]
+    assert ids[0][-1] == NONFINITE and len(ids[0]) == 4 and len(ids[1]) > 4 and NONFINITE not in ids[1]
 
 
 def test_sampling_keeps_the_top_k_and_top_p_tokens_and_is_seeded():
@@ -215,6 +240,8 @@ def test_bad_text_requests_are_refused_naming_the_field():
     base = EngineConfig(checkpoint("base")).resolve()
     with pytest.raises(RequestError, match="unknown task 'think' for this model; it does: image$"):
         SamplingParams("a red circle", task="think").resolve(base)
+    with pytest.raises(RequestError, match=r"temperature must be a number in \[0, 2\] \(0: greedy\), got 'hot'"):
+        SamplingParams("a red circle", temperature="hot").resolve(base)  # checked with no text pass too
     with pytest.raises(RequestError, match="this model writes none"):
         SamplingParams("a red circle", cot_text="<think>x</think>").resolve(base)
     chosen = SamplingParams("a red circle", task="recaption").resolve(config)

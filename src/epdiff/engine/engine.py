@@ -36,6 +36,7 @@ from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGrou
 from .files import image_metadata, pil_image
 from .params import EngineConfig, SamplingParams
 from .planner import Batch, BatchPlanner
+from .write import NONFINITE
 from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, PartialImages, Progress, Ready,
                      RunBatch, RunText, Stop, Stopped, TextResult, TextTokens, engine_worker)
 
@@ -424,6 +425,8 @@ class Engine:
         if request is None:
             return
         request.written.append(token)
+        if request.on_event is None or token < 0:
+            return
         info = self.config.model_info
         text = info.detokenize(request.params.text_task(), request.written)
         if text.endswith("\ufffd") or not text.startswith(request.sent):
@@ -436,28 +439,30 @@ class Engine:
         """A writing batch's requests go on to their images, drawn from what they wrote."""
         info, failed = self.config.model_info, []
         with self._lock:
+            items = self._in_flight[0].batch.items
             self._in_flight = self._batch_started = self._last_step = None
-            for request_id, tokens in result.tokens.items():
-                request = self._requests.get(request_id)
+            for item in items:
+                request = self._requests.get(item.request_id)
                 if request is None:  # abandoned meanwhile
                     continue
                 params, request.text_seconds = request.params, result.seconds
+                tokens = result.tokens.get(item.request_id)
                 try:
+                    if tokens is None:
+                        raise ValueError("its batch ended without its tokens")
+                    if tokens and tokens[-1] == NONFINITE:
+                        raise ValueError(f"the logits of token {len(tokens)} were not finite (NaN or inf): the "
+                                         f"numbers overflowed in {self.config.dtype}, or the weights are corrupt")
                     cot_text, size, system_prompt = info.finish_text(params.text_task(), tokens)
                     height, width = size if size is not None else (params.height, params.width)
-                    tokens_at_size = info.image_tokens(height, width)
-                    if tokens_at_size % self.config.parallel.sequence_parallel_size:
-                        raise ValueError(f"the model chose {width}x{height}, whose {tokens_at_size} image tokens "
-                                         f"cannot be split over sequence parallel size "
-                                         f"{self.config.parallel.sequence_parallel_size}; give a size")
                     info.check_prompt(params.prompt, height, width, system_prompt, params.images, cot_text)
                 except ValueError as e:
-                    del self._requests[request_id]
+                    del self._requests[item.request_id]
                     failed.append((request, RequestFailedError(f"after its text pass: {e}")))
                     continue
                 request.params = dataclasses.replace(params, cot_text=cot_text, height=height, width=width,
                                                      system_prompt=system_prompt)
-                self._planner.add(request_id, request.params)
+                self._planner.add(item.request_id, request.params)
         for request, error in failed:
             _fail(request.future, error)
 

@@ -305,14 +305,14 @@ class SamplingParams:
             system_prompt = info.resolve_system_prompt(self.system_prompt, task)
         except ValueError as e:
             raise RequestError("system_prompt", str(e)) from None
-        sampling = self._text_sampling(info) if writes else TextSampling()
+        sampling = self._text_sampling(info)  # checked whether or not a text pass runs
         if not is_int(self.partial_images) or not 0 <= self.partial_images <= MAX_PARTIAL_IMAGES:
             raise RequestError("partial_images", f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES}, "
                                                  f"got {_shown(self.partial_images)}")
         try:
             if writes:
                 info.check_text_pass(TextTask(self.prompt, self.seed, task, chooses_size, sampling, system_prompt,
-                                              images))
+                                              images), None if chooses_size else info.image_tokens(height, width))
             if height is not None:
                 info.check_prompt(self.prompt, height, width, system_prompt, images, self.cot_text or "")
         except ValueError as e:

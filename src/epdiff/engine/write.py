@@ -26,6 +26,8 @@ from .denoise import BatchCancelled
 
 # Steps between two cancellation checks (each is a broadcast over the control group).
 CANCEL_CHECK_EVERY = 16
+# The token a row "writes" when its logits were not finite (NaN or inf): it ends, its request fails.
+NONFINITE = -2
 
 
 @dataclass
@@ -38,6 +40,7 @@ class RowWriter:
     pending: list[int] = field(default_factory=list)
     fired: set = field(default_factory=set)
     done: bool = False
+    closed: bool = False  # the closing has been forced
 
     def forced(self) -> int | None:
         return self.pending[0] if self.pending else None
@@ -47,7 +50,11 @@ class RowWriter:
         return self.rules.choose_from.get(self.ids[-1]) if self.ids else None
 
     def push(self, token: int) -> None:
+        """token: the row's next one, or NONFINITE (its logits were not finite: it ends there)."""
         self.ids.append(token)
+        if token == NONFINITE:
+            self.done = True
+            return
         if self.pending and token == self.pending[0]:
             self.pending.pop(0)
         if token in self.rules.stops:
@@ -57,8 +64,8 @@ class RowWriter:
             self.fired.add(token)
             self.pending = list(self.rules.forced[token])
         if len(self.ids) >= self.budget and not self.pending and self.choices() is None:
-            if self.rules.closing and len(self.ids) == self.budget:
-                self.pending = list(self.rules.closing)
+            if self.rules.closing and not self.closed:  # also where a forced run took it past the budget
+                self.closed, self.pending = True, list(self.rules.closing)
             else:
                 self.done = True
         if len(self.ids) >= self.rules.most_tokens(self.budget):
@@ -95,7 +102,8 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
           parallel: ParallelState, on_tokens: Callable[[list[list[int | None]]], None] | None = None,
           should_stop: Callable[[int], bool] | None = None) -> list[list[list[int]]]:
     """Runs the text passes of a batch: groups[g] the (task, real) rows of DP group g (filler rows
-    are not real: they step but never count). Returns every group's rows' tokens (on every rank).
+    are not real: they step but never count). Returns every group's rows' tokens (on every rank);
+    a row whose logits were not finite ends with NONFINITE.
     on_tokens(tokens[g][r]) after each step: the token each row wrote (None: it had ended).
     should_stop(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank and must answer
     alike (the worker's: rank 0's, broadcast); True raises BatchCancelled."""
@@ -111,8 +119,13 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
     logits = batch.logits
     for step in range(steps):
         if picker:
+            # Overflowed logits fail their row, on the device (no sync): a NaN would make the
+            # sampler fail, and an argmax of one write a token from nothing.
+            bad = ~torch.isfinite(logits).all(-1)
+            logits = torch.nan_to_num(logits, nan=0.0)
             tokens = torch.stack([_choose(row, logits[r], task.sampling, generators[r])
                                   for r, (row, task) in enumerate(zip(rows[parallel.dp.rank], mine))])
+            tokens = torch.where(bad, NONFINITE, tokens)
         else:
             tokens = torch.empty(len(mine), dtype=torch.long, device=device)
         if parallel.replica.size > 1:
@@ -133,7 +146,7 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
             break
         if should_stop is not None and (step + 1) % CANCEL_CHECK_EVERY == 0 and should_stop(step + 1):
             raise BatchCancelled(step + 1)
-        logits = batch.step(tokens)
+        logits = batch.step(tokens.clamp_min(0))  # a failed row steps on with any token
     return [[row.ids for row in group] for group in rows]
 
 

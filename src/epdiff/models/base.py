@@ -234,8 +234,9 @@ class ModelInfo(ABC):
         """ValueError when the prompt (and what the model wrote before drawing) cannot be drawn at
         this size (too long for the context)."""
 
-    def check_text_pass(self, task: TextTask) -> None:
-        """ValueError when the text pass, and an image after it of any size, cannot fit the context."""
+    def check_text_pass(self, task: TextTask, image_tokens: int | None = None) -> None:
+        """ValueError when the text pass, and an image after it (of image_tokens; None: of any size
+        the model may choose), cannot fit the context."""
         raise NotImplementedError(f"the {self.family.name} family writes no text")
 
     @abstractmethod

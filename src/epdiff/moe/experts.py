@@ -80,7 +80,8 @@ class GroupedExperts(nn.Module):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def _use_grouped_mm(self, x) -> bool:
+    def uses_grouped_mm(self, x) -> bool:
+        """Whether rows like x take the grouped path (no host read-back: a CUDA graph can hold it)."""
         if self.kernel != "auto":
             return self.kernel == "grouped_mm"
         return self.quant_method.use_grouped_mm(self, x)
@@ -102,7 +103,7 @@ class GroupedExperts(nn.Module):
         if R == 0:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=flat.device), counts
         w = weights.flatten()[order]
-        if self._use_grouped_mm(x):
+        if self.uses_grouped_mm(x):
             return self._forward_grouped(x, order, w, counts, k), counts
         return self._forward_loop(x, order, w, counts, k), counts
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
-from ..engine.engine import PartialImage, RequestAbandonedError, TextDelta
+from ..engine.engine import PartialImage, RequestAbandonedError, RequestFailedError, TextDelta
 from .api import (ApiError, GenerationRequest, bad_request, completed_events, encode_image, encode_images, error_event,
                   generation_response, parse_edit, parse_generation, partial_image_event, server_sent_event,
                   text_delta_event)
@@ -215,8 +215,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         try:
             parsed, headers = await read_request(request, edit)
             if parsed.stream:  # from here on, the stream counts its own outcome
-                return start_stream(parsed, headers, edit, start)
-            future = submit(parsed, headers)
+                return await start_stream(request, parsed, headers, edit, start)
+            future = await submit(parsed, headers)
             output = await wait_for(future, request)
             status, response = 200, JSONResponse(await respond(output, parsed), headers=headers)
         except ApiError as e:
@@ -258,9 +258,9 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
         return parsed, headers
 
-    def submit(parsed: GenerationRequest, headers: dict, on_event=None):
-        try:
-            return service.submit(parsed.params, headers.get("X-Request-ID"), on_event)
+    async def submit(parsed: GenerationRequest, headers: dict, on_event=None):
+        try:  # on a thread: the engine checks the request once more (tokenizing it)
+            return await asyncio.to_thread(service.submit, parsed.params, headers.get("X-Request-ID"), on_event)
         except QueueFullError as e:
             raise ApiError(429, f"the queue is full: {e}; retry later", None, "queue_full",
                            "rate_limit_exceeded") from None
@@ -298,6 +298,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             raise unavailable(str(e)) from None
         except ImageFailedError as e:
             raise ApiError(500, str(e), None, "image_failed", "server_error") from None
+        except RequestFailedError as e:  # what the model wrote cannot be drawn: the request's, not a bug
+            raise ApiError(422, str(e), "prompt", "text_pass_failed") from None
         except (CancelledError, RequestAbandonedError):
             raise unavailable("the request was given up before it finished") from None
 
@@ -324,7 +326,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                 raise error
         return result_of(future)
 
-    def start_stream(parsed: GenerationRequest, headers: dict, edit: bool, start: float) -> EventStream:
+    async def start_stream(request: Request, parsed: GenerationRequest, headers: dict, edit: bool,
+                           start: float) -> EventStream:
         """Submits a streamed request and answers it with its events: the text written, the previews,
         then one `completed` per image, or an `error` event. A refusal at submission keeps its HTTP
         status (raised here); a client that leaves is seen by the response, which abandons the request."""
@@ -335,7 +338,7 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads any more
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        future = submit(parsed, headers, on_event=put)
+        future = await submit(parsed, headers, on_event=put)
         future.add_done_callback(put)
         until = deadline()
         outcome = {"status": 499}  # a stream that ends with no outcome lost its client
@@ -345,7 +348,9 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), WAIT_POLL_S)
-                    except asyncio.TimeoutError:
+                    except asyncio.TimeoutError:  # a quiet while: is anyone still listening?
+                        if await request.is_disconnected():
+                            return  # the close hook abandons the request
                         event = None
                     if event is future:
                         output = result_of(future)

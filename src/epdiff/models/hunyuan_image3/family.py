@@ -140,8 +140,8 @@ class HunyuanImage3Info(ModelInfo):
 
     # -- the text passes (Instruct: think and recaption before drawing) --------------------------
 
-    def check_text_pass(self, task: TextTask) -> None:
-        most = max(self.image_tokens(*bucket) for bucket in self.resolution.buckets)
+    def check_text_pass(self, task: TextTask, image_tokens: int | None = None) -> None:
+        most = image_tokens or max(self.image_tokens(*bucket) for bucket in self.resolution.buckets)
         n = len(self.tokenizer.encode(task.prompt))
         sections = self.tokenizer.sequence_length(n, 1, 1, self.template(task.system_prompt),
                                                   self._cond_layouts(task.images)) - 1
@@ -179,9 +179,7 @@ class HunyuanImage3Info(ModelInfo):
         max_new_tokens when there is none), after its opener; with drop_think only the recaption is
         kept (and a system prompt becomes en_recaption); the ratio token as the image's bucket."""
         t = self.tokenizer
-        end = t.token_id(END_RECAPTION if "recaption" in task.task else END_THINK)
-        cot_ids = token_ids[:token_ids.index(end) + 1] if end in token_ids else token_ids[:task.sampling.max_new_tokens]
-        cot = self.detokenize(task, cot_ids)
+        cot = self.detokenize(task, token_ids)
         system_prompt = task.system_prompt
         if self.generation.drop_think and THINK in cot and RECAPTION in cot:
             recaption = cot.split(RECAPTION)[1]
@@ -199,8 +197,12 @@ class HunyuanImage3Info(ModelInfo):
         return cot, size, system_prompt
 
     def detokenize(self, task, token_ids):
-        """The pass's opener (its input's last token), then the tokens decoded as the reference does."""
-        return TEXT_PASS_OPENERS[task.task.split("_")[0]] + self.tokenizer.decode(token_ids)
+        """The pass's opener (its input's last token), then the tokens up to the end of its last
+        part (within max_new_tokens where there is none: not the closing that chose a size)
+        decoded as the reference decodes them."""
+        end = self.tokenizer.token_id(END_RECAPTION if "recaption" in task.task else END_THINK)
+        kept = token_ids[:token_ids.index(end) + 1] if end in token_ids else token_ids[:task.sampling.max_new_tokens]
+        return TEXT_PASS_OPENERS[task.task.split("_")[0]] + self.tokenizer.decode(kept)
 
     def describe(self) -> dict:
         # dict: bucket sides rounded down to the VAE factor can repeat at small bases

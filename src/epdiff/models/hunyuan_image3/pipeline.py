@@ -17,6 +17,7 @@ from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
 from ...kernels.graphs import CudaGraphStep
+from ...moe.layer import moe_layers
 from ..base import DenoisingBatch, ImagePipeline, TextBatch
 from .conditioning import ImageConditioner
 from .loading import load_model
@@ -145,8 +146,14 @@ class HunyuanImage3Pipeline(ImagePipeline):
             return logits
 
         # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
-        # §19); eager under collectives, on a CPU, or with --enforce-eager.
-        return TextBatch(logits, CudaGraphStep(step, self.use_cuda_graphs and self.parallel.config.world_size == 1))
+        # §19); eager under collectives, on a CPU, with --enforce-eager, or where the experts
+        # take their per-expert loop (it reads their row counts on the host).
+        graphed = self.use_cuda_graphs and self.parallel.config.world_size == 1 and self._experts_stay_on_device()
+        return TextBatch(logits, CudaGraphStep(step, graphed))
+
+    def _experts_stay_on_device(self) -> bool:
+        probe = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        return all(layer.experts.uses_grouped_mm(probe) for layer in moe_layers(self.transformer))
 
     def _prefill(self, rows, cond=None):
         """Caches the prefix of every row; returns the caches and the positions of each step's
