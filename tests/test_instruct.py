@@ -83,9 +83,10 @@ def layouts_against_one_rank(rank: int, configs, names) -> list[dict]:
 def test_every_layout_with_ep_gives_the_one_rank_result(world8, world):
     configs = {2: [layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"), layout(pp=2, ep=True)],
                4: [layout(cfg=2, dp=2, ep=True)]}[world]
-    # heun-2 on Distil (three step tokens, two calls a step), two input images on 4 layers (so that
-    # a later pipeline stage's layers read the images' prefix), an edit with real CFG over CFG and DP
-    names = {2: ["distil-heun", ("edit-two", 4)], 4: ["edit-instruct"]}[world]
+    # two input images on 4 layers (so that a later pipeline stage's layers read the images'
+    # prefix), an edit with real CFG over CFG and DP (Distil's three step tokens on TP2, SP2 and PP2:
+    # tests/test_text_pass.py's layouts, after its text pass)
+    names = {2: [("edit-two", 4)], 4: ["edit-instruct"]}[world]
     rows = [r for per_rank in world8.run(world, layouts_against_one_rank, configs, names) for r in per_rank]
     assert rows and all(r["close"] for r in rows), [r for r in rows if not r["close"]]
 
