@@ -189,6 +189,22 @@ def test_a_row_whose_logits_overflow_ends_alone(monkeypatch):
     assert ids[0][-1] == NONFINITE and len(ids[0]) == 4 and len(ids[1]) > 4 and NONFINITE not in ids[1]
 
 
+def test_drop_think_keeps_the_recaption_and_its_system_prompt(monkeypatch):
+    import dataclasses
+
+    info = model_info(checkpoint("instruct"))
+    t = info.tokenizer
+    monkeypatch.setattr(info, "generation", dataclasses.replace(info.generation, drop_think=True))
+    ids = t.encode("red circle") + [t.token_id("</think>"), t.token_id("<recaption>")] + t.encode("a big red circle") \
+        + [t.token_id("</recaption>")]
+    task = TextTask("x", 0, "think_recaption", False, TextSampling(32), info.system_prompts.resolve("en_think_recaption"))
+    cot, size, system = info.finish_text(task, ids)
+    assert cot == "<recaption> a big red circle </recaption>" and size is None
+    assert system == info.system_prompts.named("en_recaption")  # as the file has it (unstripped), as the reference
+    kept = info.template(system, "<think> red circle </think>" + cot).cot  # a think block is left out here too
+    assert kept == (("<recaption>", False), (" a big red circle ", True), ("</recaption>", False))
+
+
 def test_sampling_keeps_the_top_k_and_top_p_tokens_and_is_seeded():
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
     assert int(pick(logits, TextSampling(temperature=0.0), None)) == 4
