@@ -12,8 +12,7 @@ LAYOUTS = {
     # ranks put every axis in larger groups)
     4: [layout(tp=2, cfg=2), layout(tp=2, sp=2), layout(sp=2, cfg=2), layout(cfg=2, dp=2), layout(tp=2, pp=2),
         layout(sp=2, pp=2), layout(dp=2, pp=2)],
-    8: [layout(tp=2, sp=2, cfg=2), layout(tp=2, cfg=2, dp=2), layout(sp=2, cfg=2, pp=2), layout(tp=2, dp=2, pp=2),
-        layout(cfg=2, dp=4)],
+    8: [layout(tp=2, sp=2, cfg=2), layout(sp=2, cfg=2, pp=2), layout(cfg=2, dp=4)],
 }
 
 
