@@ -104,14 +104,14 @@ def build_layer(state, w, shared, kernel="loop", d: Dims = SMALL, dtype=torch.fl
     return layer
 
 
-def equivalence(rank: int, layouts, variants, tokens: int = 12):
+def equivalence(rank: int, layouts, variants, tokens: int = 12, placements=PLACEMENT_NAMES):
     """For each layout of the current world (a ParallelConfig, EP off) with EP off and with EP on
-    over every registered backend and placement, and each variant, run the MoE layer and compare
-    this rank's tokens with (a) the same layer on one process and (b) the float64 reference.
-    Returns one record per (layout, variant) from every participating rank."""
+    over every registered backend and each of `placements`, and each variant, run the MoE layer and
+    compare this rank's tokens with (a) the same layer on one process and (b) the float64
+    reference. Returns one record per (layout, variant) from every participating rank."""
     records = []
     for config in layouts:
-        for backend, placement in itertools.product(BACKENDS, PLACEMENT_NAMES):
+        for backend, placement in itertools.product(BACKENDS, placements):
             records += _run_layout(rank, config.replace(enable_expert_parallel=True, all2all_backend=backend,
                                                         expert_placement=placement), variants, tokens)
         records += _run_layout(rank, config, variants, tokens)
