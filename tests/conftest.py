@@ -30,6 +30,15 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's `server` fixture (a module may define its own client)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _world is not None:
         _world.close()

@@ -41,12 +41,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def cli_images(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "cli.png"
     prompts = [arg for prompt, _ in REQUESTS for arg in ("--prompt", prompt)]

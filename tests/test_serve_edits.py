@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -37,12 +36,6 @@ def server(folder, tmp_path_factory):
     with healthy_server(["--model", folder, "--max-upload-bytes", str(1 << 20)],
                         tmp_path_factory.mktemp("serve") / "server.log") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def decoded(response) -> np.ndarray:

@@ -129,8 +129,7 @@ class BatchPlanner:
     @property
     def oldest(self) -> int | None:
         """The request id that the next batch starts with."""
-        return min(next(iter(self._waiting), None), next(iter(self._writing), None),
-                   key=lambda i: float("inf") if i is None else i)
+        return min((next(iter(queue)) for queue in (self._waiting, self._writing) if queue), default=None)
 
     def next_batch(self) -> Batch | TextBatchPlan | None:
         oldest = self.oldest

@@ -211,8 +211,7 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
             if channel.abandoned:  # rank 0 is a thread of a driver that has given up on this batch
                 raise RuntimeError("the engine was closed during this batch")
             channel.send(Progress(batch.batch_id, step, total))
-    def should_stop(step: int) -> bool:  # on every rank, at every step boundary
-        return control.agree(channel is not None and cancel_requested(channel, batch.batch_id))
+    should_stop = cancel_agreement(control, channel, batch.batch_id)
 
     # Previews: after the steps any image of the batch asks for one, every rank joins one gather
     # of the decode ranks' previews on rank 0.
@@ -258,8 +257,7 @@ def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: 
         if tokens:
             channel.send(TextTokens(batch.batch_id, tokens))
 
-    def should_stop(step: int) -> bool:
-        return control.agree(channel is not None and cancel_requested(channel, batch.batch_id))
+    should_stop = cancel_agreement(control, channel, batch.batch_id)
 
     cancelled_at, ids = None, None
     try:
@@ -271,6 +269,11 @@ def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: 
     tokens = {} if ids is None else {item.request_id: row for group, rows in zip(batch.groups, ids)
                                      for item, row in zip(group, rows) if item.request_id is not None}
     return TextResult(batch.batch_id, tokens, time.perf_counter() - start, cancelled_at)
+
+
+def cancel_agreement(control: ControlPlane, channel, batch_id: int):
+    """should_stop(steps done) for a batch's loop, on every rank: rank 0's answer, broadcast."""
+    return lambda step: control.agree(channel is not None and cancel_requested(channel, batch_id))
 
 
 def cancel_requested(channel, batch_id: int) -> bool:

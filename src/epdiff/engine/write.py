@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.collectives import all_gather_tensor
-from ..distributed.parallel_state import ParallelState
+from ..distributed.parallel_state import ParallelState, rank_grid
 from ..models.base import ImagePipeline, ModelInfo, TextRules, TextSampling, TextTask
 from .denoise import BatchCancelled
 
@@ -92,9 +92,7 @@ def pick(logits: torch.Tensor, sampling: TextSampling, generator: torch.Generato
 
 def sampler_rank(parallel: ParallelState) -> int:
     """The global rank that picks its DP group's tokens: the last stage's, TP, SP and CFG index 0."""
-    c = parallel.config
-    inner = c.tensor_parallel_size * c.sequence_parallel_size * c.cfg_parallel_size
-    return inner * (parallel.dp.rank + c.data_parallel_size * (c.pipeline_parallel_size - 1))
+    return int(rank_grid(parallel.config)[-1, parallel.dp.rank, 0, 0, 0])  # (pp, dp, cfg, sp, tp)
 
 
 @torch.inference_mode()

@@ -3,7 +3,8 @@
 Every value a request carries is checked by `SamplingParams.resolve` (the one place the CLI, the
 Python API and the server share); this module only parses what is the API's own (the body, the
 "WxH" size, response_format, output_format, stream) and renames the engine's fields to the API's in
-the error it returns. A streamed request's answer is OpenAI's server-sent events (`stream_event`).
+the error it returns. A streamed request's answer is OpenAI's server-sent events (`server_sent_event`
+and the event builders below).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 @dataclass
 class TextCache:
     """A layer's K/V while writing text: the prefix's, then one token a step, in buffers sized for
-    the whole pass (no copy per token). Row r's token of a step goes to slot where[r]."""
+    the whole pass (no copy per token); Attention.decode writes each row's token at its slot."""
 
     k: torch.Tensor  # [B, capacity, KV_local, D]
     v: torch.Tensor

@@ -184,7 +184,6 @@ class HunyuanImage3Transformer(nn.Module):
         self.link = StageLink(parallel.pp)
         self.layer_ids = list(stage_layers(c.num_hidden_layers, parallel.pp.size, parallel.pp.rank))
         self.quant_config = quant_config
-        self.text_head = text_head
         self.model = Backbone(c, parallel, self.layer_ids, self.link.is_first, dtype, device, quant_config,
                               final_norm=text_head and self.link.is_last)
         if text_head and self.link.is_last:  # replicated: every last-stage rank can read the logits

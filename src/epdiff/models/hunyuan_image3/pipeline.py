@@ -127,16 +127,11 @@ class HunyuanImage3Pipeline(ImagePipeline):
         rows = [self.tokenizer.build_text_sequence(task.prompt, task.task, self.info.template(task.system_prompt),
                                                    c.image_base_size, layouts) for task in tasks]
         lengths = [len(row) for row in rows]
-        longest = max(lengths)
-        pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
-        prefix = torch.full((len(rows), longest), pad, dtype=torch.long)
-        positions = torch.zeros((len(rows), longest, 2), dtype=torch.long)
-        for r, row in enumerate(rows):
-            prefix[r, :lengths[r]], positions[r, :lengths[r]] = row.input_ids, row.positions
+        prefix, positions = self._right_padded(rows, lengths)
         posteriors = [initial_noise(task.seed, (1, 1, 1), self.device,
                                     [(c.latent_channels, *layout.vae_grid) for layout in layouts])[1] for task in tasks]
         cond = self._cond_inputs(prepared, posteriors, rows[0].cond, 1)
-        logits, caches = self.transformer.start_text(prefix, positions, lengths, longest + steps, cond,
+        logits, caches = self.transformer.start_text(prefix, positions, lengths, max(lengths) + steps, cond,
                                                      rows[0].bidirectional_blocks)
         slots = torch.tensor(lengths, device=self.device)  # where each row's next token goes
 
@@ -166,15 +161,20 @@ class HunyuanImage3Pipeline(ImagePipeline):
                                               blocks=rows[0].bidirectional_blocks)
             first = rows[0]
             return caches, first.positions[longest: first.image_start + first.image_len].to(self.device)
-        pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
-        prefix = torch.full((len(rows), longest), pad, dtype=torch.long)
-        positions = torch.zeros((len(rows), longest, 2), dtype=torch.long)
-        for r, seq in enumerate(rows):
-            prefix[r, :lengths[r]] = seq.input_ids[:lengths[r]]
-            positions[r, :lengths[r]] = seq.positions[:lengths[r]]
+        prefix, positions = self._right_padded(rows, lengths)
         caches = self.transformer.prefill(prefix, positions, lengths)
         gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
         return caches, gen.to(self.device)
+
+    def _right_padded(self, rows, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' first lengths[r] ids and positions, right-padded to the longest: [B, L] and [B, L, 2]."""
+        pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
+        prefix = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+        positions = torch.zeros((len(rows), max(lengths), 2), dtype=torch.long)
+        for r, row in enumerate(rows):
+            prefix[r, :lengths[r]] = row.input_ids[:lengths[r]]
+            positions[r, :lengths[r]] = row.positions[:lengths[r]]
+        return prefix, positions
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # fp32 weights; on a GPU under fp16 autocast, as the reference decodes (BENCHMARKS §18: a
