@@ -15,6 +15,7 @@
 5. Expert buffers with EP, simulated on one GPU: a rank holding 64/EP experts gets EP × 4,097
    gathered rows (balanced routing); transient peak memory and time of the expert forward with
    the chunked buffers against one buffer for every (token, slot) pair (the sizing before).
+6. `--sections kernels`: every kernel of one bf16 and one FP8 expert forward (torch.profiler).
 
 Times: CUDA events, mean of --iters after 3 warm-ups. TFLOP/s count 2·M·N·K per GEMM.
 """
@@ -127,6 +128,39 @@ def expert_path(device, tokens, skewed, args):
     return row
 
 
+def path_kernels(device, args):
+    """Every kernel of one expert forward, bf16 and FP8, at the first --tokens count, balanced
+    routing: microseconds per forward by kernel name (torch.profiler, mean of --iters)."""
+    from torch.profiler import ProfilerActivity, profile
+    E, D, I, k, tokens = args.experts, args.hidden, args.inter, args.top_k, args.tokens[0]
+    x = torch.randn(tokens, D, device=device, dtype=torch.bfloat16)
+    ids, w, _ = routing(tokens, E, k, False, device)
+    out = {}
+    for name, quant in (("bf16", None), ("fp8", FP8)):
+        experts = make_experts(E, D, I, quant, device)
+        with torch.inference_mode():
+            for _ in range(3):
+                experts(x, ids, w)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.iters):
+                    experts(x, ids, w)
+                torch.cuda.synchronize()
+        kernels = {}
+        for event in prof.key_averages():
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if event.device_type == torch.autograd.DeviceType.CUDA and us:
+                kernels[event.key[:140]] = (us / args.iters, event.count // args.iters)
+        out[name] = dict(sorted(kernels.items(), key=lambda kv: -kv[1][0]))
+        total = sum(us for us, _ in kernels.values())
+        print(f"{name} expert path, {tokens} tokens: {total / 1e3:.3f} ms of kernels per forward")
+        for key, (us, calls) in out[name].items():
+            print(f"  {us:9.1f} us  x{calls:<3d} {key}")
+        del experts
+        torch.cuda.empty_cache()
+    return out
+
+
 def dense(device, args):
     """Per layer at args.dense_tokens: QKV, O, shared expert up+gate and down."""
     M, D = args.dense_tokens, args.hidden
@@ -234,6 +268,8 @@ def main():
                 res["experts"].append(expert_path(device, tokens, skewed, args))
                 print(json.dumps(res["experts"][-1]), flush=True)
                 torch.cuda.empty_cache()
+    if "kernels" in sections:
+        res["path_kernels"] = path_kernels(device, args)
     if "dense" in sections:
         res["dense"] = dense(device, args)
         for r in res["dense"]:

@@ -1,9 +1,10 @@
 """Where a denoising step's GPU time goes, on one GPU: kernel time by kind and the top kernels.
 
     python benchmarks/profile_step.py --layers 8 --out results/
+    python benchmarks/profile_step.py --layers 20 --variant instruct-distil --quantization fp8
 
-The release-width model of step_scaling.py (dummy weights, 1024², guidance on: both branches in
-one batch), run in this process under torch.profiler for --steps steps after one warm-up
+The release-width model of step_scaling.py (dummy weights, 1024², the model's guidance: the base
+model's both branches in one batch, Instruct-Distil's one), run in this process under torch.profiler for --steps steps after one warm-up
 request. Kernels are grouped by name into dense GEMM, grouped GEMM, attention, NCCL, Triton
 and the rest; the JSON holds per-kind milliseconds per step and the 30 longest kernels, and the
 step time with each of torch's attention backends forced in turn.
@@ -55,15 +56,18 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--variant", default="base", choices=("base", "instruct", "instruct-distil"))
+    p.add_argument("--quantization", default=None, choices=("fp8",))
     p.add_argument("--out", default=".")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
-    config = EngineConfig(release_width_model(args.layers), load_format="dummy", device="cuda").resolve()
+    config = EngineConfig(release_width_model(args.layers, args.variant), load_format="dummy", device="cuda",
+                          quantization=args.quantization).resolve()
     params = SamplingParams("a cup of coffee on the table", height=args.size, width=args.size,
-                            num_inference_steps=args.steps, guidance_scale=5.0).resolve(config)
+                            num_inference_steps=args.steps).resolve(config)
     parallel = ParallelState.single(device)
-    model = config.model_info.load_pipeline(parallel, torch.bfloat16, "dummy", None, decode=False)
+    model = config.model_info.load_pipeline(parallel, torch.bfloat16, "dummy", args.quantization, decode=False)
     metrics = RankMetrics(0, "1 GPU")
     items = work_items(0, params)
 
@@ -82,7 +86,8 @@ def main():
         by_name[event.key] += us / 1e3 / args.steps
     wall = mean_step_ms(metrics)
     total = sum(by_kind.values())
-    print(f"step {wall:.1f} ms wall, {total:.1f} ms of kernels ({args.layers} layers, {args.size}², both branches)")
+    print(f"step {wall:.1f} ms wall, {total:.1f} ms of kernels ({args.variant}, {args.layers} layers, "
+          f"{args.size}², {args.quantization or 'bf16'})")
     for kind, ms in by_kind.most_common():
         print(f"  {kind:14s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
     print("longest kernels (ms per step):")
@@ -104,8 +109,8 @@ def main():
         pipe(items)
         unet[fmt] = mean_step_ms(metrics)
         print(f"UNet weights {fmt}: {unet[fmt]:.1f} ms per step")
-    with open(os.path.join(args.out, "profile_step.json"), "w") as f:
-        json.dump(dict(layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,
+    with open(os.path.join(args.out, f"profile_step_{args.variant}_{args.quantization or 'bf16'}.json"), "w") as f:
+        json.dump(dict(variant=args.variant, quantization=args.quantization, layers=args.layers, size=args.size, step_ms=wall, kernel_ms=total,
                        by_kind=dict(by_kind.most_common()), top=by_name.most_common(30),
                        step_ms_by_attention_backend=backends, step_ms_by_unet_layout=unet), f, indent=1)
 
