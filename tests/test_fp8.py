@@ -103,6 +103,26 @@ def test_fp8_experts_grouped_chunks_equal_loop_and_stay_near_fp64(monkeypatch):
     assert torch.equal(again, grouped)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
+def test_the_moe_input_is_quantized_once_for_the_shared_and_routed_experts(monkeypatch, kernel):
+    """One FP8 pass over the MoE input serves the shared expert and every routed pair (the rows
+    then travel, or are gathered, as codes): the same numbers as quantizing each apart."""
+    from fp8_cases import _fp8_layer
+    w, common = make_weights(4, "skewed", True, 1)
+    x = make_tokens(4, [23], "skewed", common)
+    layer = _fp8_layer(ParallelState.single(torch.device("cpu")), w, kernel)
+    quantized_rows = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: quantized_rows.append(tuple(t.shape)) or real(t))
+    once = layer(x)
+    assert quantized_rows.count((23, SMALL.hidden)) == 1
+    assert not [s for s in quantized_rows if s[1] == SMALL.hidden and s != (23, SMALL.hidden)]
+    # Quantizing the shared expert's input apart from the routed experts' gives the very same output.
+    monkeypatch.setattr(layer, "shared_takes_prepared", False)
+    assert torch.equal(layer(x), once)
+
+
 def test_expert_buffers_stay_flat_as_ep_grows():
     """A rank gathers EP × T rows but computes ~T·k pairs: the chunk (what the grouped path
     allocates) stays at CHUNK_CAPACITY × T·k rows instead of growing with the EP × T·k pairs of

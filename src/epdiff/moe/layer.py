@@ -58,6 +58,10 @@ class MoELayer(nn.Module):
                                       intermediate_size // self.expert_tp, dtype, device, expert_kernel,
                                       num_experts=num_experts, quant_config=quant_config)
         self.dispatch = make_dispatcher(parallel, self.experts.quant_method)
+        # The experts' method prepares the tokens once (FP8: quantized per row) for the routed
+        # experts and, where its projection takes that form, the shared expert.
+        self.shared_takes_prepared = (self.shared_expert is not None
+                                      and self.shared_expert.up_gate_proj.quant_method.takes_prepared_tokens)
         # An expert-choice router on a rank that keeps its tokens and holds whole images hands
         # the experts exactly their B·C rows each (the token-centric form has E slots a token).
         self.expert_major = (hasattr(self.gate, "expert_major") and isinstance(self.dispatch, LocalDispatch)
@@ -85,9 +89,10 @@ class MoELayer(nn.Module):
         shape = x.shape
         ids, weights = self.gate(x if router_input is None else router_input)
         x = x.reshape(-1, shape[-1])
+        tokens = self.experts.quant_method.prepare_tokens(x)
         token_counts = None if self.token_counts is None else self.token_counts.get(x.shape[0], x.device)
-        pending = self.dispatch.start_dispatch(x, ids, weights, self.placement, token_counts)
-        shared = self.shared_expert(x) if self.shared_expert is not None else None  # while the tokens travel
+        pending = self.dispatch.start_dispatch(tokens, ids, weights, self.placement, token_counts)
+        shared = self._shared(x, tokens)  # while the tokens travel
         rows, local_ids, row_weights, handle = pending.wait()
         y, load = self.experts(rows, local_ids, row_weights)
         return self._finish(self.dispatch.combine(y, handle), shared, load, shape)
@@ -96,15 +101,21 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens, gates = self.gate.expert_major(router_input)  # [E, N] each
         x = x.reshape(-1, shape[-1])
-        shared = self.shared_expert(x) if self.shared_expert is not None else None
+        prepared = self.experts.quant_method.prepare_tokens(x)
+        shared = self._shared(x, prepared)
         mine = self.placement.global_ids
         rows = tokens[mine].flatten()  # this rank's experts' rows, expert after expert
         ids = mine.repeat_interleave(tokens.shape[1])[:, None]
-        pending = self.dispatch.start_dispatch(x[rows], ids, gates[mine].flatten()[:, None], self.placement)
+        pending = self.dispatch.start_dispatch(prepared[rows], ids, gates[mine].flatten()[:, None], self.placement)
         routed, local_ids, row_weights, _ = pending.wait()
         y, load = self.experts(routed, local_ids, row_weights)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
         return self._finish(out, shared, load, shape)
+
+    def _shared(self, x: torch.Tensor, prepared) -> torch.Tensor | None:
+        if self.shared_expert is None:
+            return None
+        return self.shared_expert(prepared if self.shared_takes_prepared else x)
 
     def _finish(self, routed: torch.Tensor, shared: torch.Tensor | None, load: torch.Tensor, shape) -> torch.Tensor:
         """This rank's routed partial sums plus its shared expert's, summed over TP; the load counted."""

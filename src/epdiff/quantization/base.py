@@ -31,6 +31,10 @@ def new_parameter(shape, dtype, device, requires_grad: bool = True) -> nn.Parame
 class LinearMethod(ABC):
     """How a linear layer holds and applies its weight ([out, in], this rank's part)."""
 
+    # Whether `apply` also takes its input as the routed experts' method prepared it
+    # (ExpertsMethod.prepare_tokens), so the MoE quantizes its input once for both.
+    takes_prepared_tokens = False
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype, device) -> None:
         """Registers `layer.weight` (and whatever the method keeps beside it)."""
@@ -86,6 +90,12 @@ class ExpertsMethod(ABC):
         """This TP rank's part of a stored scale (a tensor or a safetensors slice) of an expert weight
         whose output rows shard over TP (`up_gate_proj`: each half's rows; `down_proj`: none)."""
         raise NotImplementedError(f"{type(self).__name__} stores no scales")
+
+    def prepare_tokens(self, x: torch.Tensor):
+        """The MoE input [T, D] in the form the experts compute from (quantized once, for the routed
+        experts and for a shared expert whose method `takes_prepared_tokens`); indexing its rows
+        gives those rows in that form."""
+        return x
 
     def pack_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What travels to the experts' ranks for the rows of x: (rows, values per row [T] or [T, m],

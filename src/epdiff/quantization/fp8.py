@@ -44,6 +44,9 @@ class Fp8Rows:
     def device(self) -> torch.device:
         return self.q.device
 
+    def __getitem__(self, rows) -> "Fp8Rows":
+        return Fp8Rows(self.q[rows], self.scale[rows], self.dtype)
+
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return amax.float().clamp_min(MIN_AMAX) / FP8_MAX

@@ -41,7 +41,9 @@ def _checked_weight(value: torch.Tensor, name: str) -> torch.Tensor:
 
 class Fp8LinearMethod(LinearMethod):
     """float8 weight with one fp32 scale per output row (`weight_scale`), quantized as it is
-    loaded; x quantized per row on the fly."""
+    loaded; x quantized per row on the fly, or given so (fp8.Fp8Rows)."""
+
+    takes_prepared_tokens = True
 
     def create_weights(self, layer, out_features, in_features, dtype, device):
         layer.weight = new_parameter((out_features, in_features), fp8.FP8_DTYPE, device, requires_grad=False)
@@ -53,7 +55,10 @@ class Fp8LinearMethod(LinearMethod):
         copy_checked(layer.weight_scale, scale, name + SCALE_SUFFIX)
 
     def apply(self, layer, x, bias=None):
-        y = fp8.linear(x, layer.weight, layer.weight_scale, x.dtype)
+        if isinstance(x, fp8.Fp8Rows):
+            y = fp8.scaled_mm(x.q, x.scale, layer.weight, layer.weight_scale, x.dtype)
+        else:
+            y = fp8.linear(x, layer.weight, layer.weight_scale, x.dtype)
         return y if bias is None else y + bias
 
 
@@ -110,8 +115,11 @@ class Fp8ExpertsMethod(ExpertsMethod):
             return scale[:]  # its output rows are whole on every rank
         return read_row_shard(scale, rank, shards, parts=2 if kind == "up_gate_proj" else 1)
 
+    def prepare_tokens(self, x):
+        return quantize_tokens(x)
+
     def pack_tokens(self, x):
-        rows = quantize_tokens(x)
+        rows = x if isinstance(x, fp8.Fp8Rows) else quantize_tokens(x)
         return rows.q.view(torch.uint8), rows.scale  # bytes: every backend moves them
 
     def unpack_tokens(self, rows, row_values, dtype):
