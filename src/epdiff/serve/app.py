@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
@@ -407,9 +408,11 @@ def too_large(size: int, limit: int, flag: str = "--max-body-bytes") -> ApiError
 
 async def read_form(request: Request, raw: bytes, max_images: int) -> list[tuple[str, object]]:
     """The multipart form of a body already read within its limit: (field, text or file bytes)."""
-    request._body = raw  # Starlette parses the form from the body it has (read above, under the limit)
+    async def body():
+        yield raw
+
     try:
-        form = await request.form(max_files=max(max_images, 1) + 1, max_fields=64)
+        form = await MultiPartParser(request.headers, body(), max_files=max(max_images, 1) + 1, max_fields=64).parse()
     except Exception as e:  # noqa: BLE001 - Starlette raises its own for every malformed form
         raise ApiError(400, f"the request body is not a multipart form this server reads: {e}", None,
                        "invalid_form") from None
