@@ -85,9 +85,15 @@ def test_bad_forms_are_refused_naming_the_field(client, files, data, status, mes
     assert message in response.json()["error"]["message"]
 
 
-def test_five_images_and_a_json_body_are_refused(client):
+def test_five_images_a_json_body_and_broken_forms_are_refused(client):
     image = ("a.png", png(Image.new("RGB", (32, 32))), "image/png")
     response = client.post(EDITS, files=[("image[]", image)] * 5, data={"prompt": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "image"
     response = client.post(EDITS, json={"prompt": "x"})
     assert response.status_code == 415
+    response = client.post(EDITS, content=b"--b\r\nno headers, no end", headers={
+        "Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400 and "not a multipart form" in response.json()["error"]["message"]
+    many = [("image[]", image)] * 12  # past the parser's own file limit, before any image is decoded
+    response = client.post(EDITS, files=many, data={"prompt": "x"})
+    assert response.status_code == 400, response.text
