@@ -92,6 +92,27 @@ def test_a_cancelled_request_is_not_run():
     assert [i.request_id for i in planner.next_batch().images] == [1]
 
 
+def test_text_passes_join_a_writing_batch_until_images_wait_or_an_edit_comes_first():
+    def writes(prompt, images=()):
+        return SamplingParams(prompt, task="think", max_new_tokens=8, seed=0, images=images)
+
+    planner = BatchPlanner(dp_size=2, max_batch_size=2)
+    planner.add(0, writes("a"))
+    first = planner.next_batch()
+    assert [[i.request_id for i in g] for g in first.groups] == [[0], [None]]
+    for request_id in (1, 2, 3):
+        planner.add(request_id, writes("b"))
+    # The least-filled group first (a filler row counts), up to max_batch_size rows a group.
+    joined = planner.join_writing([1, 1])
+    assert [[i.request_id for i in g] for g in joined] == [[1], [2]]
+    assert planner.join_writing([2, 2]) is None and planner.oldest == 3
+    planner.add(4, writes("edit", images=("an input image",)))
+    planner.add(5, writes("c"))
+    assert [[i.request_id for i in g] for g in planner.join_writing([1, 0])] == [[], [3]]  # then the edit: stop
+    planner.add(6, params())  # images wait: nothing joins
+    assert planner.join_writing([0, 0]) is None
+
+
 @pytest.fixture(scope="module")
 def generator():
     with ImageGenerator(data_parallel_size=2, enable_expert_parallel=True) as g:

@@ -12,7 +12,7 @@ import torch
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
-from epdiff.engine.write import NONFINITE, RowWriter, pick, write
+from epdiff.engine.write import NONFINITE, RowWriter, TextCheck, pick, write
 from epdiff.models.base import ImageTask, TextRules, TextSampling, TextTask
 from epdiff.models.registry import model_info
 from instruct_cases import TEXT_CASES, TEXT_REFERENCE, input_image, make_checkpoint
@@ -123,6 +123,60 @@ def test_every_layout_with_ep_writes_the_one_rank_tokens_and_draws_its_latents(w
                         4: ("instruct", [layout(cfg=2, dp=2, ep=True)])}[world]
     rows = [r for per_rank in world8.run(world, layouts_against_one_rank, variant, configs) for r in per_rank]
     assert rows and all(r["same_tokens"] and r["close"] for r in rows), rows
+
+
+def joining_at(step: int, groups):
+    """A writing batch's check that lets groups[g]'s rows join at `step` (a filler where none joins)."""
+    def check(done: int) -> TextCheck:
+        if done != step:
+            return TextCheck()
+        filler = next(task for group in groups for task in group)
+        return TextCheck(join=[[(task, True) for task in group] or [(filler, False)] for group in groups])
+    return check
+
+
+# Rows that join: the first at step 16 of a 40-token think (still writing then), the second sampled.
+JOINING = [("a red circle", 3, "think_recaption", True, None, 40),
+           ("two blue squares on the left of a green triangle", 4, "recaption", False,
+            dict(temperature=0.8, top_k=40, top_p=0.9), 16)]
+
+
+def joined_rows(variant: str):
+    return [text_task(variant, *row[:4], budget=row[5], sampling=row[4]) for row in JOINING]
+
+
+def joins_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
+    """The last DP group's row joins the first row of group 0 at step 16 (the other groups join a
+    filler): every rank's tokens against one rank's alone."""
+    first, later = joined_rows(variant)
+    out = []
+    for config in configs:
+        state = ParallelState.build(config, "cpu")
+        info = model_info(checkpoint(variant))
+        pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
+        dp = config.data_parallel_size
+        joining = [[] for _ in range(dp - 1)] + [[later]]
+        starting = [[(first, True)]] + [[(first, False)] for _ in range(dp - 1)]
+        ids = write(pipe, info, starting, state, check=joining_at(16, joining))
+        single = ParallelState.single()
+        alone = {}
+        for task in (first, later):
+            one = model_info(checkpoint(variant)).load_pipeline(single, torch.float32, "safetensors", None, False)
+            alone[task.prompt] = write(one, info, [[(task, True)]], single)[0][0]
+        out.append(dict(layout=config.describe(), rank=rank, first=ids[0][0] == alone[first.prompt],
+                        later=ids[-1][-1] == alone[later.prompt], wrote_past_join=len(ids[0][0]) > 16))
+    return out
+
+
+def test_a_row_that_joins_a_pass_under_way_writes_as_it_would_alone():
+    rows = joins_against_one_rank(0, "instruct-distil", [layout()])
+    assert rows[0]["first"] and rows[0]["later"] and rows[0]["wrote_past_join"], rows
+
+
+def test_rows_join_on_every_layout_as_on_one_rank(world8):
+    configs = [layout(dp=2, ep=True), layout(tp=2, ep=True), layout(pp=2, ep=True)]
+    rows = [r for per_rank in world8.run(2, joins_against_one_rank, "instruct-distil", configs) for r in per_rank]
+    assert rows and all(r["first"] and r["later"] and r["wrote_past_join"] for r in rows), rows
 
 
 def test_a_row_writes_the_same_alone_as_in_a_padded_batch():
@@ -238,6 +292,34 @@ def test_the_engine_writes_then_draws_and_streams_the_text():
     assert text.startswith(out.cot_text) and out.cot_text.startswith("<think>") and out.params.height is not None
     assert out.images[0].metadata["cot_text"] == out.cot_text and out.images[0].metadata["task"] == "think_recaption"
     assert given.cot_text == "<recaption>a red circle</recaption>" and given.text_seconds == 0.0  # no text pass
+
+
+def test_a_request_arriving_while_the_engine_writes_joins_the_pass_and_streams():
+    from epdiff.engine.engine import Engine, TextDelta
+    from epdiff.engine.worker import JoinText
+
+    folder = checkpoint("instruct-distil")
+    # Greedy, this prompt writes 68 tokens: checks at steps 16, 32, 48 and 64 for the later one to join.
+    first = SamplingParams("a small yellow star", task="think_recaption", max_new_tokens=160, seed=3, temperature=0,
+                           system_prompt="dynamic", num_inference_steps=1)
+    later = SamplingParams("a red circle", task="recaption", max_new_tokens=8, seed=5, num_inference_steps=1)
+    with Engine(EngineConfig(folder), decode=False) as engine:
+        sent, deltas, futures = [], [], []
+        command = engine._workers.channel.command
+        engine._workers.channel.command = lambda c: sent.append(c) or command(c)
+
+        def on_first(event):  # on the driver thread, as the first request's text streams
+            if not futures:
+                futures.append(engine.submit(later, on_event=lambda e: deltas.append(e.text)
+                                             if isinstance(e, TextDelta) else None))
+        a = engine.submit(first, on_event=on_first)
+        joined_a = a.result(120)
+        joined_b = futures[0].result(120)
+        alone_b = engine.submit(later).result(120)
+    assert [c for c in sent if isinstance(c, JoinText)], "the later request was never sent to join"
+    assert joined_b.text_seconds == joined_a.text_seconds, "it did not join the writing batch"
+    assert joined_b.cot_text == alone_b.cot_text and "".join(deltas).startswith(joined_b.cot_text)
+    assert joined_a.written_tokens > 16
 
 
 def test_bad_text_requests_are_refused_naming_the_field():

@@ -37,8 +37,8 @@ from .files import image_metadata, pil_image
 from .params import EngineConfig, SamplingParams
 from .planner import Batch, BatchPlanner
 from .write import NONFINITE
-from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, PartialImages, Progress, Ready,
-                     RunBatch, RunText, Stop, Stopped, TextResult, TextTokens, engine_worker)
+from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, JoinText, PartialImages, Progress,
+                     Ready, RunBatch, RunText, Stop, Stopped, TextResult, TextTokens, engine_worker)
 
 
 # How long the first waiting request may wait for others to fill the idle DP groups.
@@ -203,6 +203,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._in_flight = None
+        self._joined: list[list] = []  # per DP group, the text passes that joined the writing batch in flight
         self._batch_started: float | None = None  # when the batch in flight was sent
         self._last_step: float | None = None  # when it last reported a finished step
         self._commands: deque[tuple[Command, Future]] = deque()  # commands other than batches, with their answers
@@ -285,7 +286,7 @@ class Engine:
             del self._requests[request_id]
             in_flight = self._in_flight[0] if self._in_flight is not None else None
             if isinstance(in_flight, (RunBatch, RunText)) and not any(
-                    item.request_id in self._requests for item in _items(in_flight)):
+                    item.request_id in self._requests for item in self._items_in_flight()):
                 cancel = CancelBatch(in_flight.batch.batch_id)
                 self._workers.channel.command(cancel)
         _fail(future, RequestAbandonedError("the request was abandoned before it finished"))
@@ -349,6 +350,7 @@ class Engine:
     def _dispatch(self):
         with self._lock:
             if self._in_flight is not None:
+                self._join_text()
                 return
             if self._commands:
                 self._in_flight = self._commands[0]
@@ -371,8 +373,32 @@ class Engine:
                     request.started = now
                     request.future.set_running_or_notify_cancel()
             self._in_flight = (command, None)
+            self._joined = [[] for _ in batch.groups] if isinstance(command, RunText) else []
             self._batch_started = self._last_step = now
             self._workers.channel.command(command)
+
+    def _join_text(self):
+        """Text passes that arrived while a writing batch runs join it (the planner's join_writing),
+        where the family lets them and no group of it writes an edit's text (under the lock)."""
+        command = self._in_flight[0]
+        if not isinstance(command, RunText) or self._closing or not self.config.model_info.text_joins:
+            return
+        groups = command.batch.groups
+        if any(item.images for group in groups for item in group):
+            return
+        rows = [len(group) + len(joined) for group, joined in zip(groups, self._joined)]
+        joining = self._planner.join_writing(rows)
+        if joining is None:
+            return
+        now = time.perf_counter()
+        for joined, more in zip(self._joined, joining):
+            # The worker gives a group that none joins a filler row: every group runs the prefill.
+            joined += more or [None]
+            for item in more:
+                request = self._requests[item.request_id]
+                request.started = now
+                request.future.set_running_or_notify_cancel()
+        self._workers.channel.command(JoinText(command.batch.batch_id, joining))
 
     def _handle(self, event):
         # WorkerFailed events are the workers' failure() business; Stopped is close()'s.
@@ -400,6 +426,12 @@ class Engine:
                 with self._lock:
                     (_, future), self._in_flight = self._commands.popleft(), None
                 future.set_result(event.reply)
+
+    def _items_in_flight(self) -> list:
+        """The real rows of the batch in flight, with the text passes that joined it (under the lock)."""
+        if self._in_flight is None or not isinstance(self._in_flight[0], (RunBatch, RunText)):
+            return []
+        return _items(self._in_flight[0]) + [item for group in self._joined for item in group if item is not None]
 
     def _requests_in_flight(self) -> list[_Request]:
         with self._lock:
@@ -440,13 +472,18 @@ class Engine:
         info, failed = self.config.model_info, []
         with self._lock:
             items = self._in_flight[0].batch.items
+            joined = [item for group in self._joined for item in group if item is not None]
             self._in_flight = self._batch_started = self._last_step = None
-            for item in items:
+            self._joined = []
+            for item in items + joined:
                 request = self._requests.get(item.request_id)
                 if request is None:  # abandoned meanwhile
                     continue
                 params, request.text_seconds = request.params, result.seconds
                 tokens = result.tokens.get(item.request_id)
+                if tokens is None and item in joined:  # it came after the batch's last check: again
+                    self._planner.add(item.request_id, params)
+                    continue
                 try:
                     if tokens is None:
                         raise ValueError("its batch ended without its tokens")
@@ -582,7 +619,7 @@ class Engine:
 
 
 def _items(command: RunBatch | RunText) -> list:
-    """The real rows of a batch in flight (images, or text passes)."""
+    """The real rows of a batch as it was sent (images, or text passes)."""
     return command.batch.images if isinstance(command, RunBatch) else command.batch.items
 
 

@@ -14,7 +14,9 @@ else the least-filled group already denoising that size and guidance, up to max_
 A request whose model writes before it draws waits first for its text pass (one row per request):
 a writing batch takes the waiting text passes (the oldest request first, spread over the groups,
 an edit's alone in its group: its input images are its rows' prefix), and a request whose text is
-written waits for its images in its place of arrival.
+written waits for its images in its place of arrival. While a writing batch runs, text passes that
+arrive join it (`join_writing`: into the least-filled group up to max_batch_size rows, no edit
+and none past an older edit), unless images wait: those run next, when the batch has ended.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 from ..models.base import ImageTask, TextTask
 from .params import SamplingParams
@@ -164,6 +167,22 @@ class BatchPlanner:
                 del self._writing[request_id]
         filler = replace(next(g[0] for g in groups if g), request_id=None)
         return TextBatchPlan(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
+
+    def join_writing(self, rows: Sequence[int]) -> tuple[tuple[TextItem, ...], ...] | None:
+        """Waiting text passes for the writing batch under way, whose DP groups hold rows[g] rows
+        (max_batch_size or more: the group takes none, as one holding an edit); None for none."""
+        if self._waiting:
+            return None
+        groups: list[list[TextItem]] = [[] for _ in rows]
+        for request_id, item in list(self._writing.items()):
+            if item.images:  # an edit starts a batch of its own, and the passes after it wait for it
+                break
+            room = [g for g in range(len(rows)) if rows[g] + len(groups[g]) < self.max_batch_size]
+            if not room:
+                break
+            groups[min(room, key=lambda g: rows[g] + len(groups[g]))].append(item)
+            del self._writing[request_id]
+        return tuple(tuple(g) for g in groups) if any(groups) else None
 
     def _place(self, groups: list[list[WorkItem]], item: WorkItem) -> list[WorkItem] | None:
         for group in groups:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from ..moe.layer import moe_layers
 from ..moe.stats import collect_routing_stats
 from .denoise import BatchCancelled, RankMetrics, denoise, is_decode_rank, preview_steps
 from .planner import Batch, TextBatchPlan
-from .write import write
+from .write import TextCheck, write
 
 # Rank 0 broadcasts a no-op this often while idle, so that a rank waiting for the next command
 # never waits longer than the control group allows.
@@ -60,7 +60,16 @@ class CancelBatch:
     batch_id: int
 
 
-Command = RunBatch | RunText | CollectRoutingStats | Stop | CancelBatch
+@dataclass(frozen=True)
+class JoinText:
+    """Sent while writing batch `batch_id` runs: text passes to join it at its next check
+    (groups[g]: those for DP group g). Ignored when it comes after the batch (the driver then
+    finds them missing from its result and queues them again)."""
+    batch_id: int
+    groups: tuple
+
+
+Command = RunBatch | RunText | CollectRoutingStats | Stop | CancelBatch | JoinText
 
 
 @dataclass(frozen=True)
@@ -185,7 +194,7 @@ def engine_worker(device: torch.device, channel, config, decode: bool, show_prog
             continue
         if isinstance(command, Stop):
             break
-        if isinstance(command, CancelBatch):  # its batch has finished meanwhile
+        if isinstance(command, (CancelBatch, JoinText)):  # its batch has finished meanwhile
             continue
         if isinstance(command, RunBatch):
             reply = run_batch(pipe, parallel, control, metrics, command.batch, channel, show_progress)
@@ -245,43 +254,67 @@ def run_batch(pipe, parallel: ParallelState, control: ControlPlane, metrics: Ran
 def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: TextBatchPlan,
              channel) -> TextResult | None:
     start = time.perf_counter()
-    groups = [[(item, item.request_id is not None) for item in group] for group in batch.groups]
+    items = [list(group) for group in batch.groups]  # grows as text passes join, in the writers' order
 
     def on_tokens(written):
         if channel is None:
             return
         if channel.abandoned:
             raise RuntimeError("the engine was closed during this batch")
-        tokens = {item.request_id: token for group, got in zip(batch.groups, written)
+        tokens = {item.request_id: token for group, got in zip(items, written)
                   for item, token in zip(group, got) if item.request_id is not None and token is not None}
         if tokens:
             channel.send(TextTokens(batch.batch_id, tokens))
 
-    should_stop = cancel_agreement(control, channel, batch.batch_id)
+    def check(step: int) -> TextCheck:
+        """Rank 0's commands for this batch since the last check (a stop, text passes to join), on
+        every rank."""
+        stop, joining = False, [[] for _ in items]
+        for command in commands_for(channel, batch.batch_id):
+            if isinstance(command, CancelBatch):
+                stop = True
+            else:
+                for group, more in zip(joining, command.groups):
+                    group += more
+        if not control.agree(stop or any(joining)):
+            return TextCheck()
+        stop, joining = control.broadcast((stop, joining))
+        if stop:
+            return TextCheck(stop=True)
+        filler = replace(next(item for group in joining for item in group), request_id=None)
+        joining = [group or [filler] for group in joining]  # every group runs the joining prefill
+        for group, more in zip(items, joining):
+            group += more
+        return TextCheck(join=[[(item, item.request_id is not None) for item in group] for group in joining])
 
     cancelled_at, ids = None, None
     try:
-        ids = write(pipe, info, groups, parallel, on_tokens, should_stop)
+        ids = write(pipe, info, [[(item, item.request_id is not None) for item in group] for group in batch.groups],
+                    parallel, on_tokens, check)
     except BatchCancelled as e:
         cancelled_at = e.step
     if parallel.global_rank != 0:
         return None
-    tokens = {} if ids is None else {item.request_id: row for group, rows in zip(batch.groups, ids)
+    tokens = {} if ids is None else {item.request_id: row for group, rows in zip(items, ids)
                                      for item, row in zip(group, rows) if item.request_id is not None}
     return TextResult(batch.batch_id, tokens, time.perf_counter() - start, cancelled_at)
 
 
 def cancel_agreement(control: ControlPlane, channel, batch_id: int):
-    """should_stop(steps done) for a batch's loop, on every rank: rank 0's answer, broadcast."""
-    return lambda step: control.agree(channel is not None and cancel_requested(channel, batch_id))
+    """should_stop(steps done) for a denoising batch's loop, on every rank: rank 0's answer, broadcast."""
+    return lambda step: control.agree(any(isinstance(c, CancelBatch) for c in commands_for(channel, batch_id)))
 
 
-def cancel_requested(channel, batch_id: int) -> bool:
-    """Whether the driver has asked to stop this batch (the only command it sends while one runs)."""
-    command = channel.poll()
-    if command is not None and not isinstance(command, CancelBatch):
-        raise RuntimeError(f"engine command {command!r} arrived while batch {batch_id} ran")
-    return command is not None and command.batch_id == batch_id
+def commands_for(channel, batch_id: int) -> list:
+    """The driver's commands for this batch since the last look (rank 0; none elsewhere): it sends
+    only CancelBatch and JoinText while a batch runs, and those of a batch that has ended are dropped."""
+    commands = []
+    while channel is not None and (command := channel.poll()) is not None:
+        if not isinstance(command, (CancelBatch, JoinText)):
+            raise RuntimeError(f"engine command {command!r} arrived while batch {batch_id} ran")
+        if command.batch_id == batch_id:
+            commands.append(command)
+    return commands
 
 
 def routing_summary(pipe, parallel: ParallelState, control: ControlPlane):

@@ -95,16 +95,27 @@ def sampler_rank(parallel: ParallelState) -> int:
     return int(rank_grid(parallel.config)[-1, parallel.dp.rank, 0, 0, 0])  # (pp, dp, cfg, sp, tp)
 
 
+@dataclass(frozen=True)
+class TextCheck:
+    """What every rank does at a check of a writing batch (rank 0's answer, broadcast): stop it, or
+    let rows join it (join[g]: the (task, real) rows that join DP group g; a group that gets none
+    while others do gets a filler row, not real, so that every group runs the joining prefill)."""
+
+    stop: bool = False
+    join: Sequence[Sequence[tuple[TextTask, bool]]] | None = None
+
+
 @torch.inference_mode()
 def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[TextTask, bool]]],
           parallel: ParallelState, on_tokens: Callable[[list[list[int | None]]], None] | None = None,
-          should_stop: Callable[[int], bool] | None = None) -> list[list[list[int]]]:
+          check: Callable[[int], TextCheck] | None = None) -> list[list[list[int]]]:
     """Runs the text passes of a batch: groups[g] the (task, real) rows of DP group g (filler rows
-    are not real: they step but never count). Returns every group's rows' tokens (on every rank);
-    a row whose logits were not finite ends with NONFINITE.
+    are not real: they step but never count). Returns every group's rows' tokens (on every rank),
+    the rows that joined after the first ones; a row whose logits were not finite ends with NONFINITE.
     on_tokens(tokens[g][r]) after each step: the token each row wrote (None: it had ended).
-    should_stop(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank and must answer
-    alike (the worker's: rank 0's, broadcast); True raises BatchCancelled."""
+    check(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank and must answer alike
+    (the worker's: rank 0's, broadcast): stop raises BatchCancelled; rows to join are prefilled
+    (TextBatch.join) and write from the next step on. A batch whose rows have all ended ends."""
     device = parallel.device
     rows = [[RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real) for task, real in group]
             for group in groups]
@@ -113,9 +124,9 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
     batch = pipe.start_text(mine, steps)
     picker = parallel.global_rank == sampler_rank(parallel)
     generators = [torch.Generator(device=device).manual_seed(task.seed) for task in mine] if picker else []
-    widest = max(len(group) for group in groups)
     logits = batch.logits
-    for step in range(steps):
+    step = 0
+    while not all(row.done for group in rows for row in group):
         if picker:
             # Overflowed logits fail their row, on the device (no sync): a NaN would make the
             # sampler fail, and an argmax of one write a token from nothing.
@@ -128,7 +139,7 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
             tokens = torch.empty(len(mine), dtype=torch.long, device=device)
         if parallel.replica.size > 1:
             dist.broadcast(tokens, src=sampler_rank(parallel), group=parallel.replica.process_group)
-        padded = torch.full((widest,), -1, dtype=torch.long, device=device)
+        padded = torch.full((max(len(group) for group in rows),), -1, dtype=torch.long, device=device)
         padded[:len(mine)] = tokens
         every = all_gather_tensor(padded, parallel.dp).tolist()  # the step's one host sync
         written = []
@@ -140,12 +151,36 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
                     row.push(token)
         if on_tokens is not None:
             on_tokens(written)
+        step += 1
         if all(row.done for group in rows for row in group):
             break
-        if should_stop is not None and (step + 1) % CANCEL_CHECK_EVERY == 0 and should_stop(step + 1):
-            raise BatchCancelled(step + 1)
+        checked = check(step) if check is not None and step % CANCEL_CHECK_EVERY == 0 else TextCheck()
+        if checked.stop:
+            raise BatchCancelled(step)
         logits = batch.step(tokens.clamp_min(0))  # a failed row steps on with any token
+        if checked.join:
+            joined = _join(batch, info, checked.join, rows, parallel)
+            mine += joined
+            if picker:
+                generators += [torch.Generator(device=device).manual_seed(task.seed) for task in joined]
+            room = max(info.text_rules(task).most_tokens(task.sampling.max_new_tokens) for task in joined)
+            new_logits = batch.join(joined, room)
+            logits = None if logits is None else torch.cat([logits, new_logits])
     return [[row.ids for row in group] for group in rows]
+
+
+def _join(batch, info: ModelInfo, join: Sequence[Sequence[tuple[TextTask, bool]]], rows: list[list[RowWriter]],
+          parallel: ParallelState) -> list[TextTask]:
+    """Adds the joining rows to every group's writers; returns this group's tasks."""
+    if batch.join is None:
+        raise RuntimeError("rows were sent to join a text pass that cannot take them (an edit's, or a family's "
+                           "without TextBatch.join)")
+    if not all(join):
+        raise RuntimeError("every DP group must take a row (a filler where none joins it) in a join")
+    for group, joining in zip(rows, join):
+        group += [RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real)
+                  for task, real in joining]
+    return [task for task, _ in join[parallel.dp.rank]]
 
 
 def _choose(row: RowWriter, logits: torch.Tensor, sampling: TextSampling, generator) -> torch.Tensor:

@@ -57,6 +57,18 @@ class TextCache:
         k[:, :L], v[:, :L] = prefix.k, prefix.v
         return cls(k, v)
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def joined(self, other: "TextCache") -> "TextCache":
+        """This cache's rows, then other's, in the larger capacity of the two."""
+        capacity = max(self.capacity, other.capacity)
+
+        def grown(t):
+            return F.pad(t, (0, 0, 0, 0, 0, capacity - t.shape[1]))
+        return TextCache(torch.cat([grown(self.k), grown(other.k)]), torch.cat([grown(self.v), grown(other.v)]))
+
 
 def sdpa(q, k, v, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, S, Hq, D], k/v [B, L, Hkv, D] -> [B, S, Hq, D]; Hq a multiple of Hkv (GQA).

@@ -49,6 +49,7 @@ class HunyuanImage3Info(ModelInfo):
         self.stored_quantization = None if stored is None else stored.name
         # The Instruct models write before they draw (their lm_head is loaded with them).
         self.text_tasks = TEXT_TASKS if self.generation.sequence_template == "instruct" else ()
+        self.text_joins = bool(self.text_tasks)
         task = self.generation.bot_task
         self.default_task = task if task in self.text_tasks else "image"
         self.default_text_sampling = self._text_sampling(self.generation.raw)

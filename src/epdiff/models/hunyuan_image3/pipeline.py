@@ -9,6 +9,7 @@ branch against the cache. The decode ranks turn final latents into images with t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -120,7 +121,36 @@ class HunyuanImage3Pipeline(ImagePipeline):
     def start_text(self, tasks, steps: int) -> TextBatch:
         """The text passes' prefill (one row a task, right-padded; an edit's rows share its input
         images, the planner's batch key), with room for `steps` written tokens a row. An input
-        image's posterior noise is the image's own seed's first draw, as its image pass draws it."""
+        image's posterior noise is the image's own seed's first draw, as its image pass draws it.
+        Rows without input images may join the pass later (TextBatch.join)."""
+        logits, caches, lengths = self._text_prefill(tasks, steps)
+        rows = _TextRows(caches, torch.tensor(lengths, device=self.device))  # slots: each row's next token's
+
+        def step(tokens: torch.Tensor) -> torch.Tensor | None:
+            logits = self.transformer.decode(tokens, rows.slots, rows.caches)
+            # A row that has ended keeps stepping while others write: it stays at its last slot.
+            torch.clamp(rows.slots + 1, max=rows.caches[0].capacity - 1 if rows.caches else 0, out=rows.slots)
+            return logits
+
+        # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
+        # §19); eager under collectives, on a CPU, with --enforce-eager, or where the experts
+        # take their per-expert loop (it reads their row counts on the host).
+        graphed = self.use_cuda_graphs and self.parallel.config.world_size == 1 and self._experts_stay_on_device()
+        rows.step = CudaGraphStep(step, graphed)
+
+        def join(joining, steps: int) -> torch.Tensor | None:
+            capacity = rows.caches[0].capacity if rows.caches else 0
+            logits, caches, lengths = self._text_prefill(joining, steps, capacity)
+            rows.caches = [mine.joined(new) for mine, new in zip(rows.caches, caches)]
+            rows.slots = torch.cat([rows.slots, torch.tensor(lengths, device=self.device)])
+            rows.step = CudaGraphStep(step, graphed)  # new shapes: captured again
+            return logits
+
+        return TextBatch(logits, lambda tokens: rows.step(tokens), None if tasks[0].images else join)
+
+    def _text_prefill(self, tasks, steps: int, capacity: int = 0):
+        """(next-token logits, this stage's caches, each row's length) of the tasks' text prefixes,
+        with room for `steps` tokens a row (at least `capacity` in all)."""
         first, c = tasks[0], self.config
         prepared = [self.conditioner.prepare(image) for image in first.images] if first.images else []
         layouts = [p.layout for p in prepared]
@@ -131,20 +161,9 @@ class HunyuanImage3Pipeline(ImagePipeline):
         posteriors = [initial_noise(task.seed, (1, 1, 1), self.device,
                                     [(c.latent_channels, *layout.vae_grid) for layout in layouts])[1] for task in tasks]
         cond = self._cond_inputs(prepared, posteriors, rows[0].cond, 1)
-        logits, caches = self.transformer.start_text(prefix, positions, lengths, max(lengths) + steps, cond,
-                                                     rows[0].bidirectional_blocks)
-        slots = torch.tensor(lengths, device=self.device)  # where each row's next token goes
-
-        def step(tokens: torch.Tensor) -> torch.Tensor | None:
-            logits = self.transformer.decode(tokens, slots, caches)
-            slots.add_(1)
-            return logits
-
-        # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
-        # §19); eager under collectives, on a CPU, with --enforce-eager, or where the experts
-        # take their per-expert loop (it reads their row counts on the host).
-        graphed = self.use_cuda_graphs and self.parallel.config.world_size == 1 and self._experts_stay_on_device()
-        return TextBatch(logits, CudaGraphStep(step, graphed))
+        logits, caches = self.transformer.start_text(prefix, positions, lengths, max(capacity, max(lengths) + steps),
+                                                     cond, rows[0].bidirectional_blocks)
+        return logits, caches, lengths
 
     def _experts_stay_on_device(self) -> bool:
         probe = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
@@ -182,3 +201,13 @@ class HunyuanImage3Pipeline(ImagePipeline):
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             images = self.vae.decode_latents(latents.to(self.device, next(self.vae.parameters()).dtype))
         return to_uint8(images.float()).cpu()
+
+
+@dataclass
+class _TextRows:
+    """A text pass's state on this rank: its caches (this stage's layers), each row's next slot,
+    and the step (captured again when rows join)."""
+
+    caches: list
+    slots: torch.Tensor
+    step: CudaGraphStep | None = None
