@@ -1,11 +1,11 @@
 """GPU: the text pass's one-token step replayed as a CUDA graph writes what the eager step writes
-(bf16 and FP8, a padded batch of two rows: the same tokens)."""
+(bf16 and FP8, a padded batch of two rows, and a row joining at step 16: the same tokens)."""
 
 import pytest
 import torch
 
 from epdiff.distributed.parallel_state import ParallelState
-from epdiff.engine.write import write
+from epdiff.engine.write import TextCheck, write
 from epdiff.kernels import graphs
 from epdiff.models.base import TextSampling, TextTask
 from epdiff.models.registry import model_info
@@ -32,7 +32,12 @@ def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, 
     rows = [[(TextTask("a red circle", 1, "recaption", False, TextSampling(24)), True),
              (TextTask("two blue squares on the left of a green triangle", 2, "think_recaption", True,
                        TextSampling(24, temperature=0.8, top_k=50)), True)]]
-    captured = write(pipe, info, rows, state)
+    joining = (TextTask("a small yellow star", 3, "recaption", False, TextSampling(16)), True)
+
+    def join_at_16(step):  # the step is captured again with the third row
+        return TextCheck(join=[[joining]]) if step == 16 else TextCheck()
+
+    captured = write(pipe, info, rows, state, check=join_at_16)
     replays = []
     real = graphs.CudaGraphStep.__call__
 
@@ -45,6 +50,6 @@ def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, 
     write(pipe, info, rows, state)
     assert sum(replays) >= 20  # the steps after the first two replayed the graph
     monkeypatch.setattr(graphs.CudaGraphStep, "__call__", lambda self, *inputs: self.fn(*inputs))
-    eager = write(pipe, info, rows, state)
-    assert captured == eager
+    eager = write(pipe, info, rows, state, check=join_at_16)
+    assert captured == eager and len(captured[0]) == 3
 
