@@ -174,7 +174,8 @@ def test_a_row_that_joins_a_pass_under_way_writes_as_it_would_alone():
 
 
 def test_rows_join_on_every_layout_as_on_one_rank(world8):
-    configs = [layout(dp=2, ep=True), layout(tp=2, ep=True), layout(pp=2, ep=True)]
+    configs = [layout(dp=2, ep=True), layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"),
+               layout(pp=2, ep=True)]
     rows = [r for per_rank in world8.run(2, joins_against_one_rank, "instruct-distil", configs) for r in per_rank]
     assert rows and all(r["first"] and r["later"] and r["wrote_past_join"] for r in rows), rows
 
