@@ -3,7 +3,7 @@
 # Release width; 32 FP8 layers (the release) where the GPU has over 100 GiB (an H200), else 20
 # (an H100: 32 do not fit beside the activations). The server's packages travel as wheels in .whl
 # (the device README says how).
-#   bash benchmarks/gpu_session.sh tests profile experts text image edit serve base
+#   bash benchmarks/gpu_session.sh tests profile experts text image edit serve vae base
 #   BASELINE=.baseline bash benchmarks/gpu_session.sh ab    # src/ of another commit: git archive C src | tar -x -C .baseline
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -51,6 +51,8 @@ for section in "$@"; do
     timeout 240 python3 benchmarks/serve_latency.py --release-width $L --variant instruct-distil --images 5 \
       --steps 8 --size 1024 --concurrency 1 --skip-cli --out $OUT/serve -- --quantization fp8 \
       > $OUT/serve.log 2>&1; tail -15 $OUT/serve.log ;;
+  vae)      # issue 25: the 1024² decode, its kernels, and its convolutions as 2-D ones
+    timeout 200 python3 benchmarks/vae_decode.py --size 1024 --profile --runs 3 --out $OUT 2>&1 | grep -v '^{' | tail -30 ;;
   base)     # issue 25: the base model's FP8 step, guidance on (both branches)
     timeout 200 python3 benchmarks/step_scaling.py --layers $L --steps 6 --layouts "1 GPU" --quantization fp8 \
       --out $OUT 2>&1 | tail -6 ;;

@@ -1,7 +1,12 @@
 """The VAE decode of one 1024² image on one GPU, as the pipeline runs it and in variants: channels-last
-3-D activations and weights, cuDNN's autotuner, bf16 instead of fp16 autocast.
+3-D activations and weights, cuDNN's autotuner, bf16 instead of fp16 autocast, the 3-D convolutions
+as 2-D ones (a conv per temporal tap, or one conv with the taps stacked into the channels; one frame
+convolves with the middle tap only). --profile: the pipeline decode's longest kernels.
 
-    python benchmarks/vae_decode.py --size 1024
+    python benchmarks/vae_decode.py --size 1024 --profile
+
+The decoder's convolutions are ~104 TFLOP at 1024² (one latent frame decoded to four, the late
+levels at full width on four frames); the script prints the rate each variant reaches.
 
 HunyuanImage-3.0's release VAE config (32 latent channels, 16× spatial, one latent frame decoded
 to four, the last kept), dummy weights, fp32 weights under autocast as the pipeline decodes
@@ -22,14 +27,14 @@ from torch import nn
 
 from epdiff.models.hunyuan_image3.vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, to_uint8
 
-VARIANTS = {  # name: (autocast dtype, channels-last weights and input, cudnn.benchmark, 3-D convs as 2-D)
-    "pipeline (fp16 autocast)": (torch.float16, False, False, False),
-    "+ channels-last": (torch.float16, True, False, False),
-    "+ cudnn.benchmark": (torch.float16, False, True, False),
-    "+ both": (torch.float16, True, True, False),
-    "bf16 autocast + both": (torch.bfloat16, True, True, False),
-    "3-D convs as 2-D convs over frames": (torch.float16, False, False, True),
-    "3-D convs as 2-D, channels-last": (torch.float16, True, False, True),
+VARIANTS = {  # name: (autocast dtype, channels-last weights and input, cudnn.benchmark, 3-D convs as 2-D: how)
+    "pipeline (fp16 autocast)": (torch.float16, False, False, None),
+    "+ channels-last": (torch.float16, True, False, None),
+    "+ cudnn.benchmark": (torch.float16, False, True, None),
+    "3-D convs as 2-D convs over frames": (torch.float16, False, False, "per tap"),
+    "3-D convs as one 2-D conv, taps stacked into channels": (torch.float16, False, False, "stacked"),
+    "taps stacked, channels-last": (torch.float16, True, False, "stacked"),
+    "taps stacked, channels-last, cudnn.benchmark": (torch.float16, True, True, "stacked"),
 }
 
 
@@ -61,20 +66,64 @@ def conv3d_as_2d(self, x):
     return out.view(B, T, -1, H, W).transpose(1, 2)
 
 
+def conv3d_taps_stacked(self, x):
+    """A zero-padded k×3×3 Conv3d as one 2-D convolution per frame batch: frame t's input is frames
+    t-1, t, t+1 stacked into the channels (zeros past the ends), the weight's taps likewise. One
+    frame: the middle tap alone (the others read zeros)."""
+    kt = self.kernel_size[0]
+    B, C, T, H, W = x.shape
+    if kt == 1 or T == 1:
+        frames = x.transpose(1, 2).reshape(B * T, C, H, W)
+        out = F.conv2d(frames, self.weight[:, :, kt // 2], self.bias, padding=self.padding[1:])
+    else:
+        padded = F.pad(x, (0, 0, 0, 0, kt // 2, kt // 2))
+        stacked = torch.cat([padded[:, :, tap:tap + T] for tap in range(kt)], dim=1)  # [B, kt·C, T, H, W]
+        frames = stacked.transpose(1, 2).reshape(B * T, kt * C, H, W)
+        if x.is_contiguous(memory_format=torch.channels_last_3d):
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * C, *self.kernel_size[1:])
+        out = F.conv2d(frames, weight, self.bias, padding=self.padding[1:])
+    return out.view(B, T, -1, H, W).transpose(1, 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print the pipeline decode's 15 longest kernels")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     vae = AutoencoderKLConv3D(dict(RELEASE_VAE_CONFIG), with_encoder=False).cuda().eval()
     latents = torch.randn(1, vae.latent_channels, args.size // 16, args.size // 16, device="cuda")
-    results, reference = [], None
     conv3d = nn.Conv3d.forward
+    forwards = {None: conv3d, "per tap": conv3d_as_2d, "stacked": conv3d_taps_stacked}
+    # Every tap counted, as the 3-D kernels compute them: the rate each variant reaches on that work.
+    flops = []
+    hooks = [m.register_forward_hook(lambda m, i, out: flops.append(2 * out.numel() * m.weight[0].numel()))
+             for m in vae.decoder.modules() if isinstance(m, nn.Conv3d)]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        vae.decode_latents(latents)
+    for hook in hooks:
+        hook.remove()
+    tflop = sum(flops) / 1e12
+    print(f"decoder convolutions: {tflop:.1f} TFLOP at {args.size}²", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode(), \
+                torch.autocast("cuda", dtype=torch.float16):
+            vae.decode_latents(latents)
+            torch.cuda.synchronize()
+        events = [(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count, e.key)
+                  for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(us for us, _, _ in events)
+        print(f"pipeline decode: {total / 1e3:.1f} ms of kernels; the longest:")
+        for us, count, key in sorted(events, reverse=True)[:15]:
+            print(f"  {us / 1e3:8.2f} ms  x{count:<4d} {key[:120]}")
+    results, reference = [], None
     for name, (dtype, channels_last, benchmark, as_2d) in VARIANTS.items():
         torch.backends.cudnn.benchmark = benchmark
-        nn.Conv3d.forward = conv3d_as_2d if as_2d else conv3d
+        nn.Conv3d.forward = forwards[as_2d]
         model = vae.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
         times = []
         for run in range(args.runs + 1):
@@ -91,17 +140,19 @@ def main():
         differ = (pixels.int() - reference.int()).abs()
         row = dict(variant=name, seconds=statistics.median(times), max_level_diff=int(differ.max()),
                    mean_level_diff=float(differ.float().mean()))
+        row["conv_tflops_per_s"] = tflop / row["seconds"]
         results.append(row)
         print(json.dumps(row), flush=True)
     torch.backends.cudnn.benchmark = False
     nn.Conv3d.forward = conv3d
     for row in results:
-        print(f"| {row['variant']} | {row['seconds']:.3f} s | {row['max_level_diff']} levels at most, "
-              f"{row['mean_level_diff']:.3f} on average |")
+        print(f"| {row['variant']} | {row['seconds']:.3f} s | {row['conv_tflops_per_s']:.0f} TFLOP/s | "
+              f"{row['max_level_diff']} levels at most, {row['mean_level_diff']:.3f} on average |")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "vae_decode.json"), "w") as f:
-            json.dump(dict(size=args.size, device=torch.cuda.get_device_name(), results=results), f, indent=1)
+            json.dump(dict(size=args.size, device=torch.cuda.get_device_name(), conv_tflop=tflop, results=results),
+                      f, indent=1)
 
 
 if __name__ == "__main__":
