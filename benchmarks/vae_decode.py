@@ -35,6 +35,7 @@ VARIANTS = {  # name: (autocast dtype, channels-last weights and input, cudnn.be
     "3-D convs as one 2-D conv, taps stacked into channels": (torch.float16, False, False, "stacked"),
     "taps stacked, channels-last": (torch.float16, True, False, "stacked"),
     "taps stacked, channels-last, cudnn.benchmark": (torch.float16, True, True, "stacked"),
+    "3-D convs without the taps that read zero frames": (torch.float16, False, False, "trimmed"),
 }
 
 
@@ -86,6 +87,27 @@ def conv3d_taps_stacked(self, x):
     return out.view(B, T, -1, H, W).transpose(1, 2)
 
 
+def conv3d_trimmed(self, x):
+    """A zero-padded 3×3×3 Conv3d that skips the temporal taps reading the zero frames past the
+    ends (exact): the inner frames by a 3-D conv without temporal padding, each end frame by the two
+    taps that read real frames; one frame: the middle tap as a 2-D conv. 22 % fewer multiply-adds
+    in the release decoder (its levels of one and two frames, and the end frames of four)."""
+    kt, T = self.kernel_size[0], x.shape[2]
+    if kt != 3:
+        return conv3d_original(self, x)
+    pad = (0,) + tuple(self.padding[1:])
+    weight, bias = self.weight, self.bias
+    if T == 1:
+        return F.conv2d(x[:, :, 0], weight[:, :, 1], bias, padding=pad[1:]).unsqueeze(2)
+    first = F.conv3d(x[:, :, :2], weight[:, :, 1:].contiguous(), bias, padding=pad)
+    last = F.conv3d(x[:, :, -2:], weight[:, :, :2].contiguous(), bias, padding=pad)
+    inner = [F.conv3d(x, weight, bias, padding=pad)] if T > 2 else []
+    return torch.cat([first, *inner, last], dim=2)
+
+
+conv3d_original = nn.Conv3d.forward
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
@@ -97,7 +119,7 @@ def main():
     vae = AutoencoderKLConv3D(dict(RELEASE_VAE_CONFIG), with_encoder=False).cuda().eval()
     latents = torch.randn(1, vae.latent_channels, args.size // 16, args.size // 16, device="cuda")
     conv3d = nn.Conv3d.forward
-    forwards = {None: conv3d, "per tap": conv3d_as_2d, "stacked": conv3d_taps_stacked}
+    forwards = {None: conv3d, "per tap": conv3d_as_2d, "stacked": conv3d_taps_stacked, "trimmed": conv3d_trimmed}
     # Every tap counted, as the 3-D kernels compute them: the rate each variant reaches on that work.
     flops = []
     hooks = [m.register_forward_hook(lambda m, i, out: flops.append(2 * out.numel() * m.weight[0].numel()))
