@@ -120,3 +120,33 @@ def test_swiglu_of_no_rows():
     from epdiff.layers.activation import swiglu_up_gate
 
     assert swiglu_up_gate(torch.empty(0, 64, device="cuda")).shape == (0, 32)
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 4, 96, 80), (2, 64, 1, 33, 17)])
+@torch.inference_mode()
+def test_group_norm_with_and_without_swish_matches_eager(shape):
+    from epdiff.kernels import norm as norm_kernels
+
+    x = torch.randn(shape, device="cuda") * 3 + 1.5
+    w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
+    expect = F.group_norm(x, 32, w, b, 1e-6)
+    torch.testing.assert_close(norm_kernels.group_norm(x, 32, w, b, 1e-6), expect, rtol=1e-5, atol=1e-5)
+    got = norm_kernels.group_norm(x.half(), 32, w, b, 1e-6, True, torch.float16)
+    swished = F.group_norm(x.half().float(), 32, w, b, 1e-6)
+    torch.testing.assert_close(got.float(), swished * torch.sigmoid(swished), rtol=2e-3, atol=2e-3)
+
+
+@torch.inference_mode()
+def test_the_vae_decodes_with_the_group_norm_kernel_as_without(monkeypatch):
+    """The release VAE at 256² under fp16 autocast, as the pipeline decodes: its image with the
+    GroupNorm kernel against eager GroupNorm (uint8 levels)."""
+    from epdiff.models.hunyuan_image3.vae import RELEASE_VAE_CONFIG, AutoencoderKLConv3D, to_uint8
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLConv3D(dict(RELEASE_VAE_CONFIG), with_encoder=False).cuda().eval()
+    latents = torch.randn(1, vae.latent_channels, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        fused = to_uint8(vae.decode_latents(latents).float())
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        eager = to_uint8(vae.decode_latents(latents).float())
+    assert (fused.int() - eager.int()).abs().max() <= 2

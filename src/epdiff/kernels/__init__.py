@@ -9,6 +9,7 @@ an image from other numerical differences).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,3 +27,10 @@ def available(x: torch.Tensor) -> bool:
 
 
 ENABLED = triton is not None and os.environ.get("EPDIFF_TRITON", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The GPU's multiprocessors (a launch size for kernels that spread over all of them)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -19,11 +19,9 @@ the expert path runs its buffer in chunks, and the last chunks are often empty.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from . import tl, triton
+from . import sm_count, tl, triton
 
 # The row-quantized format the FP8 kernels write: float8_e4m3fn codes with one fp32 scale per row,
 # amax / FP8_MAX (quantization/fp8.py computes the same eagerly).
@@ -148,15 +146,14 @@ if triton is not None:
                     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
+def _programs(device: torch.device) -> int:
+    return sm_count(device) * PROGRAMS_PER_SM
 
 
 def _grid(rows: int, device: torch.device) -> tuple[int]:
     """Persistent programs striding over the rows. The count is a launch size, not a constexpr:
     a kernel compiled per row count would recompile for every new prompt length."""
-    return (min(rows, _programs(device.index if device.index is not None else torch.cuda.current_device())),)
+    return (min(rows, _programs(device)),)
 
 
 def _count(count: torch.Tensor | None, rows: int, device) -> torch.Tensor:

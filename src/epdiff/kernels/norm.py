@@ -1,4 +1,5 @@
-"""Fused RMSNorm (after an optional residual add) and RoPE + per-head RMSNorm of q and k.
+"""Fused RMSNorm (after an optional residual add), RoPE + per-head RMSNorm of q and k, and the
+VAE's GroupNorm (+ swish).
 
 Profiled on an H200 (benchmarks/profile_step.py, release width, 8 layers, 1024²): eager fp32
 upcasts, rotate-half temporaries and norm statistics took ~27 ms of a 133 ms step. Each kernel
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import tl, triton
+from . import sm_count, tl, triton
 
 if triton is not None:
 
@@ -60,6 +61,74 @@ if triton is not None:
             w1, w2 = tl.load(kw_ptr + cols).to(tl.float32), tl.load(kw_ptr + HALF + cols).to(tl.float32)
         tl.store(dst + cols, (w1 * n1).to(dtype))
         tl.store(dst + HALF + cols, (w2 * n2).to(dtype))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_sum_kernel(x_ptr, mean_ptr, part_ptr, size, chunk, CENTERED: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (row, part): the sum of row's elements part·chunk .. +chunk (centred on the
+        row's mean and squared, when CENTERED) into part_ptr[row, part]."""
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        start = part * chunk
+        center = tl.load(mean_ptr + row) if CENTERED else 0.0
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for offset in range(0, chunk, BLOCK):  # chunk: a multiple of BLOCK; the last part's tail masked
+            cols = start + offset + tl.arange(0, BLOCK)
+            mask = cols < size
+            v = tl.load(x_ptr + row * size + cols, mask=mask, other=0.0).to(tl.float32)
+            if CENTERED:
+                v = tl.where(mask, v - center, 0.0)
+                v = v * v
+            acc += v
+        tl.store(part_ptr + row * tl.num_programs(1) + part, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _group_norm_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, size, chunk, spatial, groups,
+                           group_channels, SWISH: tl.constexpr, BLOCK: tl.constexpr):
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        start = part * chunk
+        mean, rstd = tl.load(mean_ptr + row), tl.load(rstd_ptr + row)
+        for offset in range(0, chunk, BLOCK):
+            cols = start + offset + tl.arange(0, BLOCK)
+            mask = cols < size
+            x = tl.load(x_ptr + row * size + cols, mask=mask, other=0.0).to(tl.float32)
+            channel = (row % groups) * group_channels + cols // spatial
+            w = tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
+            b = tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * w + b
+            if SWISH:
+                y = y * tl.sigmoid(y)
+            tl.store(out_ptr + row * size + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               swish: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """GroupNorm of x [B, C, ...] (statistics in fp32, two passes: the mean, then the centred
+    squares), its affine weight and bias, then x·sigmoid(x) where swish; out_dtype (default x's).
+    Each (image, group) row is split over enough programs to fill the GPU: torch's own kernel runs
+    one program a row, 32 rows for one image (BENCHMARKS §22)."""
+    B, C = x.shape[:2]
+    x = x.contiguous()
+    size = x.numel() // (B * groups)  # elements of one (image, group) row: C/groups channels
+    spatial = size // (C // groups)
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    rows = B * groups
+    if not x.numel():
+        return out
+    block = 2048
+    parts = max(1, min(triton.cdiv(size, block), triton.cdiv(8 * sm_count(x.device), rows)))
+    chunk = triton.cdiv(triton.cdiv(size, parts), block) * block
+    parts = triton.cdiv(size, chunk)
+    partial = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    _group_sum_kernel[(rows, parts)](x, mean, partial, size, chunk, CENTERED=False, BLOCK=block, num_warps=8)
+    torch.div(partial.sum(1), size, out=mean)
+    _group_sum_kernel[(rows, parts)](x, mean, partial, size, chunk, CENTERED=True, BLOCK=block, num_warps=8)
+    rstd = torch.rsqrt(partial.sum(1) / size + eps)
+    _group_norm_kernel[(rows, parts)](x, mean, rstd, weight, bias, out, size, chunk, spatial, groups, C // groups,
+                                      SWISH=swish, BLOCK=block, num_warps=8)
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
