@@ -323,6 +323,27 @@ def test_a_request_arriving_while_the_engine_writes_joins_the_pass_and_streams()
     assert joined_a.written_tokens > 16
 
 
+def test_a_request_sent_to_join_a_pass_that_ends_first_runs_after_it():
+    from epdiff.engine.engine import Engine
+    from epdiff.engine.worker import JoinText
+
+    folder = checkpoint("instruct-distil")
+    # 8 tokens: the pass ends before its first check (step 16), so the join is never taken.
+    first = SamplingParams("a small yellow star", task="recaption", max_new_tokens=8, seed=3, temperature=0,
+                           num_inference_steps=1)
+    later = SamplingParams("a red circle", task="recaption", max_new_tokens=8, seed=5, num_inference_steps=1)
+    with Engine(EngineConfig(folder), decode=False) as engine:
+        sent, futures = [], []
+        command = engine._workers.channel.command
+        engine._workers.channel.command = lambda c: sent.append(c) or command(c)
+        a = engine.submit(first, on_event=lambda e: futures or futures.append(engine.submit(later)))
+        a.result(120)
+        queued_again = futures[0].result(120)
+        alone = engine.submit(later).result(120)
+    assert [c for c in sent if isinstance(c, JoinText)]
+    assert queued_again.cot_text == alone.cot_text and queued_again.text_seconds > 0
+
+
 def test_bad_text_requests_are_refused_naming_the_field():
     config = EngineConfig(checkpoint("instruct-distil")).resolve()
     cases = [(dict(task="poem"), "task", "unknown task 'poem' for this model; it does: image, think, recaption"),

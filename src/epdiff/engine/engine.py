@@ -396,8 +396,9 @@ class Engine:
             joined += more or [None]
             for item in more:
                 request = self._requests[item.request_id]
-                request.started = now
-                request.future.set_running_or_notify_cancel()
+                if request.started is None:  # (one queued again after a join came too late has started)
+                    request.started = now
+                    request.future.set_running_or_notify_cancel()
         self._workers.channel.command(JoinText(command.batch.batch_id, joining))
 
     def _handle(self, event):
