@@ -146,9 +146,11 @@ def joined_rows(variant: str):
 
 
 def joins_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
-    """The last DP group's row joins the first row of group 0 at step 16 (the other groups join a
-    filler): every rank's tokens against one rank's alone."""
+    """The last DP group's row joins at step 16 a batch whose group 0 holds a long row and a short
+    one, which has ended by then and leaves the batch (the other groups' fillers too): every rank's
+    tokens against one rank's alone."""
     first, later = joined_rows(variant)
+    short = text_task(variant, "a green square", 6, "recaption", False, budget=4)
     out = []
     for config in configs:
         state = ParallelState.build(config, "cpu")
@@ -156,28 +158,29 @@ def joins_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
         pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
         dp = config.data_parallel_size
         joining = [[] for _ in range(dp - 1)] + [[later]]
-        starting = [[(first, True)]] + [[(first, False)] for _ in range(dp - 1)]
+        starting = [[(short, True), (first, True)]] + [[(first, False)] for _ in range(dp - 1)]
         ids = write(pipe, info, starting, state, check=joining_at(16, joining))
         single = ParallelState.single()
         alone = {}
-        for task in (first, later):
+        for task in (short, first, later):
             one = model_info(checkpoint(variant)).load_pipeline(single, torch.float32, "safetensors", None, False)
             alone[task.prompt] = write(one, info, [[(task, True)]], single)[0][0]
-        out.append(dict(layout=config.describe(), rank=rank, first=ids[0][0] == alone[first.prompt],
-                        later=ids[-1][-1] == alone[later.prompt], wrote_past_join=len(ids[0][0]) > 16))
+        out.append(dict(layout=config.describe(), rank=rank, first=ids[0][1] == alone[first.prompt],
+                        short=ids[0][0] == alone[short.prompt] and len(ids[0][0]) < 16,
+                        later=ids[-1][-1] == alone[later.prompt], wrote_past_join=len(ids[0][1]) > 16))
     return out
 
 
 def test_a_row_that_joins_a_pass_under_way_writes_as_it_would_alone():
     rows = joins_against_one_rank(0, "instruct-distil", [layout()])
-    assert rows[0]["first"] and rows[0]["later"] and rows[0]["wrote_past_join"], rows
+    assert rows[0]["first"] and rows[0]["short"] and rows[0]["later"] and rows[0]["wrote_past_join"], rows
 
 
 def test_rows_join_on_every_layout_as_on_one_rank(world8):
     configs = [layout(dp=2, ep=True), layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"),
                layout(pp=2, ep=True)]
     rows = [r for per_rank in world8.run(2, joins_against_one_rank, "instruct-distil", configs) for r in per_rank]
-    assert rows and all(r["first"] and r["later"] and r["wrote_past_join"] for r in rows), rows
+    assert rows and all(r["first"] and r["short"] and r["later"] and r["wrote_past_join"] for r in rows), rows
 
 
 def test_a_row_writes_the_same_alone_as_in_a_padded_batch():

@@ -204,6 +204,9 @@ class Engine:
         self._lock = threading.Lock()
         self._in_flight = None
         self._joined: list[list] = []  # per DP group, the text passes that joined the writing batch in flight
+        # Per DP group, its rows writing at the last step reported, and the rows sent to join since.
+        self._writing_rows: list[int] = []
+        self._joined_since: list[int] = []
         self._batch_started: float | None = None  # when the batch in flight was sent
         self._last_step: float | None = None  # when it last reported a finished step
         self._commands: deque[tuple[Command, Future]] = deque()  # commands other than batches, with their answers
@@ -374,6 +377,7 @@ class Engine:
                     request.future.set_running_or_notify_cancel()
             self._in_flight = (command, None)
             self._joined = [[] for _ in batch.groups] if isinstance(command, RunText) else []
+            self._writing_rows, self._joined_since = [len(g) for g in batch.groups], [0] * len(batch.groups)
             self._batch_started = self._last_step = now
             self._workers.channel.command(command)
 
@@ -386,14 +390,16 @@ class Engine:
         groups = command.batch.groups
         if any(item.images for group in groups for item in group):
             return
-        rows = [len(group) + len(joined) for group, joined in zip(groups, self._joined)]
+        # The rows that ended leave the batch when others join (engine/write.py): count those writing.
+        rows = [writing + joined for writing, joined in zip(self._writing_rows, self._joined_since)]
         joining = self._planner.join_writing(rows)
         if joining is None:
             return
         now = time.perf_counter()
-        for joined, more in zip(self._joined, joining):
+        for g, (joined, more) in enumerate(zip(self._joined, joining)):
             # The worker gives a group that none joins a filler row: every group runs the prefill.
             joined += more or [None]
+            self._joined_since[g] += len(more) or 1
             for item in more:
                 request = self._requests[item.request_id]
                 if request.started is None:  # (one queued again after a join came too late has started)
@@ -413,6 +419,9 @@ class Engine:
                         log.warning("epdiff: a progress callback failed: %s: %s", type(e).__name__, e)
         elif isinstance(event, TextTokens):
             self._last_step = time.perf_counter()
+            with self._lock:
+                if event.writing and len(event.writing) == len(self._writing_rows):
+                    self._writing_rows, self._joined_since = list(event.writing), [0] * len(event.writing)
             for request_id, token in event.tokens.items():
                 self._stream_text(request_id, token)
         elif isinstance(event, PartialImages):

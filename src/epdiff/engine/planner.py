@@ -15,8 +15,8 @@ A request whose model writes before it draws waits first for its text pass (one 
 a writing batch takes the waiting text passes (the oldest request first, spread over the groups,
 an edit's alone in its group: its input images are its rows' prefix), and a request whose text is
 written waits for its images in its place of arrival. While a writing batch runs, text passes that
-arrive join it (`join_writing`: into the least-filled group up to max_batch_size rows, no edit
-and none past an older edit), unless images wait: those run next, when the batch has ended.
+arrive join it (`join_writing`: into the least-filled group up to max_batch_size rows writing,
+no edit and none past an older edit), unless images wait: those run next, when the batch has ended.
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ class BatchPlanner:
         return TextBatchPlan(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
 
     def join_writing(self, rows: Sequence[int]) -> tuple[tuple[TextItem, ...], ...] | None:
-        """Waiting text passes for the writing batch under way, whose DP groups hold rows[g] rows
-        (max_batch_size or more: the group takes none, as one holding an edit); None for none."""
+        """Waiting text passes for the writing batch under way, whose DP groups write rows[g] rows
+        (max_batch_size or more: the group takes none); None for none."""
         if self._waiting:
             return None
         groups: list[list[TextItem]] = [[] for _ in rows]

@@ -87,9 +87,11 @@ class Progress:
 
 @dataclass(frozen=True)
 class TextTokens:
-    """The tokens a writing batch's requests wrote in one step (request id -> token)."""
+    """The tokens a writing batch's requests wrote in one step (request id -> token), and how many
+    rows wrote in each DP group (fillers too)."""
     batch_id: int
     tokens: dict
+    writing: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: 
         tokens = {item.request_id: token for group, got in zip(items, written)
                   for item, token in zip(group, got) if item.request_id is not None and token is not None}
         if tokens:
-            channel.send(TextTokens(batch.batch_id, tokens))
+            channel.send(TextTokens(batch.batch_id, tokens, tuple(sum(t is not None for t in got) for got in written)))
 
     def check(step: int) -> TextCheck:
         """Rank 0's commands for this batch since the last check (a stop, text passes to join), on

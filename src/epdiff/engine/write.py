@@ -112,10 +112,11 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
     """Runs the text passes of a batch: groups[g] the (task, real) rows of DP group g (filler rows
     are not real: they step but never count). Returns every group's rows' tokens (on every rank),
     the rows that joined after the first ones; a row whose logits were not finite ends with NONFINITE.
-    on_tokens(tokens[g][r]) after each step: the token each row wrote (None: it had ended).
-    check(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank and must answer alike
-    (the worker's: rank 0's, broadcast): stop raises BatchCancelled; rows to join are prefilled
-    (TextBatch.join) and write from the next step on. A batch whose rows have all ended ends."""
+    on_tokens(tokens[g][r]) after each step: the token each row wrote (None: it had ended), rows
+    numbered as returned. check(steps done) is asked every CANCEL_CHECK_EVERY steps on every rank
+    and must answer alike (the worker's: rank 0's, broadcast): stop raises BatchCancelled; rows to
+    join are prefilled (TextBatch.join) and write from the next step on, after the rows that have
+    ended leave the batch (TextBatch.compact). A batch whose rows have all ended ends."""
     device = parallel.device
     rows = [[RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real) for task, real in group]
             for group in groups]
@@ -125,6 +126,7 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
     picker = parallel.global_rank == sampler_rank(parallel)
     generators = [torch.Generator(device=device).manual_seed(task.seed) for task in mine] if picker else []
     logits = batch.logits
+    held = [list(range(len(group))) for group in rows]  # the rows each group's batch holds, in its order
     step = 0
     while not all(row.done for group in rows for row in group):
         if picker:
@@ -132,23 +134,23 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
             # sampler fail, and an argmax of one write a token from nothing.
             bad = ~torch.isfinite(logits).all(-1)
             logits = torch.nan_to_num(logits, nan=0.0)
+            writers = [rows[parallel.dp.rank][i] for i in held[parallel.dp.rank]]
             tokens = torch.stack([_choose(row, logits[r], task.sampling, generators[r])
-                                  for r, (row, task) in enumerate(zip(rows[parallel.dp.rank], mine))])
+                                  for r, (row, task) in enumerate(zip(writers, mine))])
             tokens = torch.where(bad, NONFINITE, tokens)
         else:
             tokens = torch.empty(len(mine), dtype=torch.long, device=device)
         if parallel.replica.size > 1:
             dist.broadcast(tokens, src=sampler_rank(parallel), group=parallel.replica.process_group)
-        padded = torch.full((max(len(group) for group in rows),), -1, dtype=torch.long, device=device)
+        padded = torch.full((max(len(h) for h in held),), -1, dtype=torch.long, device=device)
         padded[:len(mine)] = tokens
         every = all_gather_tensor(padded, parallel.dp).tolist()  # the step's one host sync
-        written = []
-        for group, got in zip(rows, every):
-            written.append([])
-            for row, token in zip(group, got):
-                written[-1].append(None if row.done else token)
-                if not row.done:
-                    row.push(token)
+        written = [[None] * len(group) for group in rows]
+        for g, (group, got) in enumerate(zip(rows, every)):
+            for i, token in zip(held[g], got):
+                if not group[i].done:
+                    written[g][i] = token
+                    group[i].push(token)
         if on_tokens is not None:
             on_tokens(written)
         step += 1
@@ -159,25 +161,33 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
             raise BatchCancelled(step)
         logits = batch.step(tokens.clamp_min(0))  # a failed row steps on with any token
         if checked.join:
-            joined = _join(batch, info, checked.join, rows, parallel)
+            keep = [[p for p, i in enumerate(h) if not group[i].done] for h, group in zip(held, rows)]
+            mine_keep = keep[parallel.dp.rank]
+            if len(mine_keep) < len(mine):  # the rows that have ended leave the batch
+                batch.compact(mine_keep)
+                mine, generators = [mine[p] for p in mine_keep], [generators[p] for p in mine_keep if picker]
+                logits = None if logits is None else logits[torch.tensor(mine_keep, device=device, dtype=torch.long)]
+            held = [[h[p] for p in k] for h, k in zip(held, keep)]
+            joined = _join(batch, info, checked.join, rows, held, parallel)
             mine += joined
             if picker:
                 generators += [torch.Generator(device=device).manual_seed(task.seed) for task in joined]
             room = max(info.text_rules(task).most_tokens(task.sampling.max_new_tokens) for task in joined)
             new_logits = batch.join(joined, room)
-            logits = None if logits is None else torch.cat([logits, new_logits])
+            logits = new_logits if logits is None or not len(logits) else torch.cat([logits, new_logits])
     return [[row.ids for row in group] for group in rows]
 
 
 def _join(batch, info: ModelInfo, join: Sequence[Sequence[tuple[TextTask, bool]]], rows: list[list[RowWriter]],
-          parallel: ParallelState) -> list[TextTask]:
-    """Adds the joining rows to every group's writers; returns this group's tasks."""
-    if batch.join is None:
+          held: list[list[int]], parallel: ParallelState) -> list[TextTask]:
+    """Adds the joining rows to every group's writers and batch; returns this group's tasks."""
+    if batch.join is None or batch.compact is None:
         raise RuntimeError("rows were sent to join a text pass that cannot take them (an edit's, or a family's "
                            "without TextBatch.join)")
     if not all(join):
         raise RuntimeError("every DP group must take a row (a filler where none joins it) in a join")
-    for group, joining in zip(rows, join):
+    for group, h, joining in zip(rows, held, join):
+        h += range(len(group), len(group) + len(joining))
         group += [RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real)
                   for task, real in joining]
     return [task for task, _ in join[parallel.dp.rank]]

@@ -105,11 +105,13 @@ class TextBatch:
     feeds one token per row ([B] on the device) and returns the next logits (or None).
     `join(tasks, steps)`, where the family lets rows join a pass under way (ModelInfo.text_joins; not
     a batch of edits): prefills the tasks' rows after the others, with room for `steps` tokens each,
-    and returns their first tokens' logits ([n, vocab], as `logits`); `step` then takes B + n tokens."""
+    and returns their first tokens' logits ([n, vocab], as `logits`); `step` then takes B + n tokens.
+    `compact(keep)` (with join) keeps only the rows at positions `keep`, in that order."""
 
     logits: torch.Tensor | None
     step: Callable[[torch.Tensor], torch.Tensor | None]
     join: Callable[[Sequence["TextTask"], int], torch.Tensor | None] | None = None
+    compact: Callable[[Sequence[int]], None] | None = None
 
 
 class Scheduler(Protocol):

@@ -20,6 +20,7 @@ from ...sampling.scheduler import FlowMatchScheduler
 from ...kernels.graphs import CudaGraphStep
 from ...moe.layer import moe_layers
 from ..base import DenoisingBatch, ImagePipeline, TextBatch
+from .attention import TextCache
 from .conditioning import ImageConditioner
 from .loading import load_model
 from .model import CondInputs
@@ -146,7 +147,14 @@ class HunyuanImage3Pipeline(ImagePipeline):
             rows.step = CudaGraphStep(step, graphed)  # new shapes: captured again
             return logits
 
-        return TextBatch(logits, lambda tokens: rows.step(tokens), None if tasks[0].images else join)
+        def compact(keep) -> None:
+            index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+            rows.caches = [TextCache(cache.k[index], cache.v[index]) for cache in rows.caches]
+            rows.slots = rows.slots[index]
+            rows.step = CudaGraphStep(step, graphed)
+
+        joins = not tasks[0].images
+        return TextBatch(logits, lambda tokens: rows.step(tokens), join if joins else None, compact if joins else None)
 
     def _text_prefill(self, tasks, steps: int, capacity: int = 0):
         """(next-token logits, this stage's caches, each row's length) of the tasks' text prefixes,
