@@ -397,9 +397,8 @@ class Engine:
             return
         now = time.perf_counter()
         for g, (joined, more) in enumerate(zip(self._joined, joining)):
-            # The worker gives a group that none joins a filler row: every group runs the prefill.
-            joined += more or [None]
-            self._joined_since[g] += len(more) or 1
+            joined += more
+            self._joined_since[g] += len(more) or 1  # a group none joins takes a filler row (worker.run_text)
             for item in more:
                 request = self._requests[item.request_id]
                 if request.started is None:  # (one queued again after a join came too late has started)
@@ -441,7 +440,11 @@ class Engine:
         """The real rows of the batch in flight, with the text passes that joined it (under the lock)."""
         if self._in_flight is None or not isinstance(self._in_flight[0], (RunBatch, RunText)):
             return []
-        return _items(self._in_flight[0]) + [item for group in self._joined for item in group if item is not None]
+        return _items(self._in_flight[0]) + self._joined_items()
+
+    def _joined_items(self) -> list:
+        """The text passes that joined the writing batch in flight (under the lock)."""
+        return [item for group in self._joined for item in group]
 
     def _requests_in_flight(self) -> list[_Request]:
         with self._lock:
@@ -482,7 +485,7 @@ class Engine:
         info, failed = self.config.model_info, []
         with self._lock:
             items = self._in_flight[0].batch.items
-            joined = [item for group in self._joined for item in group if item is not None]
+            joined = self._joined_items()
             self._in_flight = self._batch_started = self._last_step = None
             self._joined = []
             for item in items + joined:

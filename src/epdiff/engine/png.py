@@ -51,7 +51,7 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", key.encode("latin-1", "replace") + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def _deflate(data: bytes, last: bool) -> bytes:
+def _deflate(data, last: bool) -> bytes:
     compressor = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw deflate: the zlib header is written once
     return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
 
@@ -70,9 +70,9 @@ def encode_png(pixels: np.ndarray, metadata: dict[str, str] | None = None) -> by
     np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # modulo 256, as the filter is defined
     strips = max(1, min(THREADS, height // ROWS_PER_STRIP))
     bounds = np.linspace(0, height, strips + 1).astype(int)
-    parts = [rows[lo:hi].tobytes() for lo, hi in zip(bounds[:-1], bounds[1:])]
+    parts = [rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # contiguous views: zlib reads them as they are
     deflated = _threads().map(_deflate, parts, [k == strips - 1 for k in range(strips)])
-    stream = b"\x78\x01" + b"".join(deflated) + struct.pack(">I", zlib.adler32(rows.tobytes()))
+    stream = b"\x78\x01" + b"".join(deflated) + struct.pack(">I", zlib.adler32(rows))
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     text = b"".join(_text_chunk(key, value) for key, value in (metadata or {}).items())
     return SIGNATURE + _chunk(b"IHDR", header) + text + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")

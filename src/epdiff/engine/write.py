@@ -161,14 +161,17 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
             raise BatchCancelled(step)
         logits = batch.step(tokens.clamp_min(0))  # a failed row steps on with any token
         if checked.join:
+            _check_join(batch, checked.join)
             keep = [[p for p, i in enumerate(h) if not group[i].done] for h, group in zip(held, rows)]
             mine_keep = keep[parallel.dp.rank]
             if len(mine_keep) < len(mine):  # the rows that have ended leave the batch
                 batch.compact(mine_keep)
-                mine, generators = [mine[p] for p in mine_keep], [generators[p] for p in mine_keep if picker]
+                mine = [mine[p] for p in mine_keep]
+                if picker:
+                    generators = [generators[p] for p in mine_keep]
                 logits = None if logits is None else logits[torch.tensor(mine_keep, device=device, dtype=torch.long)]
             held = [[h[p] for p in k] for h, k in zip(held, keep)]
-            joined = _join(batch, info, checked.join, rows, held, parallel)
+            joined = _join(info, checked.join, rows, held, parallel)
             mine += joined
             if picker:
                 generators += [torch.Generator(device=device).manual_seed(task.seed) for task in joined]
@@ -178,14 +181,17 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
     return [[row.ids for row in group] for group in rows]
 
 
-def _join(batch, info: ModelInfo, join: Sequence[Sequence[tuple[TextTask, bool]]], rows: list[list[RowWriter]],
-          held: list[list[int]], parallel: ParallelState) -> list[TextTask]:
-    """Adds the joining rows to every group's writers and batch; returns this group's tasks."""
+def _check_join(batch, join: Sequence[Sequence[tuple[TextTask, bool]]]) -> None:
     if batch.join is None or batch.compact is None:
         raise RuntimeError("rows were sent to join a text pass that cannot take them (an edit's, or a family's "
                            "without TextBatch.join)")
     if not all(join):
         raise RuntimeError("every DP group must take a row (a filler where none joins it) in a join")
+
+
+def _join(info: ModelInfo, join: Sequence[Sequence[tuple[TextTask, bool]]], rows: list[list[RowWriter]],
+          held: list[list[int]], parallel: ParallelState) -> list[TextTask]:
+    """Adds the joining rows to every group's writers and held rows; returns this group's tasks."""
     for group, h, joining in zip(rows, held, join):
         h += range(len(group), len(group) + len(joining))
         group += [RowWriter(info.text_rules(task), task.sampling.max_new_tokens, done=not real)

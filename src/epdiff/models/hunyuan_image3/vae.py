@@ -219,7 +219,7 @@ def conv3x3x3(in_channels: int, out_channels: int) -> nn.Conv3d:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, with the swish that follows it where `swish`. On a GPU (Triton) its fp32
+    """nn.GroupNorm, with the swish that follows it where `with_swish`. On a GPU (Triton) its fp32
     statistics are spread over the whole GPU, where torch's kernel runs one program per (image,
     group), 32 for one image: a third of a 1024² decode's time (BENCHMARKS §22); normalising, the
     affine and the swish are one pass, written in the autocast dtype that the convolution after it
