@@ -3,7 +3,7 @@
 # Release width; 32 FP8 layers (the release) where the GPU has over 100 GiB (an H200), else 20
 # (an H100: 32 do not fit beside the activations). The server's packages travel as wheels in .whl
 # (the device README says how).
-#   bash benchmarks/gpu_session.sh tests profile experts text image edit serve vae base
+#   bash benchmarks/gpu_session.sh tests profile experts text image edit prefill serve vae base
 #   BASELINE=.baseline bash benchmarks/gpu_session.sh ab    # src/ of another commit: git archive C src | tar -x -C .baseline
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -46,6 +46,11 @@ for section in "$@"; do
   edit)     # issue 22: an edit beside it
     timeout 170 python3 benchmarks/image_breakdown.py --layers $L --variant instruct-distil --quantization fp8 \
       --images 3 --edit --out $OUT/edit > $OUT/edit.log 2>&1; tail -12 $OUT/edit.log ;;
+  prefill)  # issue 25: where an image's start goes (a new prompt's prefill; an edit's encoders), host and GPU
+    for edit in "" --edit; do
+      timeout 150 python3 benchmarks/image_breakdown.py --layers $L --variant instruct-distil --quantization fp8 \
+        --images 1 --profile $edit 2>&1 | grep -v '^warm-up\|^{'
+    done ;;
   serve)    # issue 22: request in, PNG out, through a running epdiff serve
     mkdir -p $OUT/serve
     timeout 240 python3 benchmarks/serve_latency.py --release-width $L --variant instruct-distil --images 5 \

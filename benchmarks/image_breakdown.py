@@ -12,6 +12,7 @@ warm-up; the table is the mean of --images more. Writes image_breakdown.json to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -63,6 +64,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None, help="a checkpoint folder instead (a smoke run of the script on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the steps before they were captured)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile one more image's start (prefill) with a prompt of a new length: host and GPU")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     info = model_info(args.model or release_width_model(args.layers, args.variant))
@@ -102,6 +105,8 @@ def main():
         print(("warm-up " if k == 0 else "") + json.dumps(row), flush=True)
         if k:
             rows.append(row)
+    if args.profile:
+        profile_prefill(pipe, task, state)
     mean = {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
     result = dict(layers=args.layers, variant=args.variant, edit=args.edit, quantization=args.quantization, size=args.size,
                   cuda_graphs=not args.enforce_eager,
@@ -116,6 +121,34 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "image_breakdown.json"), "w") as f:
             json.dump(result, f, indent=1)
+
+
+def profile_prefill(pipe, task: ImageTask, state: ParallelState):
+    """One batch start (tokenize, input images, prefill) under torch.profiler, with a prompt of a
+    length not seen before (as a server's requests come): its wall time, the GPU's busy time,
+    and the host's and the GPU's longest operations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fresh = dataclasses.replace(task, prompt=task.prompt + " in the morning light, seen from above")
+    branches = list(range(pipe.info.num_guidance_branches(task.guidance_scale)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        with torch.inference_mode():
+            pipe.start_batch([fresh], branches, None)
+        sync()
+    wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in gpu) / 1e3
+    print(f"prefill profile: {wall:.1f} ms wall (profiled), {busy:.1f} ms of GPU kernels")
+    print("  host, self time (ms, calls):")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]:
+        print(f"    {e.self_cpu_time_total / 1e3:8.2f} {e.count:6d}  {e.key[:110]}")
+    print("  GPU (ms, calls):")
+    for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"    {e.self_device_time_total / 1e3:8.2f} {e.count:6d}  {e.key[:110]}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def request_body(i: int, args) -> dict:
     return body
 
 
+def server_timing(headers) -> dict[str, float]:
+    """The answer's Server-Timing phases, in milliseconds."""
+    phases = {}
+    for entry in headers.get("server-timing", "").split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        if duration:
+            phases[name] = float(duration)
+    return phases
+
+
 def run_cli(args, engine_flags: list[str], folder: str) -> dict:
     latencies = []
     start = time.perf_counter()
@@ -98,11 +108,14 @@ def run_server(args, engine_flags: list[str], folder: str) -> dict:
 
             def one(i: int) -> dict:
                 t = time.perf_counter()
-                response = client.post("/v1/images/generations", json=request_body(i, args))
+                with client.stream("POST", "/v1/images/generations", json=request_body(i, args)) as response:
+                    headers_s = time.perf_counter() - t
+                    response.read()
                 latency = time.perf_counter() - t
                 response.raise_for_status()
                 body = response.json()
-                return dict(latency_s=latency, inference_s=body["inference_time_s"], queue_s=body["queue_time_s"])
+                return dict(latency_s=latency, headers_s=headers_s, inference_s=body["inference_time_s"],
+                            queue_s=body["queue_time_s"], server_ms=server_timing(response.headers))
 
             for concurrency in args.concurrency:
                 t = time.perf_counter()
@@ -111,14 +124,21 @@ def run_server(args, engine_flags: list[str], folder: str) -> dict:
                 wall = time.perf_counter() - t
                 row = summary([r["latency_s"] for r in runs], wall)
                 ratios = [r["latency_s"] / r["inference_s"] for r in runs]
+                phases = {name: statistics.median(r["server_ms"].get(name, 0.0) for r in runs)
+                          for name in runs[0]["server_ms"]}
+                phases["body"] = statistics.median((r["latency_s"] - r["headers_s"]) * 1e3 for r in runs)
+                phases["outside"] = statistics.median((r["headers_s"] * 1e3 - r["server_ms"].get("total", 0.0))
+                                                      for r in runs)
                 row |= dict(latency_over_inference_median=statistics.median(ratios),
                             latency_over_inference_max=max(ratios),
-                            inference_p50_s=percentile([r["inference_s"] for r in runs], 0.5), requests=runs)
+                            inference_p50_s=percentile([r["inference_s"] for r in runs], 0.5),
+                            median_ms=phases, requests=runs)
                 results[f"concurrency_{concurrency}"] = row
                 print(f"  server, concurrency {concurrency}: p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, "
                       f"{row['images_per_s']:.2f} images/s, latency / own inference: median "
                       f"{row['latency_over_inference_median']:.3f}, max {row['latency_over_inference_max']:.3f}",
                       flush=True)
+                print("    median ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items()), flush=True)
     finally:
         server.terminate()
         results["exit_code"] = server.wait(120)

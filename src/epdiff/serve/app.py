@@ -217,9 +217,18 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             parsed, headers = await read_request(request, edit)
             if parsed.stream:  # from here on, the stream counts its own outcome
                 return await start_stream(request, parsed, headers, edit, start)
+            parsed_at = time.perf_counter()
             future = await submit(parsed, headers)
+            submitted_at = time.perf_counter()
             output = await wait_for(future, request)
-            status, response = 200, JSONResponse(await respond(output, parsed), headers=headers)
+            finished_at = time.perf_counter()
+            body = await respond(output, parsed)
+            encoded_at = time.perf_counter()
+            timing = server_timing(read=parsed_at - start, submit=submitted_at - parsed_at, queue=output.queue_seconds,
+                                   inference=output.inference_seconds, steps=sum(output.step_seconds),
+                                   engine=finished_at - submitted_at - output.queue_seconds - output.inference_seconds,
+                                   encode=encoded_at - finished_at, total=encoded_at - start)
+            status, response = 200, JSONResponse(body, headers=headers | {"Server-Timing": timing})
         except ApiError as e:
             status, response = e.status, error_response(e, headers)
         except ClientDisconnect:  # gone while its body was read
@@ -460,6 +469,15 @@ def client_gone() -> ApiError:
 def internal_error(error: Exception) -> ApiError:
     log.exception("epdiff serve: request failed")
     return ApiError(500, f"internal error: {type(error).__name__}: {error}", None, "internal_error", "server_error")
+
+
+def server_timing(**seconds: float) -> str:
+    """The W3C Server-Timing header of an answer: where its time went on the server, in
+    milliseconds (read: the body read and checked; submit: the engine's own check; queue and
+    inference: the engine's, and the denoising steps within inference; engine: its hand-offs
+    between them; encode: the images' files; total: all of it, the JSON's
+    rendering not)."""
+    return ", ".join(f"{name};dur={max(0.0, s) * 1e3:.1f}" for name, s in seconds.items())
 
 
 def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
