@@ -82,6 +82,10 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
         assert len(body["data"]) == 1 and body["data"][0]["seed"] == REQUESTS[i][1]
         assert body["size"] == "128x128" and body["num_inference_steps"] == STEPS
         assert body["inference_time_s"] > 0 and set(body) >= {"created", "peak_memory_mb"}
+        timing = dict(entry.split(";dur=") for entry in response.headers["server-timing"].split(", "))
+        assert list(timing) == ["read", "submit", "queue", "inference", "steps", "engine", "encode", "total"]
+        assert abs(float(timing["inference"]) - 1e3 * body["inference_time_s"]) < 0.2
+        assert 0 < float(timing["steps"]) < float(timing["inference"]) < float(timing["total"])
         image = decode(body["data"][0])
         assert image.format == "PNG"
         meta = image.text
