@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from epdiff.serve.api import render_answer
 from serve_helpers import ServerProcess, alive, healthy_server, metric
 
 LAYOUT = ["-dp", "2", "--enable-expert-parallel"]
@@ -83,7 +84,8 @@ def test_sixteen_requests_four_in_flight_equal_the_cli_images(client, cli_images
         assert body["size"] == "128x128" and body["num_inference_steps"] == STEPS
         assert body["inference_time_s"] > 0 and set(body) >= {"created", "peak_memory_mb"}
         timing = dict(entry.split(";dur=") for entry in response.headers["server-timing"].split(", "))
-        assert list(timing) == ["read", "submit", "queue", "inference", "steps", "engine", "encode", "total"]
+        assert list(timing) == ["read", "submit", "queue", "inference", "steps", "engine", "encode", "render",
+                                "total"]
         assert abs(float(timing["inference"]) - 1e3 * body["inference_time_s"]) < 0.2
         assert 0 < float(timing["steps"]) < float(timing["inference"]) < float(timing["total"])
         image = decode(body["data"][0])
@@ -358,3 +360,13 @@ def test_the_server_runs_under_torchrun(tmp_path):
         assert not any(alive(p) for p in ranks), s.log()[-2000:]
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("item", [{}, {"seed": 3, "full_steps": 8, "revised_prompt": 'a "quoted"\nline ünï'}])
+def test_the_answer_renders_as_json_with_its_images_put_in_whole(item):
+    b64 = base64.b64encode(bytes(range(256)) * 50).decode()
+    answer = {"created": 1, "data": [{"b64_json": b64, **item}, {"b64_json": "", **item}], "cot_text": None,
+              "usage": {"total_tokens": 7}, "size": "1024x1024"}
+    content = render_answer(answer)
+    assert json.loads(content) == answer
+    assert render_answer({"data": []}) == b'{"data":[]}'

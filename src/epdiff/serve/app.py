@@ -27,8 +27,8 @@ from starlette.requests import ClientDisconnect
 from ..engine import EngineDeadError, ImageFailedError, QueueFullError
 from ..engine.engine import PartialImage, RequestAbandonedError, RequestFailedError, TextDelta
 from .api import (ApiError, GenerationRequest, bad_request, completed_events, encode_image, encode_images, error_event,
-                  generation_response, parse_edit, parse_generation, partial_image_event, server_sent_event,
-                  text_delta_event)
+                  generation_response, parse_edit, parse_generation, partial_image_event, render_answer,
+                  server_sent_event, text_delta_event)
 from .config import ServerConfig
 from .service import EngineService
 
@@ -222,13 +222,17 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             submitted_at = time.perf_counter()
             output = await wait_for(future, request)
             finished_at = time.perf_counter()
-            body = await respond(output, parsed)
+            answer = await respond(output, parsed)
             encoded_at = time.perf_counter()
+            content = render_answer(answer)
+            rendered_at = time.perf_counter()
             timing = server_timing(read=parsed_at - start, submit=submitted_at - parsed_at, queue=output.queue_seconds,
                                    inference=output.inference_seconds, steps=sum(output.step_seconds),
                                    engine=finished_at - submitted_at - output.queue_seconds - output.inference_seconds,
-                                   encode=encoded_at - finished_at, total=encoded_at - start)
-            status, response = 200, JSONResponse(body, headers=headers | {"Server-Timing": timing})
+                                   encode=encoded_at - finished_at, render=rendered_at - encoded_at,
+                                   total=rendered_at - start)
+            status, response = 200, Response(content, media_type="application/json",
+                                             headers=headers | {"Server-Timing": timing})
         except ApiError as e:
             status, response = e.status, error_response(e, headers)
         except ClientDisconnect:  # gone while its body was read
@@ -475,8 +479,7 @@ def server_timing(**seconds: float) -> str:
     """The W3C Server-Timing header of an answer: where its time went on the server, in
     milliseconds (read: the body read and checked; submit: the engine's own check; queue and
     inference: the engine's, and the denoising steps within inference; engine: its hand-offs
-    between them; encode: the images' files; total: all of it, the JSON's
-    rendering not)."""
+    between them; encode: the images' files; render: the answer's JSON; total: all of it)."""
     return ", ".join(f"{name};dur={max(0.0, s) * 1e3:.1f}" for name, s in seconds.items())
 
 

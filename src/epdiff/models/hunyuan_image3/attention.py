@@ -39,6 +39,11 @@ class KVCache:
 
 
 DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A prefill runs once per prompt length: cuDNN's attention spends ~1.9 ms of host time a call
+# there (a plan per new shape), 37 of a 20-layer prefill's ~40 ms on an H100, whose kernels take
+# 15 ms (BENCHMARKS §23). The denoising steps keep torch's choice (cuDNN: the fastest there, its
+# host time hidden under the GPU's).
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -125,7 +130,8 @@ class Attention(nn.Module):
         mask [1 or B, L, L]: the keys each query sees, where the prefix holds runs that attend both
         ways (an edit's input images); None: causal."""
         q, k, v = self._qkv(x, cos, sin)
-        out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
+        with sdpa_kernel(PREFILL_BACKENDS):
+            out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
         return self._out(out), KVCache(k, v)
 
     def decode(self, x, cos, sin, cache: TextCache, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

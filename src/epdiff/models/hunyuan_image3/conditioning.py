@@ -24,6 +24,7 @@ from torch import nn
 
 from ...config import ConfigError
 from .tokenizer import CondImageLayout
+from .vae import reference_autocast
 
 VIT_TYPE = "siglip2-so400m-patch16-naflex"
 # Keys of the vit dict that are the reference's runtime switches, not SigLIP2's architecture.
@@ -133,8 +134,10 @@ class ImageConditioner:
 
     @torch.no_grad()
     def vae_latents(self, prepared: PreparedImage, noises: list[torch.Tensor]) -> torch.Tensor:
-        """The clean latents [len(noises), C, h, w]: one encode, a posterior sample per noise, scaled."""
-        mean, logvar = self.vae.encode_moments(prepared.vae_pixels.to(self.device))
+        """The clean latents [len(noises), C, h, w]: one encode, a posterior sample per noise, scaled
+        (the sample in fp32: the reference's std is an fp32 exp of the autocast's fp16 logvar)."""
+        with reference_autocast(self.device):
+            mean, logvar = (m.float() for m in self.vae.encode_moments(prepared.vae_pixels.to(self.device)))
         return torch.cat([self.vae.sample_latents(mean, logvar, noise) for noise in noises])
 
     def vit_tokens(self, prepared: PreparedImage) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .attention import TextCache
 from .conditioning import ImageConditioner
 from .loading import load_model
 from .model import CondInputs
-from .vae import AutoencoderKLConv3D, to_uint8
+from .vae import AutoencoderKLConv3D, reference_autocast, to_uint8
 from .weights import load_vae
 
 
@@ -204,9 +204,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
         return prefix, positions
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # fp32 weights; on a GPU under fp16 autocast, as the reference decodes (BENCHMARKS §18: a
-        # served 1024² image's denoise-and-decode 1.63 -> 1.47 s on an H100), in fp32 on a CPU.
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with reference_autocast(self.device):
             images = self.vae.decode_latents(latents.to(self.device, next(self.vae.parameters()).dtype))
         return to_uint8(images.float()).cpu()
 
