@@ -11,7 +11,7 @@ import pytest
 
 from epdiff.config import ParallelConfig
 from epdiff.engine import EngineConfig, EngineDeadError, ImageGenerator, SamplingParams
-from epdiff.engine.planner import BatchPlanner
+from epdiff.engine.planner import BatchPlanner, WritingRows
 
 
 def params(prompt="p", n=1, steps=3, size=128, guidance=4.0, seed=0):
@@ -92,25 +92,49 @@ def test_a_cancelled_request_is_not_run():
     assert [i.request_id for i in planner.next_batch().images] == [1]
 
 
-def test_text_passes_join_a_writing_batch_until_images_wait_or_an_edit_comes_first():
+def test_text_passes_join_a_writing_batch_while_its_rows_write_and_no_image_or_older_edit_waits():
     def writes(prompt, images=()):
         return SamplingParams(prompt, task="think", max_new_tokens=8, seed=0, images=images)
+
+    def ids(groups):
+        return [[i.request_id for i in g] for g in groups]
 
     planner = BatchPlanner(dp_size=2, max_batch_size=2)
     planner.add(0, writes("a"))
     first = planner.next_batch()
-    assert [[i.request_id for i in g] for g in first.groups] == [[0], [None]]
-    for request_id in (1, 2, 3):
+    assert ids(first.groups) == [[0], [None]]
+    rows = WritingRows(first.groups)
+    for request_id in (1, 2, 3, 4):
         planner.add(request_id, writes("b"))
-    # The least-filled group first (a filler row counts), up to max_batch_size rows a group.
-    joined = planner.join_writing([1, 1])
-    assert [[i.request_id for i in g] for g in joined] == [[1], [2]]
-    assert planner.join_writing([2, 2]) is None and planner.oldest == 3
-    planner.add(4, writes("edit", images=("an input image",)))
-    planner.add(5, writes("c"))
-    assert [[i.request_id for i in g] for g in planner.join_writing([1, 0])] == [[], [3]]  # then the edit: stop
-    planner.add(6, params())  # images wait: nothing joins
-    assert planner.join_writing([0, 0]) is None
+    # The least-filled group first (a filler row is not one), up to max_batch_size rows a group.
+    joined = planner.join_writing(rows)
+    assert ids(joined) == [[2], [1, 3]] and planner.oldest == 4
+    rows.join_sent(joined)
+    # Rows sent to join count until the worker takes them (at its next check, every 16 steps).
+    rows.report((1, 0), 0)
+    assert rows.rows() == [2, 2] and not rows.any_ended and planner.join_writing(rows) is None
+    rows.report((2, 2), 1)
+    assert rows.rows() == [2, 2] and not rows.any_ended and planner.join_writing(rows) is None
+    # A row has ended: its images wait for the batch's end, so nothing joins any more (else later
+    # rows could keep it waiting without bound), whatever room there is.
+    rows.report((1, 1), 2)
+    assert rows.any_ended and planner.join_writing(rows) is None and planner.oldest == 4
+
+    planner = BatchPlanner(dp_size=1, max_batch_size=4)
+    planner.add(0, writes("a"))
+    rows = WritingRows(planner.next_batch().groups)
+    planner.add(1, writes("b"))
+    planner.add(2, writes("edit", images=("an input image",)))
+    planner.add(3, writes("c"))
+    assert ids(planner.join_writing(rows)) == [[1]]  # then the edit: it starts a batch of its own
+    assert planner.join_writing(rows) is None
+
+    planner = BatchPlanner(dp_size=1, max_batch_size=4)
+    planner.add(0, writes("a"))
+    rows = WritingRows(planner.next_batch().groups)
+    planner.add(1, params())
+    planner.add(2, writes("b"))
+    assert planner.join_writing(rows) is None  # images wait: they run next, nothing joins
 
 
 @pytest.fixture(scope="module")

@@ -300,7 +300,7 @@ def test_the_engine_writes_then_draws_and_streams_the_text():
 
 def test_a_request_arriving_while_the_engine_writes_joins_the_pass_and_streams():
     from epdiff.engine.engine import Engine, TextDelta
-    from epdiff.engine.worker import JoinText
+    from epdiff.engine.worker import JoinText, RunText
 
     folder = checkpoint("instruct-distil")
     # Greedy, this prompt writes 68 tokens: checks at steps 16, 32, 48 and 64 for the later one to join.
@@ -319,9 +319,11 @@ def test_a_request_arriving_while_the_engine_writes_joins_the_pass_and_streams()
         a = engine.submit(first, on_event=on_first)
         joined_a = a.result(120)
         joined_b = futures[0].result(120)
+        passes = [c for c in sent if isinstance(c, RunText)]
         alone_b = engine.submit(later).result(120)
     assert [c for c in sent if isinstance(c, JoinText)], "the later request was never sent to join"
-    assert joined_b.text_seconds == joined_a.text_seconds, "it did not join the writing batch"
+    assert len(passes) == 1, "it did not join the writing batch"
+    assert 0 < joined_b.text_seconds < joined_a.text_seconds  # its own time: from its join on
     assert joined_b.cot_text == alone_b.cot_text and "".join(deltas).startswith(joined_b.cot_text)
     assert joined_a.written_tokens > 16
 
@@ -345,6 +347,35 @@ def test_a_request_sent_to_join_a_pass_that_ends_first_runs_after_it():
         alone = engine.submit(later).result(120)
     assert [c for c in sent if isinstance(c, JoinText)]
     assert queued_again.cot_text == alone.cot_text and queued_again.text_seconds > 0
+
+
+def test_requests_arriving_within_one_check_never_write_past_max_batch_size():
+    """Two arrive before the worker's first check (step 16): the driver counts the first sent to
+    join until the worker takes it, so the second waits; once a row has ended nothing joins."""
+    from epdiff.engine.engine import Engine
+    from epdiff.engine.worker import JoinText, TextTokens
+
+    folder = checkpoint("instruct-distil")
+    first = SamplingParams("a small yellow star", task="think_recaption", max_new_tokens=160, seed=3, temperature=0,
+                           system_prompt="dynamic", num_inference_steps=1)
+    later = [SamplingParams(prompt, task="recaption", max_new_tokens=8, seed=5, num_inference_steps=1)
+             for prompt in ("a red circle", "a blue square")]
+    with Engine(EngineConfig(folder, max_batch_size=2), decode=False) as engine:
+        sent, writing, futures = [], [], []
+        command, send = engine._workers.channel.command, engine._workers.channel.send
+        engine._workers.channel.command = lambda c: sent.append(c) or command(c)
+        engine._workers.channel.send = lambda e: (isinstance(e, TextTokens) and writing.append(e.writing)) or send(e)
+
+        def on_first(event):  # the first request's 1st and 3rd text events
+            if len(writing) in (1, 3) and len(futures) < 2:
+                futures.append(engine.submit(later[len(futures)]))
+        engine.submit(first, on_event=on_first).result(120)
+        outs = [f.result(120) for f in futures]
+        alone = [engine.submit(p).result(120) for p in later]
+    joins = [[i.request_id for g in c.groups for i in g] for c in sent if isinstance(c, JoinText)]
+    assert len(joins) == 1 and len(joins[0]) == 1, joins
+    assert max(w[0] for w in writing) == 2
+    assert [o.cot_text for o in outs] == [a.cot_text for a in alone]
 
 
 def test_bad_text_requests_are_refused_naming_the_field():

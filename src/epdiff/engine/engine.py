@@ -35,7 +35,7 @@ from ..distributed.launch import (Channel, WorkerError, WorkerFailed, WorkerGrou
                                   torchrun_ranks, under_torchrun)
 from .files import image_metadata, pil_image
 from .params import EngineConfig, SamplingParams
-from .planner import Batch, BatchPlanner
+from .planner import Batch, BatchPlanner, WritingRows
 from .write import NONFINITE
 from .worker import (BatchResult, CancelBatch, CollectRoutingStats, Command, Done, JoinText, PartialImages, Progress,
                      Ready, RunBatch, RunText, Stop, Stopped, TextResult, TextTokens, engine_worker)
@@ -204,9 +204,7 @@ class Engine:
         self._lock = threading.Lock()
         self._in_flight = None
         self._joined: list[list] = []  # per DP group, the text passes that joined the writing batch in flight
-        # Per DP group, its rows writing at the last step reported, and the rows sent to join since.
-        self._writing_rows: list[int] = []
-        self._joined_since: list[int] = []
+        self._writing_rows: WritingRows | None = None  # the writing batch in flight's rows
         self._batch_started: float | None = None  # when the batch in flight was sent
         self._last_step: float | None = None  # when it last reported a finished step
         self._commands: deque[tuple[Command, Future]] = deque()  # commands other than batches, with their answers
@@ -377,7 +375,7 @@ class Engine:
                     request.future.set_running_or_notify_cancel()
             self._in_flight = (command, None)
             self._joined = [[] for _ in batch.groups] if isinstance(command, RunText) else []
-            self._writing_rows, self._joined_since = [len(g) for g in batch.groups], [0] * len(batch.groups)
+            self._writing_rows = WritingRows(batch.groups) if isinstance(command, RunText) else None
             self._batch_started = self._last_step = now
             self._workers.channel.command(command)
 
@@ -390,15 +388,13 @@ class Engine:
         groups = command.batch.groups
         if any(item.images for group in groups for item in group):
             return
-        # The rows that ended leave the batch when others join (engine/write.py): count those writing.
-        rows = [writing + joined for writing, joined in zip(self._writing_rows, self._joined_since)]
-        joining = self._planner.join_writing(rows)
+        joining = self._planner.join_writing(self._writing_rows)
         if joining is None:
             return
         now = time.perf_counter()
-        for g, (joined, more) in enumerate(zip(self._joined, joining)):
+        self._writing_rows.join_sent(joining)
+        for joined, more in zip(self._joined, joining):
             joined += more
-            self._joined_since[g] += len(more) or 1  # a group none joins takes a filler row (worker.run_text)
             for item in more:
                 request = self._requests[item.request_id]
                 if request.started is None:  # (one queued again after a join came too late has started)
@@ -419,8 +415,8 @@ class Engine:
         elif isinstance(event, TextTokens):
             self._last_step = time.perf_counter()
             with self._lock:
-                if event.writing and len(event.writing) == len(self._writing_rows):
-                    self._writing_rows, self._joined_since = list(event.writing), [0] * len(event.writing)
+                if self._writing_rows is not None:
+                    self._writing_rows.report(event.writing, event.joins_taken)
             for request_id, token in event.tokens.items():
                 self._stream_text(request_id, token)
         elif isinstance(event, PartialImages):
@@ -486,13 +482,16 @@ class Engine:
         with self._lock:
             items = self._in_flight[0].batch.items
             joined = self._joined_items()
-            self._in_flight = self._batch_started = self._last_step = None
+            self._in_flight = self._batch_started = self._last_step = self._writing_rows = None
             self._joined = []
             for item in items + joined:
                 request = self._requests.get(item.request_id)
                 if request is None:  # abandoned meanwhile
                     continue
-                params, request.text_seconds = request.params, result.seconds
+                params = request.params
+                # A pass that joined wrote from its join on (request.started: when it was sent).
+                request.text_seconds = result.seconds if item not in joined else min(
+                    result.seconds, time.perf_counter() - request.started)
                 tokens = result.tokens.get(item.request_id)
                 if tokens is None and item in joined:  # it came after the batch's last check: again
                     self._planner.add(item.request_id, params)

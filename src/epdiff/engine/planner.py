@@ -16,7 +16,8 @@ a writing batch takes the waiting text passes (the oldest request first, spread 
 an edit's alone in its group: its input images are its rows' prefix), and a request whose text is
 written waits for its images in its place of arrival. While a writing batch runs, text passes that
 arrive join it (`join_writing`: into the least-filled group up to max_batch_size rows writing,
-no edit and none past an older edit), unless images wait: those run next, when the batch has ended.
+no edit and none past an older edit), unless images wait (those run next, when the batch has
+ended) or a row of the batch has ended (its images wait for the batch's end).
 """
 
 from __future__ import annotations
@@ -168,19 +169,21 @@ class BatchPlanner:
         filler = replace(next(g[0] for g in groups if g), request_id=None)
         return TextBatchPlan(next(self._ids), tuple(tuple(g) if g else (filler,) for g in groups))
 
-    def join_writing(self, rows: Sequence[int]) -> tuple[tuple[TextItem, ...], ...] | None:
-        """Waiting text passes for the writing batch under way, whose DP groups write rows[g] rows
-        (max_batch_size or more: the group takes none); None for none."""
-        if self._waiting:
+    def join_writing(self, rows: "WritingRows") -> tuple[tuple[TextItem, ...], ...] | None:
+        """Waiting text passes for the writing batch under way (max_batch_size rows writing a group,
+        counting those sent to join); None for none. None once a row of it has ended: its images
+        wait for the batch's end, and rows joining would keep them waiting without bound."""
+        if self._waiting or rows.any_ended:
             return None
-        groups: list[list[TextItem]] = [[] for _ in rows]
+        count = rows.rows()
+        groups: list[list[TextItem]] = [[] for _ in count]
         for request_id, item in list(self._writing.items()):
             if item.images:  # an edit starts a batch of its own, and the passes after it wait for it
                 break
-            room = [g for g in range(len(rows)) if rows[g] + len(groups[g]) < self.max_batch_size]
+            room = [g for g in range(len(count)) if count[g] + len(groups[g]) < self.max_batch_size]
             if not room:
                 break
-            groups[min(room, key=lambda g: rows[g] + len(groups[g]))].append(item)
+            groups[min(room, key=lambda g: count[g] + len(groups[g]))].append(item)
             del self._writing[request_id]
         return tuple(tuple(g) for g in groups) if any(groups) else None
 
@@ -190,3 +193,32 @@ class BatchPlanner:
                 return group
         same = [g for g in groups if g[0].batch_key == item.batch_key and len(g) < self.max_batch_size]
         return min(same, key=len) if same else None
+
+
+class WritingRows:
+    """The driver's count of a writing batch's rows, per DP group: those writing at the last step
+    reported (TextTokens), and those sent to join that the worker has not taken yet (it takes
+    JoinText at its checks, every 16 steps, and reports how many it has taken)."""
+
+    def __init__(self, groups: Sequence[Sequence[TextItem]]):
+        self.placed = [sum(item.request_id is not None for item in group) for group in groups]  # real rows taken
+        self.writing = list(self.placed)
+        self.sent: list[list[int]] = []  # per JoinText sent, its real rows per group
+        self.taken = 0
+
+    def join_sent(self, groups: Sequence[Sequence[TextItem]]) -> None:
+        self.sent.append([len(group) for group in groups])
+
+    def report(self, writing: Sequence[int], joins_taken: int) -> None:
+        for counts in self.sent[self.taken:joins_taken]:
+            self.placed = [p + c for p, c in zip(self.placed, counts)]
+        self.writing, self.taken = list(writing), joins_taken
+
+    def rows(self) -> list[int]:
+        """Per group, the rows writing or sent to join."""
+        pending = [sum(counts[g] for counts in self.sent[self.taken:]) for g in range(len(self.writing))]
+        return [w + p for w, p in zip(self.writing, pending)]
+
+    @property
+    def any_ended(self) -> bool:
+        return any(w < p for w, p in zip(self.writing, self.placed))

@@ -87,11 +87,12 @@ class Progress:
 
 @dataclass(frozen=True)
 class TextTokens:
-    """The tokens a writing batch's requests wrote in one step (request id -> token), and how many
-    rows wrote in each DP group (fillers too)."""
+    """The tokens a writing batch's requests wrote in one step (request id -> token), how many
+    real rows wrote in each DP group, and how many JoinText commands the batch has taken."""
     batch_id: int
     tokens: dict
     writing: tuple = ()
+    joins_taken: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: 
              channel) -> TextResult | None:
     start = time.perf_counter()
     items = [list(group) for group in batch.groups]  # grows as text passes join, in the writers' order
+    joins_taken = 0
 
     def on_tokens(written):
         if channel is None:
@@ -266,16 +268,19 @@ def run_text(pipe, info, parallel: ParallelState, control: ControlPlane, batch: 
         tokens = {item.request_id: token for group, got in zip(items, written)
                   for item, token in zip(group, got) if item.request_id is not None and token is not None}
         if tokens:
-            channel.send(TextTokens(batch.batch_id, tokens, tuple(sum(t is not None for t in got) for got in written)))
+            channel.send(TextTokens(batch.batch_id, tokens, tuple(sum(t is not None for t in got) for got in written),
+                                    joins_taken))
 
     def check(step: int) -> TextCheck:
         """Rank 0's commands for this batch since the last check (a stop, text passes to join), on
         every rank."""
+        nonlocal joins_taken
         stop, joining = False, [[] for _ in items]
         for command in commands_for(channel, batch.batch_id):
             if isinstance(command, CancelBatch):
                 stop = True
             else:
+                joins_taken += 1
                 for group, more in zip(joining, command.groups):
                     group += more
         if not control.agree(stop or any(joining)):
