@@ -39,10 +39,11 @@ class KVCache:
 
 
 DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# A prefill runs once per prompt length: cuDNN's attention spends ~1.9 ms of host time a call
-# there (a plan per new shape), 37 of a 20-layer prefill's ~40 ms on an H100, whose kernels take
-# 15 ms (BENCHMARKS §23). The denoising steps keep torch's choice (cuDNN: the fastest there, its
-# host time hidden under the GPU's).
+# A text prefix's causal prefill runs once per prompt length: cuDNN's attention spends ~1.9 ms of
+# host time a call there (a plan per new shape), 37 ms of a 20-layer prefill whose kernels take
+# 15 ms on an H100; flash attention (GQA, causal) costs none (BENCHMARKS §23). Where the GPU is
+# the bottleneck torch's choice stays: the denoising steps and an edit's masked prefix (cuDNN's
+# kernels there are faster: memory-efficient attention took 53 ms for its 20 layers).
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -130,8 +131,11 @@ class Attention(nn.Module):
         mask [1 or B, L, L]: the keys each query sees, where the prefix holds runs that attend both
         ways (an edit's input images); None: causal."""
         q, k, v = self._qkv(x, cos, sin)
-        with sdpa_kernel(PREFILL_BACKENDS):
-            out = sdpa(q, k, v, causal=True) if mask is None else sdpa(q, k, v, key_mask=mask)
+        if mask is None:
+            with sdpa_kernel(PREFILL_BACKENDS):
+                out = sdpa(q, k, v, causal=True)
+        else:
+            out = sdpa(q, k, v, key_mask=mask)
         return self._out(out), KVCache(k, v)
 
     def decode(self, x, cos, sin, cache: TextCache, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
