@@ -6,6 +6,8 @@ the engine's flow from the text to the image, and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -145,12 +147,16 @@ def joined_rows(variant: str):
     return [text_task(variant, *row[:4], budget=row[5], sampling=row[4]) for row in JOINING]
 
 
-def joins_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
+def joins_against_one_rank(rank: int, variant: str, configs, edit: bool = False) -> list[dict]:
     """The last DP group's row joins at step 16 a batch whose group 0 holds a long row and a short
     one, which has ended by then and leaves the batch (the other groups' fillers too): every rank's
-    tokens against one rank's alone."""
+    tokens against one rank's alone. edit: the long row is an edit's (its input image in its
+    prefix), alone in its group as the planner puts it."""
     first, later = joined_rows(variant)
     short = text_task(variant, "a green square", 6, "recaption", False, budget=4)
+    if edit:  # (it writes 32 tokens)
+        first = dataclasses.replace(text_task(variant, "a small yellow star", 4, "think_recaption", True, budget=40),
+                                    images=(input_image("red-square"),))
     out = []
     for config in configs:
         state = ParallelState.build(config, "cpu")
@@ -158,15 +164,17 @@ def joins_against_one_rank(rank: int, variant: str, configs) -> list[dict]:
         pipe = info.load_pipeline(state, torch.float32, "safetensors", None, False)
         dp = config.data_parallel_size
         joining = [[] for _ in range(dp - 1)] + [[later]]
-        starting = [[(short, True), (first, True)]] + [[(first, False)] for _ in range(dp - 1)]
+        starting = [[(first, True)] if edit else [(short, True), (first, True)]] + [[(first, False)]] * (dp - 1)
         ids = write(pipe, info, starting, state, check=joining_at(16, joining))
+        if edit:  # the short row's place, for the comparison below
+            ids[0].insert(0, [])
         single = ParallelState.single()
         alone = {}
         for task in (short, first, later):
             one = model_info(checkpoint(variant)).load_pipeline(single, torch.float32, "safetensors", None, False)
             alone[task.prompt] = write(one, info, [[(task, True)]], single)[0][0]
         out.append(dict(layout=config.describe(), rank=rank, first=ids[0][1] == alone[first.prompt],
-                        short=ids[0][0] == alone[short.prompt] and len(ids[0][0]) < 16,
+                        short=edit or ids[0][0] == alone[short.prompt] and len(ids[0][0]) < 16,
                         later=ids[-1][-1] == alone[later.prompt], wrote_past_join=len(ids[0][1]) > 16))
     return out
 
@@ -176,10 +184,18 @@ def test_a_row_that_joins_a_pass_under_way_writes_as_it_would_alone():
     assert rows[0]["first"] and rows[0]["short"] and rows[0]["later"] and rows[0]["wrote_past_join"], rows
 
 
+def test_a_row_joins_a_pass_writing_an_edit_as_it_would_alone():
+    rows = joins_against_one_rank(0, "instruct-distil", [layout()], edit=True)
+    assert rows[0]["first"] and rows[0]["later"] and rows[0]["wrote_past_join"], rows
+
+
 def test_rows_join_on_every_layout_as_on_one_rank(world8):
     configs = [layout(dp=2, ep=True), layout(tp=2, ep=True), layout(sp=2, ep=True, backend="alltoall"),
                layout(pp=2, ep=True)]
     rows = [r for per_rank in world8.run(2, joins_against_one_rank, "instruct-distil", configs) for r in per_rank]
+    # A pass writing an edit: DP's other group prefills the edit as its filler, and its row joins.
+    edits = [layout(dp=2, ep=True), layout(sp=2, ep=True, backend="alltoall")]
+    rows += [r for per_rank in world8.run(2, joins_against_one_rank, "instruct-distil", edits, True) for r in per_rank]
     assert rows and all(r["first"] and r["short"] and r["later"] and r["wrote_past_join"] for r in rows), rows
 
 

@@ -381,12 +381,9 @@ class Engine:
 
     def _join_text(self):
         """Text passes that arrived while a writing batch runs join it (the planner's join_writing),
-        where the family lets them and no group of it writes an edit's text (under the lock)."""
+        where the family lets them (under the lock)."""
         command = self._in_flight[0]
         if not isinstance(command, RunText) or self._closing or not self.config.model_info.text_joins:
-            return
-        groups = command.batch.groups
-        if any(item.images for group in groups for item in group):
             return
         joining = self._planner.join_writing(self._writing_rows)
         if joining is None:

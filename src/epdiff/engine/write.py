@@ -183,8 +183,8 @@ def write(pipe: ImagePipeline, info: ModelInfo, groups: Sequence[Sequence[tuple[
 
 def _check_join(batch, join: Sequence[Sequence[tuple[TextTask, bool]]]) -> None:
     if batch.join is None or batch.compact is None:
-        raise RuntimeError("rows were sent to join a text pass that cannot take them (an edit's, or a family's "
-                           "without TextBatch.join)")
+        raise RuntimeError("rows were sent to join a text pass that cannot take them (a family's without "
+                           "TextBatch.join)")
     if not all(join):
         raise RuntimeError("every DP group must take a row (a filler where none joins it) in a join")
 

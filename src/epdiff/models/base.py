@@ -103,8 +103,8 @@ class TextBatch:
     """A text pass started by a family's pipeline: `logits` for each row's first token ([B, vocab],
     fp32, on the ranks that hold the model's last layer; None elsewhere), and `step(tokens)` which
     feeds one token per row ([B] on the device) and returns the next logits (or None).
-    `join(tasks, steps)`, where the family lets rows join a pass under way (ModelInfo.text_joins; not
-    a batch of edits): prefills the tasks' rows after the others, with room for `steps` tokens each,
+    `join(tasks, steps)`, where the family lets rows join a pass under way (ModelInfo.text_joins;
+    tasks without input images): prefills the tasks' rows after the others, with room for `steps` tokens each,
     and returns their first tokens' logits ([n, vocab], as `logits`); `step` then takes B + n tokens.
     `compact(keep)` (with join) keeps only the rows at positions `keep`, in that order."""
 
@@ -189,7 +189,7 @@ class ModelInfo(ABC):
     max_input_images: int = 0  # input images a request may give (image editing); 0: the model cannot edit
     no_edit_reason: str = "its family takes no input images"  # why, where max_input_images is 0
     text_tasks: tuple[str, ...] = ()  # what the model can write before it draws (its text passes)
-    text_joins: bool = False  # text passes may join a writing batch under way (TextBatch.join), edits' excepted
+    text_joins: bool = False  # text passes may join a writing batch under way (TextBatch.join), edits' not
     default_task: str = "image"  # a request's task when it names none
     default_text_sampling: TextSampling = TextSampling()
 

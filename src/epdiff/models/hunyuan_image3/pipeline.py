@@ -123,7 +123,8 @@ class HunyuanImage3Pipeline(ImagePipeline):
         """The text passes' prefill (one row a task, right-padded; an edit's rows share its input
         images, the planner's batch key), with room for `steps` written tokens a row. An input
         image's posterior noise is the image's own seed's first draw, as its image pass draws it.
-        Rows without input images may join the pass later (TextBatch.join)."""
+        Rows without input images may join the pass later (TextBatch.join), an edit's pass too: after
+        its prefill a row's cache is its own, and each row sees its own slots."""
         logits, caches, lengths = self._text_prefill(tasks, steps)
         rows = _TextRows(caches, torch.tensor(lengths, device=self.device))  # slots: each row's next token's
 
@@ -153,8 +154,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
             rows.slots = rows.slots[index]
             rows.step = CudaGraphStep(step, graphed)
 
-        joins = not tasks[0].images
-        return TextBatch(logits, lambda tokens: rows.step(tokens), join if joins else None, compact if joins else None)
+        return TextBatch(logits, lambda tokens: rows.step(tokens), join, compact)
 
     def _text_prefill(self, tasks, steps: int, capacity: int = 0):
         """(next-token logits, this stage's caches, each row's length) of the tasks' text prefixes,
