@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from epdiff.serve.api import render_answer
+from epdiff.serve.api import render_answer, server_sent_event
 from serve_helpers import ServerProcess, alive, healthy_server, metric
 
 LAYOUT = ["-dp", "2", "--enable-expert-parallel"]
@@ -370,3 +370,5 @@ def test_the_answer_renders_as_json_with_its_images_put_in_whole(item):
     content = render_answer(answer)
     assert json.loads(content) == answer
     assert render_answer({"data": []}) == b'{"data":[]}'
+    event = {"type": "image_generation.completed", "b64_json": b64, "data": "not a list of items", **item}
+    assert json.loads(server_sent_event(event).decode().split("data: ", 1)[1]) == event
