@@ -75,6 +75,10 @@ def test_openai_clients_edit_call_with_two_images(server):
      "unknown field 'colour'"),
     ({"image": ("big.bin", bytes(2 << 20), "application/octet-stream")}, {"prompt": "x"}, 413,
      "over this server's limit"),
+    ({"image": ("a.png", png(Image.new("RGB", (64, 64))), "image/png")}, {"prompt": "x", "cache": "{" * 100_000},
+     400, "cache is not a kind or a JSON object"),
+    ({"image": ("a.png", png(Image.new("RGB", (64, 64))), "image/png")},
+     {"prompt": "x", "cache": '{"interval": ' + "9" * 5000 + "}"}, 400, "cache is not a kind or a JSON object"),
 ])
 def test_bad_forms_are_refused_naming_the_field(client, files, data, status, message):
     response = client.post(EDITS, files=files or None, data=data)

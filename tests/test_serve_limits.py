@@ -89,6 +89,9 @@ def test_a_body_over_the_limit_gets_413_declared_or_streamed(client):
     ('{"prompt": "x", "seed": ' + "7" * 5000 + "}", "integer string conversion"),
     ('{"prompt": "x", "size": "' + "9" * 5000 + 'x128"}', "size must be 'WIDTHxHEIGHT'"),
     ("{'prompt': 'x'}", "not valid JSON"),
+    ('{"prompt": "x", "output_format": ["png"]}', "output_format must be one of"),
+    ('{"prompt": "x", "system_prompt": "\\ud800 hi"}', "system_prompt is not valid text: character 0 is a lone "
+                                                       "surrogate"),
 ])
 def test_malformed_bodies_get_400(client, raw, words):
     response = client.post(GENERATE, content=raw, headers={"Content-Type": "application/json"})

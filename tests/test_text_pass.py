@@ -282,6 +282,7 @@ def test_drop_think_keeps_the_recaption_and_its_system_prompt(monkeypatch):
 def test_sampling_keeps_the_top_k_and_top_p_tokens_and_is_seeded():
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
     assert int(pick(logits, TextSampling(temperature=0.0), None)) == 4
+    assert int(pick(logits, TextSampling(temperature=1e-300), torch.Generator())) == 4  # (dividing would overflow)
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     draws = {int(pick(logits, TextSampling(temperature=1.0, top_k=2), g())) for _ in range(3)}
     assert len(draws) == 1 and draws <= {3, 4}

@@ -74,6 +74,16 @@ def load_input_image(value, index: int):
                                     f"{str(e)[:120]}") from None
 
 
+def _check_text(field: str, text: str) -> None:
+    """A text field must encode as UTF-8 (a JSON string may carry a lone surrogate, which the
+    tokenizer cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(field, f"{field} is not valid text: character {e.start} is a lone surrogate "
+                                  f"({text[e.start]!r})") from None
+
+
 class RequestError(ValueError):
     """A request that cannot run. `field` is the SamplingParams field at fault."""
 
@@ -242,11 +252,7 @@ class SamplingParams:
                                          f"{_shown(self.prompt)}")
         if not self.prompt.strip():
             raise RequestError("prompt", f"prompt is empty: {self.prompt!r}")
-        try:
-            self.prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError("prompt", f"prompt is not valid text: character {e.start} is a lone surrogate "
-                                         f"({self.prompt[e.start]!r})") from None
+        _check_text("prompt", self.prompt)
         if not is_int(self.n) or self.n < 1:
             raise RequestError("n", f"number of images must be a positive integer, got {self.n!r}")
         steps = info.default_num_inference_steps if self.num_inference_steps is None else self.num_inference_steps
@@ -283,6 +289,8 @@ class SamplingParams:
             raise RequestError("cot_text", f"cot_text is the text a model that writes before drawing draws from: "
                                            f"{'this model writes none' if not info.text_tasks else 'give a string'}"
                                            f", got {_shown(self.cot_text)}")
+        if self.cot_text is not None:
+            _check_text("cot_text", self.cot_text)
         writes = task != "image" and self.cot_text is None
         chooses_size = writes and self.height is None and self.width is None  # the model's choice, as the reference's "auto"
         if chooses_size:
@@ -301,6 +309,8 @@ class SamplingParams:
                                            f"sequence parallel size {layout.sequence_parallel_size}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise RequestError("system_prompt", f"system_prompt must be a string, got {_shown(self.system_prompt)}")
+        if self.system_prompt is not None:
+            _check_text("system_prompt", self.system_prompt)
         try:
             system_prompt = info.resolve_system_prompt(self.system_prompt, task)
         except ValueError as e:

@@ -28,6 +28,9 @@ from .denoise import BatchCancelled
 CANCEL_CHECK_EVERY = 16
 # The token a row "writes" when its logits were not finite (NaN or inf): it ends, its request fails.
 NONFINITE = -2
+# Sampling at a temperature below this is greedy, as vLLM takes it: logits divided by a tinier one
+# overflow fp32, and the sampler fails on the infinities (on a GPU, a device-side assert).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -73,9 +76,10 @@ class RowWriter:
 
 
 def pick(logits: torch.Tensor, sampling: TextSampling, generator: torch.Generator | None) -> torch.Tensor:
-    """One row's next token from its logits [vocab] (fp32): greedy at temperature 0, else sampled
-    after temperature, top-k and top-p (transformers' order and cut-offs)."""
-    if sampling.temperature <= 0:
+    """One row's next token from its logits [vocab] (fp32): greedy at a temperature below
+    GREEDY_BELOW (0 included), else sampled after temperature, top-k and top-p (transformers'
+    order and cut-offs)."""
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax()
     scores = logits / sampling.temperature
     if 0 < sampling.top_k < scores.numel():

@@ -116,8 +116,8 @@ def parse_edit(form: list[tuple[str, object]], engine_config, limits: ServerConf
     if isinstance(body.get("cache"), str) and body["cache"].lstrip().startswith("{"):
         try:
             body["cache"] = json.loads(body["cache"])
-        except json.JSONDecodeError as e:
-            raise bad_request("cache", f"cache is not a kind or a JSON object: {e}") from None
+        except (ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError; so is an over-long integer)
+            raise bad_request("cache", f"cache is not a kind or a JSON object: {str(e)[:120]}") from None
     return parse_generation(body, engine_config, limits, images)
 
 
@@ -139,9 +139,9 @@ def parse_generation(body, engine_config, limits: ServerConfig, images=None) -> 
         raise bad_request("response_format", f"response_format {response_format!r} is not supported: this server "
                                              f"returns the images in the response; use 'b64_json'")
     output_format = body.get("output_format", "png")
-    if output_format not in OUTPUT_FORMATS:
+    if not isinstance(output_format, str) or output_format not in OUTPUT_FORMATS:
         raise bad_request("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
-                                           f"got {output_format!r}")
+                                           f"got {repr(output_format)[:80]}")
     n = body.get("n", 1)
     if is_int(n) and n > limits.max_images:
         raise bad_request("n", f"n must be at most {limits.max_images} on this server (--max-images), got {n}")
