@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     flags = ["-dp", "2", "--enable-expert-parallel", "--api-key", KEY, "--max-body-bytes", "300000",
-             "--request-timeout", "3"]
+             "--request-timeout", "3", "--body-timeout", "1"]
     with healthy_server(flags, tmp_path_factory.mktemp("serve") / "server.log") as s:
         yield s
 
@@ -97,6 +97,28 @@ def test_malformed_bodies_get_400(client, raw, words):
     response = client.post(GENERATE, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
     healthy(client)
+
+
+def test_a_body_that_trickles_in_gets_408_and_frees_its_connection(server):
+    """A client that declares a body and sends a byte now and then is cut off at --body-timeout."""
+    import socket
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+        start = time.monotonic()
+        answer = b""
+        for _ in range(8):  # a byte every 0.3 s: the body never completes
+            time.sleep(0.3)
+            try:
+                sock.sendall(b" ")
+            except OSError:  # the server has answered and closed
+                break
+        sock.settimeout(3)
+        while chunk := sock.recv(65536):  # to the end: the server closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not all arrive within 1 s" in answer and time.monotonic() - start < 5
 
 
 def test_routes_and_methods_that_do_not_exist_answer_in_the_openai_shape(client):

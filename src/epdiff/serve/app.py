@@ -41,7 +41,7 @@ WAIT_POLL_S = 0.5
 WATCH_S = 0.2  # how often the engine's health is looked at
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
-STATUSES = ("200", "400", "401", "413", "415", "429", "499", "500", "503", "504")
+STATUSES = ("200", "400", "401", "408", "413", "415", "429", "499", "500", "503", "504")
 # Routes open without the API key: the probes, and the page (it holds no data; its requests carry
 # the key its user types).
 OPEN_PATHS = ("/health", "/ready", "/")
@@ -263,7 +263,7 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
             raise ApiError(415, f"Content-Type must be {expected}, got {content_type or 'none'!r}", None,
                            "unsupported_media_type")
         raw = await read_body(request, *((server.max_upload_bytes, "--max-upload-bytes") if edit
-                                         else (server.max_body_bytes, "--max-body-bytes")))
+                                         else (server.max_body_bytes, "--max-body-bytes")), server.body_timeout)
         if edit:
             form = await read_form(request, raw, service.config.model_info.max_input_images)
             # Decoding the images, tokenizing and checking run off the event loop: /health answers meanwhile.
@@ -400,18 +400,31 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
     return app
 
 
-async def read_body(request: Request, limit: int, flag: str = "--max-body-bytes") -> bytes:
-    """The body, or 413 as soon as it passes limit bytes (the declared length is looked at first)."""
+async def read_body(request: Request, limit: int, flag: str = "--max-body-bytes", timeout_s: float = 0) -> bytes:
+    """The body, or 413 as soon as it passes limit bytes (the declared length is looked at first),
+    or 408 when it has not all come within timeout_s (0: no limit): a client that sends a byte now
+    and then must not hold a connection for ever."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared), limit, flag)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
+    while True:
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            if left is not None and left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), left)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not all arrive within {timeout_s:g} s ({size} bytes came; "
+                                "--body-timeout)", None, "request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise too_large(size, limit, flag)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def too_large(size: int, limit: int, flag: str = "--max-body-bytes") -> ApiError:
@@ -487,6 +500,8 @@ def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse
     headers = dict(headers or {})
     if error.status in (429, 503):
         headers["Retry-After"] = "1"
+    if error.status in (408, 413):  # its body was not read to the end: the connection cannot serve another
+        headers["Connection"] = "close"
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

@@ -28,6 +28,10 @@ class ServerConfig:
                                         "writes before it draws) gets 400")
     max_body_bytes: int = option(1 << 20, "a larger request body gets 413")
     max_upload_bytes: int = option(32 << 20, "a larger image edit (its multipart form, images included) gets 413")
+    body_timeout: float = option(30.0, "seconds a client has to send its whole request body; then 408 (0: no "
+                                       "limit; a client slow with its headers is a reverse proxy's to cut off)")
+    max_connections: int = option(1024, "connections and requests at once beyond this get 503, so that idle or "
+                                        "slow clients cannot take every file descriptor (uvicorn's limit_concurrency)")
     request_timeout: float = option(600.0, "seconds a request may take, queue included; then it gets 504 and, once "
                                            "no request wants it, its batch stops at the next step (0: no limit)")
     api_key: str | None = option(None, f"require 'Authorization: Bearer KEY' on every route but /health, /ready "
@@ -38,11 +42,11 @@ class ServerConfig:
     def resolve(self) -> "ServerConfig":
         """Checks every limit; the API key from the environment where none is given."""
         for name in ("max_queue", "max_inference_steps", "max_images", "max_prompt_chars", "max_text_tokens",
-                     "max_body_bytes", "max_upload_bytes"):
+                     "max_body_bytes", "max_upload_bytes", "max_connections"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
-        for name in ("shutdown_timeout", "request_timeout"):
+        for name in ("shutdown_timeout", "request_timeout", "body_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV) or None

@@ -93,7 +93,8 @@ def run_server(config: EngineConfig, server: ServerConfig, log_level: str = "inf
         uvicorn_server.engine_died()
 
     app = create_app(service, server, on_engine_dead=engine_died)
-    uvicorn_server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on"),
+    uvicorn_server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on",
+                                            limit_concurrency=server.max_connections),
                              service, server.shutdown_timeout)
     log.info("epdiff serve: http://%s:%d, loading the model (%s)%s", server.host, server.port,
              config.parallel.describe(), "; API key required" if server.api_key else "")
