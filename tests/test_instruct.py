@@ -4,8 +4,10 @@ scripts/reference_instruct.py), every layout with EP against one rank, and the r
 
 from __future__ import annotations
 
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +16,7 @@ from epdiff.config import ConfigError
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
 from epdiff.engine.params import EngineConfig, RequestError, SamplingParams
-from epdiff.models.base import ImageTask
+from epdiff.models.base import ImageTask, InputImage
 from epdiff.models.registry import model_info
 from instruct_cases import CASES, REFERENCE, input_image, make_checkpoint
 from layouts import layout
@@ -115,6 +117,12 @@ def test_requests_name_their_solver_and_system_prompt():
         SamplingParams("a red circle", system_prompt="custom").resolve(config)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_bad_input_images_are_refused_before_any_compute(tmp_path):
     config = EngineConfig(checkpoint("instruct-distil")).resolve()
     red = input_image("red-square")
@@ -135,6 +143,12 @@ def test_bad_input_images_are_refused_before_any_compute(tmp_path):
         with pytest.raises(RequestError, match=message):
             SamplingParams("make it blue", images=images).resolve(config)
     assert SamplingParams("x", images=red).resolve(config).images[0].size == (256, 256)  # one image, unwrapped
+    # A file (its path or its bytes) is checked by decoding it once, then kept as the file until its batch.
+    (tmp_path / "red.png").write_bytes(png_bytes(red))
+    for given in (str(tmp_path / "red.png"), png_bytes(red)):
+        kept = SamplingParams("x", images=[given]).resolve(config).images[0]
+        assert isinstance(kept, InputImage) and kept.size == (256, 256) and len(kept.data) < 2000
+        assert np.array_equal(np.asarray(kept.rgb()), np.asarray(red))
     tall = SamplingParams("x", images=[Image.new("RGB", (100, 600))]).resolve(config)  # beyond 4:1: the extreme bucket
     assert (tall.height, tall.width) == (512, 128)
     with pytest.raises(RequestError, match="images must be a list of images, got int"):

@@ -10,13 +10,14 @@ the field and the value.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, ParallelConfig, check_choices, is_int, option
 from ..loader import LOAD_FORMATS
-from ..models.base import ModelInfo, TextSampling, TextTask
+from ..models.base import InputImage, ModelInfo, TextSampling, TextTask, upright_rgb
 from ..models.registry import model_info
 from ..quantization import QUANTIZATION_METHODS
 from ..sampling.scheduler import SOLVERS
@@ -36,13 +37,17 @@ MAX_PARTIAL_IMAGES = 3
 
 
 def load_input_image(value, index: int):
-    """A request's input image k as an RGB PIL image: a PIL image, a file path or the file's bytes;
-    RequestError("image", ...) names the image and the problem."""
-    import io
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """A request's input image k, checked: a PIL image (as an RGB copy), a file path or the file's
+    bytes (as an InputImage: decoded once here to check it, then kept as the file); RequestError("image",
+    ...) names the image and the problem."""
+    from PIL import Image, UnidentifiedImageError
 
     what = f"image {index}"
+    if isinstance(value, InputImage):  # checked already (a request resolved a second time)
+        return value
+    if isinstance(value, str | os.PathLike) and os.path.isfile(value):
+        with open(value, "rb") as f:
+            value = f.read()
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray, str, os.PathLike)):
@@ -67,11 +72,11 @@ def load_input_image(value, index: int):
     if min(width, height) < MIN_INPUT_SIDE:
         raise RequestError("image", f"{what} is {width}x{height}: each side must be at least {MIN_INPUT_SIDE} pixels")
     try:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+        rgb = upright_rgb(image)
     except Exception as e:  # noqa: BLE001 - a truncated file or bad EXIF raises Pillow's many kinds
         raise RequestError("image", f"{what} ({image.mode}, {width}x{height}) cannot be decoded as RGB: "
                                     f"{str(e)[:120]}") from None
+    return rgb if isinstance(value, Image.Image) else InputImage(bytes(value), rgb.size)
 
 
 def _check_text(field: str, text: str) -> None:

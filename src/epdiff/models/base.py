@@ -21,6 +21,7 @@ A family never sees the engine's requests, futures or workers: the loops hand it
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -96,6 +97,34 @@ class TextRules:
         """The most tokens a row can write: its budget, a forced run in flight, the closing and the
         choice after it."""
         return max_new_tokens + max((len(t) for t in self.forced.values()), default=0) + len(self.closing) + 1
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An input image as its file's bytes, checked and measured (`size`: (width, height) upright),
+    decoded to RGB only where a batch uses it: a request waiting in the queue holds its upload
+    (a 4096² PNG of one colour is 49 KB), not ~50 MB of pixels per image (a review found edits
+    of such files filling a server's memory from its queue)."""
+
+    data: bytes = field(repr=False)
+    size: tuple[int, int] = (0, 0)
+
+    def rgb(self):
+        from PIL import Image
+
+        return upright_rgb(Image.open(io.BytesIO(self.data)))
+
+
+def rgb_image(image):
+    """A PIL image, or an InputImage decoded, as an RGB PIL image."""
+    return image.rgb() if isinstance(image, InputImage) else image
+
+
+def upright_rgb(image):
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
 
 
 @dataclass

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ...config import ConfigError
+from ..base import rgb_image
 from .tokenizer import CondImageLayout
 from .vae import reference_autocast
 
@@ -120,8 +121,10 @@ class ImageConditioner:
         load_whole(self.tower, checkpoint, "vision_model.", f"the vision tower (config.json vit_type {VIT_TYPE!r})")
         load_whole(self.aligner, checkpoint, "vision_aligner.", "the vision aligner")
 
-    def prepare(self, image: Image.Image) -> PreparedImage:
-        """Host work of one RGB image: its bucket, VAE pixels and ViT inputs."""
+    def prepare(self, image) -> PreparedImage:
+        """Host work of one input image (RGB, or an InputImage decoded here): its bucket, VAE
+        pixels and ViT inputs."""
+        image = rgb_image(image)
         W, H = image.size
         ratio_index = self.resolution.nearest_index(H, W)
         crop = np.asarray(cover_and_crop(image, *self.resolution.bucket(ratio_index)), dtype=np.float32)
