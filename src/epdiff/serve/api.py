@@ -68,7 +68,7 @@ def parse_size(size) -> tuple[int | None, int | None]:
     before drawing (SamplingParams.resolve), else its default size."""
     if size is None or size == "auto":
         return None, None
-    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", size) if isinstance(size, str) else None
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX×]\s*([0-9]{1,6})\s*", size) if isinstance(size, str) else None
     if match is None:
         raise bad_request("size", f"size must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto', got {size!r}")
     width, height = int(match.group(1)), int(match.group(2))

@@ -174,8 +174,9 @@ class EngineService:
     def unavailable_reason(self) -> str:
         if self.state == "loading":
             return "the model is still loading"
-        if self.state == "dead":
-            return self.error or "the engine stopped"
+        if self.state == "dead" or self.state == "ready" and self.engine is not None and not self.engine.alive:
+            # (ready with a dead engine: the watcher has not seen it yet)
+            return self.error or (self.engine.error if self.engine is not None else None) or "the engine stopped"
         return "the server is shutting down"
 
 
