@@ -173,7 +173,7 @@ def test_output_formats_and_several_images(client):
 
 
 def test_progress_follows_the_steps(client):
-    steps, seen = 8, []
+    steps, seen, again = 8, [], []
     done = threading.Event()
 
     def poll():
@@ -181,6 +181,8 @@ def test_progress_follows_the_steps(client):
             response = client.get("/v1/images/progress/p1")
             if response.status_code == 200:
                 seen.append(response.json())
+                if seen[-1]["status"] in ("queued", "running") and not again:  # its id, not finished: refused
+                    again.append(client.post(GENERATE, json={"prompt": "x"}, headers={"X-Request-ID": "p1"}))
             time.sleep(0.05)
 
     poller = threading.Thread(target=poll)
@@ -192,6 +194,7 @@ def test_progress_follows_the_steps(client):
         done.set()
         poller.join()
     assert response.status_code == 200 and response.headers["x-request-id"] == "p1"
+    assert again and again[0].status_code == 409 and "has not finished" in again[0].json()["error"]["message"]
     assert client.get("/v1/images/progress/p1").json() == {"status": "done", "step": steps, "steps": steps}
     running = [p["step"] for p in seen if p["status"] == "running"]
     assert running and running == sorted(running) and max(running) <= steps

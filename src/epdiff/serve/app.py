@@ -30,7 +30,7 @@ from .api import (ApiError, GenerationRequest, bad_request, completed_events, en
                   generation_response, parse_edit, parse_generation, partial_image_event, render_answer,
                   server_sent_event, text_delta_event)
 from .config import ServerConfig
-from .service import EngineService
+from .service import EngineService, ProgressIdInUse
 
 log = logging.getLogger("epdiff.serve")
 
@@ -41,7 +41,7 @@ WAIT_POLL_S = 0.5
 WATCH_S = 0.2  # how often the engine's health is looked at
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
-STATUSES = ("200", "400", "401", "408", "413", "415", "429", "499", "500", "503", "504")
+STATUSES = ("200", "400", "401", "408", "409", "413", "415", "429", "499", "500", "503", "504")
 # Routes open without the API key: the probes, and the page (it holds no data; its requests carry
 # the key its user types).
 OPEN_PATHS = ("/health", "/ready", "/")
@@ -278,6 +278,8 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
         except QueueFullError as e:
             raise ApiError(429, f"the queue is full: {e}; retry later", None, "queue_full",
                            "rate_limit_exceeded") from None
+        except ProgressIdInUse as e:
+            raise ApiError(409, str(e), None, "request_id_in_use") from None
         except EngineDeadError as e:
             raise unavailable(str(e)) from None
 

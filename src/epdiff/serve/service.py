@@ -39,6 +39,15 @@ class Progress:
             while len(self._entries) > PROGRESS_KEPT:
                 self._entries.popitem(last=False)
 
+    def claim(self, request_id: str, steps: int | None) -> bool:
+        """Starts request_id's entry; False while a request under that id has not finished."""
+        with self._lock:
+            entry = self._entries.get(request_id)
+            if entry is not None and entry["status"] in ("queued", "running"):
+                return False
+        self.update(request_id, status="queued", step=0, steps=steps)
+        return True
+
     def discard(self, request_id: str) -> None:
         with self._lock:
             self._entries.pop(request_id, None)
@@ -47,6 +56,10 @@ class Progress:
         with self._lock:
             entry = self._entries.get(request_id)
             return None if entry is None else dict(entry)
+
+
+class ProgressIdInUse(ValueError):
+    """A request named itself after one still running (X-Request-ID): its progress would be lost."""
 
 
 class EngineService:
@@ -131,7 +144,7 @@ class EngineService:
 
     def submit(self, params: SamplingParams, progress_id: str | None,
                on_event: Callable[[object], None] | None = None) -> Future:
-        """Raises EngineDeadError (not ready), QueueFullError or RequestError. on_event: the
+        """Raises EngineDeadError (not ready), QueueFullError, ProgressIdInUse or RequestError. on_event: the
         engine's TextDelta and PartialImage events, on its driver thread."""
         with self._lock:
             if self.state != "ready":
@@ -139,7 +152,9 @@ class EngineService:
             engine = self.engine
         on_progress = None
         if progress_id is not None:
-            self.progress.update(progress_id, status="queued", step=0, steps=params.num_inference_steps)
+            if not self.progress.claim(progress_id, params.num_inference_steps):
+                raise ProgressIdInUse(f"X-Request-ID {progress_id!r} is a request's that has not finished; give "
+                                      "each request its own")
 
             def on_progress(step: int, steps: int):
                 self.progress.update(progress_id, status="running", step=step, steps=steps)
