@@ -266,10 +266,14 @@ def create_app(service: EngineService, server: ServerConfig | None = None, *,
                                          else (server.max_body_bytes, "--max-body-bytes")), server.body_timeout)
         if edit:
             form = await read_form(request, raw, service.config.model_info.max_input_images)
+            if await request.is_disconnected():  # gone while it uploaded: decode nothing
+                raise ClientDisconnect()
             # Decoding the images, tokenizing and checking run off the event loop: /health answers meanwhile.
             parsed = await asyncio.to_thread(parse_edit, form, service.config, server)
         else:
             parsed = await asyncio.to_thread(parse_request, raw, service.config, server)
+        if await request.is_disconnected():  # gone while its request was checked (threads may queue): submit nothing
+            raise ClientDisconnect()
         return parsed, headers
 
     async def submit(parsed: GenerationRequest, headers: dict, on_event=None):
