@@ -107,7 +107,7 @@ class InputImage:
     of such files filling a server's memory from its queue)."""
 
     data: bytes = field(repr=False)
-    size: tuple[int, int] = (0, 0)
+    size: tuple[int, int]
 
     def rgb(self):
         from PIL import Image

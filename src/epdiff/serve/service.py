@@ -33,20 +33,24 @@ class Progress:
 
     def update(self, request_id: str, **fields) -> None:
         with self._lock:
-            entry = self._entries.setdefault(request_id, {"status": "queued", "step": 0, "steps": None})
-            entry.update(fields)
-            self._entries.move_to_end(request_id)
-            while len(self._entries) > PROGRESS_KEPT:
-                self._entries.popitem(last=False)
+            self._set(request_id, fields)
 
     def claim(self, request_id: str, steps: int | None) -> bool:
-        """Starts request_id's entry; False while a request under that id has not finished."""
+        """Starts request_id's entry; False while a request under that id has not finished (one
+        look and set under the lock: two requests sent at once under one id cannot both claim it)."""
         with self._lock:
             entry = self._entries.get(request_id)
             if entry is not None and entry["status"] in ("queued", "running"):
                 return False
-        self.update(request_id, status="queued", step=0, steps=steps)
+            self._set(request_id, dict(status="queued", step=0, steps=steps))
         return True
+
+    def _set(self, request_id: str, fields: dict) -> None:
+        entry = self._entries.setdefault(request_id, {"status": "queued", "step": 0, "steps": None})
+        entry.update(fields)
+        self._entries.move_to_end(request_id)
+        while len(self._entries) > PROGRESS_KEPT:
+            self._entries.popitem(last=False)
 
     def discard(self, request_id: str) -> None:
         with self._lock:
@@ -189,9 +193,10 @@ class EngineService:
     def unavailable_reason(self) -> str:
         if self.state == "loading":
             return "the model is still loading"
-        if self.state == "dead" or self.state == "ready" and self.engine is not None and not self.engine.alive:
-            # (ready with a dead engine: the watcher has not seen it yet)
-            return self.error or (self.engine.error if self.engine is not None else None) or "the engine stopped"
+        if self.state == "dead":
+            return self.error or "the engine stopped"
+        if self.state == "ready" and self.engine is not None and not self.engine.alive:  # not yet seen by check()
+            return self.engine.error or "the engine stopped"
         return "the server is shutting down"
 
 
