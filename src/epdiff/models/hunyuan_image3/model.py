@@ -37,6 +37,14 @@ from .tokenizer import CondImageSpans
 from .rotary import rope_2d
 
 
+def padding_mask(lengths: list[int], width: int, device) -> torch.Tensor | None:
+    """[B, width], True at row b's first lengths[b] tokens (rows right-padded to width); None where
+    no row is padded."""
+    if min(lengths) >= width:
+        return None
+    return torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+
+
 @dataclass
 class CondInputs:
     """One input image of an edit, for the first stage's prefill: where it sits, its clean latents
@@ -237,9 +245,7 @@ class HunyuanImage3Transformer(nn.Module):
         B, L = input_ids.shape
         x = self._receive_or(lambda: self._embed_prefix(input_ids, cond), (B, L, self.config.hidden_size))
         cos, sin = self._rope(positions)
-        key_mask = None
-        if lengths is not None and min(lengths) < L:
-            key_mask = torch.arange(L, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        key_mask = padding_mask(lengths, L, self.device) if lengths is not None else None
         mask = None
         if blocks:
             if key_mask is not None:

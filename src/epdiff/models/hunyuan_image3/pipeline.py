@@ -17,15 +17,24 @@ import torch
 from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
-from ...kernels.graphs import CudaGraphStep
+from ...kernels.graphs import CudaGraphStep, CudaGraphsByShape
 from ...moe.layer import moe_layers
 from ..base import DenoisingBatch, ImagePipeline, TextBatch
-from .attention import TextCache
+from .attention import KVCache, TextCache
 from .conditioning import ImageConditioner
 from .loading import load_model
-from .model import CondInputs
+from .model import CondInputs, padding_mask
 from .vae import AutoencoderKLConv3D, reference_autocast, to_uint8
 from .weights import load_vae
+
+
+# A new prompt's prefill is ~1,100 kernel launches at 20 layers and its host time twice its GPU
+# time (BENCHMARKS §23). On one GPU a text prefix is right-padded to a multiple of PREFILL_BUCKET
+# tokens and replayed as a CUDA graph, one per (rows, padded length), the PREFILL_GRAPHS most
+# recently used kept: causal attention keeps the padding out of every real token, and the caches
+# keep the real tokens only.
+PREFILL_BUCKET = 64
+PREFILL_GRAPHS = 8
 
 
 def initial_noise(seed: int, shape, device: torch.device, cond_shapes: Sequence[tuple] = ()):
@@ -50,6 +59,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
         self.vae = self._load_vae(checkpoint) if decode else None
         self.can_decode = self.vae is not None
         self.conditioner = None
+        self._prefill_graphs = CudaGraphsByShape(self._prefill_as_tuples, PREFILL_GRAPHS)
         if info.supports_images:  # every rank lays the input images out; the first stage embeds them
             first = self.transformer.link.is_first
             encoder = self._load_vae(checkpoint, encoder=True) if first else None
@@ -137,7 +147,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
         # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
         # §19); eager under collectives, on a CPU, with --enforce-eager, or where the experts
         # take their per-expert loop (it reads their row counts on the host).
-        graphed = self.use_cuda_graphs and self.parallel.config.world_size == 1 and self._experts_stay_on_device()
+        graphed = self._graphs_replay()
         rows.step = CudaGraphStep(step, graphed)
 
         def join(joining, steps: int) -> torch.Tensor | None:
@@ -173,7 +183,12 @@ class HunyuanImage3Pipeline(ImagePipeline):
                                                      cond, rows[0].bidirectional_blocks)
         return logits, caches, lengths
 
-    def _experts_stay_on_device(self) -> bool:
+    def _graphs_replay(self) -> bool:
+        """Whether static-shaped work here may be replayed as CUDA graphs: one GPU (no collectives),
+        not --enforce-eager, and experts that keep their row counts on the device (the per-expert
+        loop reads them on the host)."""
+        if self.device.type != "cuda" or not self.use_cuda_graphs or self.parallel.config.world_size != 1:
+            return False
         probe = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
         return all(layer.experts.uses_grouped_mm(probe) for layer in moe_layers(self.transformer))
 
@@ -181,23 +196,42 @@ class HunyuanImage3Pipeline(ImagePipeline):
         """Caches the prefix of every row; returns the caches and the positions of each step's
         step tokens and image tokens (shared when every row's prompt has one length)."""
         lengths = [seq.timestep_index for seq in rows]
-        longest = max(lengths)
+        longest, first = max(lengths), rows[0]
         if longest == min(lengths):
+            gen = first.positions[longest: first.image_start + first.image_len]
+        else:
+            gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
+        if cond is None and not first.bidirectional_blocks and self._graphs_replay():
+            caches = self._bucketed_prefill(rows, lengths)
+        elif longest == min(lengths):
             prefix = torch.stack([seq.input_ids[:longest] for seq in rows])
-            caches = self.transformer.prefill(prefix, rows[0].positions[:longest], cond=cond,
-                                              blocks=rows[0].bidirectional_blocks)
-            first = rows[0]
-            return caches, first.positions[longest: first.image_start + first.image_len].to(self.device)
-        prefix, positions = self._right_padded(rows, lengths)
-        caches = self.transformer.prefill(prefix, positions, lengths)
-        gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
+            caches = self.transformer.prefill(prefix, first.positions[:longest], cond=cond,
+                                              blocks=first.bidirectional_blocks)
+        else:
+            prefix, positions = self._right_padded(rows, lengths)
+            caches = self.transformer.prefill(prefix, positions, lengths)
         return caches, gen.to(self.device)
 
-    def _right_padded(self, rows, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' first lengths[r] ids and positions, right-padded to the longest: [B, L] and [B, L, 2]."""
+    def _bucketed_prefill(self, rows, lengths: list[int]) -> list[KVCache]:
+        """The text prefixes right-padded to a multiple of PREFILL_BUCKET and prefilled by a
+        captured graph for that shape; the caches are copies of the real tokens' K/V (the graph's
+        own buffers are overwritten by its next replay)."""
+        longest = max(lengths)
+        prefix, positions = self._right_padded(rows, lengths, -(-longest // PREFILL_BUCKET) * PREFILL_BUCKET)
+        padded = self._prefill_graphs(prefix.to(self.device), positions.to(self.device))
+        key_mask = padding_mask(lengths, longest, self.device)
+        return [KVCache(k[:, :longest].clone(), v[:, :longest].clone(), key_mask) for k, v in padded]
+
+    def _prefill_as_tuples(self, prefix: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(cache.k, cache.v) for cache in self.transformer.prefill(prefix, positions)]
+
+    def _right_padded(self, rows, lengths: list[int], width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' first lengths[r] ids and positions, right-padded to the longest (or to width):
+        [B, L] and [B, L, 2]."""
         pad = self.tokenizer.pad if self.tokenizer.pad is not None else self.tokenizer.bos
-        prefix = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
-        positions = torch.zeros((len(rows), max(lengths), 2), dtype=torch.long)
+        width = max(width, *lengths)
+        prefix = torch.full((len(rows), width), pad, dtype=torch.long)
+        positions = torch.zeros((len(rows), width, 2), dtype=torch.long)
         for r, row in enumerate(rows):
             prefix[r, :lengths[r]] = row.input_ids[:lengths[r]]
             positions[r, :lengths[r]] = row.positions[:lengths[r]]
