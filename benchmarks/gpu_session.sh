@@ -3,7 +3,7 @@
 # Release width; 32 FP8 layers (the release) where the GPU has over 100 GiB (an H200), else 20
 # (an H100: 32 do not fit beside the activations). The server's packages travel as wheels in .whl
 # (the device README says how).
-#   bash benchmarks/gpu_session.sh tests profile experts text image edit prefill serve vae base
+#   bash benchmarks/gpu_session.sh tests profile experts text image graphs edit prefill serve vae base nucleus
 #   BASELINE=.baseline bash benchmarks/gpu_session.sh ab    # src/ of another commit: git archive C src | tar -x -C .baseline
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,9 +22,10 @@ echo "layers: $L"
 for section in "$@"; do
   echo "=== $section $(date +%T)"
   case $section in
-  tests)    # the one-GPU tests: kernels, FP8, the step, the text pass's graph
-    timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_text.py tests/test_gpu_fp8.py \
-      tests/test_gpu_step.py tests/test_gpu_kernels.py > $OUT/gpu_tests.log 2>&1; tail -15 $OUT/gpu_tests.log ;;
+  tests)    # the one-GPU tests: kernels, FP8, the step, the text pass's graph, the replayed prefill
+    timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_text.py tests/test_gpu_fp8.py \
+      tests/test_gpu_step.py tests/test_gpu_kernels.py tests/test_gpu_engine.py > $OUT/gpu_tests.log 2>&1
+    tail -15 $OUT/gpu_tests.log ;;
   profile)  # issue 25: Instruct-Distil's single-branch FP8 step, kernel by kernel
     timeout 200 python3 benchmarks/profile_step.py --layers $L --variant instruct-distil --quantization fp8 \
       --steps 3 --out $OUT 2>&1 | tail -45 ;;
@@ -43,6 +44,11 @@ for section in "$@"; do
   image)    # issues 22/25: an 8-step Instruct-Distil image in-process, part by part
     timeout 170 python3 benchmarks/image_breakdown.py --layers $L --variant instruct-distil --quantization fp8 \
       --images 3 --out $OUT/image > $OUT/image.log 2>&1; tail -12 $OUT/image.log ;;
+  graphs)   # issue 25: the image with its prefill replayed (the 2nd image captures it) against --enforce-eager
+    for eager in "" --enforce-eager "" --enforce-eager; do
+      timeout 120 python3 benchmarks/image_breakdown.py --layers $L --variant instruct-distil --quantization fp8 \
+        --images 4 $eager --out $OUT/graphs${eager} 2>&1 | grep -E '^\||^\{|^warm|Error' | cut -c1-150
+    done ;;
   edit)     # issue 22: an edit beside it
     timeout 170 python3 benchmarks/image_breakdown.py --layers $L --variant instruct-distil --quantization fp8 \
       --images 3 --edit --out $OUT/edit > $OUT/edit.log 2>&1; tail -12 $OUT/edit.log ;;
@@ -58,6 +64,8 @@ for section in "$@"; do
       > $OUT/serve.log 2>&1; tail -15 $OUT/serve.log ;;
   vae)      # issue 25: the 1024² decode, its kernels, and its convolutions as 2-D ones
     timeout 200 python3 benchmarks/vae_decode.py --size 1024 --profile --runs 3 --out $OUT 2>&1 | grep -v '^{' | tail -30 ;;
+  nucleus)  # issue 25: Nucleus-Image's step against diffusers', eager and as a CUDA graph (24 layers: both fit)
+    timeout 300 python3 benchmarks/nucleus_step.py --layers 24 --iters 5 --graphs --out $OUT 2>&1 | grep '^{' ;;
   base)     # issue 25: the base model's FP8 step, guidance on (both branches)
     timeout 200 python3 benchmarks/step_scaling.py --layers $L --steps 6 --layouts "1 GPU" --quantization fp8 \
       --out $OUT 2>&1 | tail -6 ;;

@@ -3,6 +3,7 @@
 
     python benchmarks/nucleus_step.py --layers 32 --out results/       # the release size: H200
     python benchmarks/nucleus_step.py --tiny --device cpu               # a smoke run of the script
+    python benchmarks/nucleus_step.py --layers 24 --graphs              # and the step replayed as a CUDA graph
 
 The release config (32 blocks, hidden 2048, 16 heads of 128 with 4 KV heads, 64 experts of width
 1344 and a shared expert, capacity factors [0, 0, 0, 4, 4, 2, ...], the first three blocks and the
@@ -98,6 +99,27 @@ def timed(fn, iters: int, device) -> list[float]:
     return times[2:]
 
 
+def graphed_step(name, model, cache, latents, sigma, grid, iters, device, report, profile):
+    """The same step captured once as a CUDA graph (kernels/graphs.CudaGraphStep) and replayed: its
+    time, and its output against the eager step's."""
+    from epdiff.kernels.graphs import CudaGraphStep
+
+    graph = CudaGraphStep(lambda x, s: model(x, s, grid, cache))
+    with torch.inference_mode():
+        eager = model(latents, sigma, grid, cache).float()
+        try:
+            for _ in range(2):  # the eager warm-up, then the capture
+                out = graph(latents, sigma)
+        except RuntimeError as e:
+            print(json.dumps(dict(case=name + " graph", error=str(e).splitlines()[0])), flush=True)
+            return
+        err = float((out.float() - eager).norm() / eager.norm())
+    step = torch.inference_mode()(lambda: graph(latents, sigma))
+    times = timed(step, iters, device)
+    profile(name + " graph", step)
+    report(name + " graph", times, {"rel_err_vs_eager": err})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -107,6 +129,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a smoke run on CPU)")
     parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--graphs", action="store_true", help="also each epdiff step captured as a CUDA graph")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print each case's top kernels (one step, torch.profiler)")
     args = parser.parse_args()
@@ -192,6 +215,8 @@ def main():
         profile(f"epdiff {quantization}", step)
         name = f"epdiff {'bf16' if dtype == torch.bfloat16 else str(dtype)}" + (f" {quantization}" if quantization else "")
         report(name, times, {"rel_err_vs_" + ("diffusers" if quantization is None else "epdiff_bf16"): err})
+        if args.graphs and device.type == "cuda":
+            graphed_step(name, model, cache, latents, sigma, grid, args.iters, device, report, profile)
         del model, cache
         gc.collect()
         if device.type == "cuda":
