@@ -131,7 +131,9 @@ def main():
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--graphs", action="store_true", help="also each epdiff step captured as a CUDA graph")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--profile", action="store_true", help="print each case's top kernels (one step, torch.profiler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each case's top kernels (one step, torch.profiler, after its timing): compare "
+                             "timings from runs without it")
     args = parser.parse_args()
     from diffusers import NucleusMoEImageTransformer2DModel
 
@@ -186,8 +188,8 @@ def main():
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    profile("diffusers", diffusers_step)
     report("diffusers bf16" if dtype == torch.bfloat16 else "diffusers", timed(diffusers_step, args.iters, device))
+    profile("diffusers", diffusers_step)
     state_dict = {k: v for k, v in reference.state_dict().items()}
     baseline = None
     for quantization in [None] + ([] if args.skip_fp8 else ["fp8"]):

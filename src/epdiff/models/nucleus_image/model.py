@@ -9,7 +9,7 @@ modulated hidden. Module paths follow the diffusers checkpoint except inside the
 MoE modules, whose names weights.py maps.
 
 Text keys and values are the same on every denoising step: `encode_text` computes them once per
-batch (the `TextCache`), and each step reuses them. Under SP the image tokens are split over the
+batch (the `RequestCache`), and each step reuses them. Under SP the image tokens are split over the
 ranks (Ulysses for attention; the expert-choice router gathers its scores), the text is whole on
 every rank.
 """
@@ -111,9 +111,12 @@ class TextKV:
 
 
 @dataclass
-class TextCache:
+class RequestCache:
+    """What every step of a batch reads and none changes, computed at its start."""
+
     blocks: dict[str, TextKV]
     key_mask: torch.Tensor | None  # [B, L]: False at padding (None: no padding)
+    image_freqs: torch.Tensor  # [h·w / SP, D/2]: this rank's image tokens' rotations
 
 
 class Attention(nn.Module):
@@ -224,15 +227,18 @@ class NucleusImageTransformer(nn.Module):
             self.norm_out = OutputNorm(c.hidden_size, **kw)
             self.proj_out = nn.Linear(c.hidden_size, c.patch_size ** 2 * c.output_channels, bias=False, **kw)
 
-    def encode_text(self, text: torch.Tensor, key_mask: torch.Tensor | None, grid: tuple[int, int]) -> TextCache:
+    def encode_text(self, text: torch.Tensor, key_mask: torch.Tensor | None, grid: tuple[int, int]) -> RequestCache:
         """text [B, L, joint_attention_dim] (the text encoder's hidden states, padded), key_mask
-        [B, L] (None: no padding), grid: the image's (h, w) in tokens. This stage's text K/V."""
+        [B, L] (None: no padding), grid: the image's (h, w) in tokens. This stage's text K/V and
+        the image tokens' rotations (a step then copies nothing from the host: a CUDA graph holds it)."""
         text = self.txt_norm(text.to(self.device, self.dtype))
         freqs = rope_frequencies(self.config.axes_dims_rope, text_positions(*grid, text.shape[1]).to(self.device))
         blocks = {i: block.text_kv(text, freqs) for i, block in self.transformer_blocks.items()}
-        return TextCache(blocks, None if key_mask is None else key_mask.to(self.device))
+        image_freqs = local_chunk(rope_frequencies(self.config.axes_dims_rope, image_positions(*grid).to(self.device)),
+                                  self.parallel.sp, dim=0)
+        return RequestCache(blocks, None if key_mask is None else key_mask.to(self.device), image_freqs)
 
-    def forward(self, latents: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int], text: TextCache,
+    def forward(self, latents: torch.Tensor, sigmas: torch.Tensor, grid: tuple[int, int], text: RequestCache,
                 block_cache: FirstBlockCache | None = None):
         """One denoising step. latents [B, h·w, in_channels] (packed patches, whole on every rank),
         sigmas [B] in [0, 1], grid (h, w) in tokens; block_cache: the step's first-block cache, if
@@ -243,14 +249,13 @@ class NucleusImageTransformer(nn.Module):
             raise ValueError(f"{S} image tokens cannot be split over sequence parallel size {sp.size}")
         local = S // sp.size
         temb = self.time_text_embed(sigmas.to(self.device))
-        freqs = local_chunk(rope_frequencies(self.config.axes_dims_rope, image_positions(*grid).to(self.device)),
-                            sp, dim=0)
         decided = block_cache.decide_ahead() if block_cache is not None and not self.link.is_first else None
         if self.link.is_first:
             x = self.img_in(local_chunk(latents.to(self.device, self.dtype), sp, dim=1))
         else:
             x = self.link.recv((B, local, self.config.hidden_size), self.dtype, self.device)
-        blocks = [functools.partial(block, temb=temb, freqs=freqs, text=text.blocks[i], key_mask=text.key_mask)
+        blocks = [functools.partial(block, temb=temb, freqs=text.image_freqs, text=text.blocks[i],
+                                    key_mask=text.key_mask)
                   for i, block in self.transformer_blocks.items()]
         x = run_blocks(x, blocks, block_cache, self.link.is_first, decided)
         out = None
