@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ParallelConfig
 from ..distributed.parallel_state import ParallelState
+from ..moe.layer import experts_stay_on_device
 from ..sampling.scheduler import guidance
 from ..sampling.step_cache import FirstBlockCache, StepCacheConfig
 
@@ -173,6 +174,7 @@ class ImagePipeline(ABC):
     """One rank's loaded model of a family (loaded once, used for batch after batch)."""
 
     info: "ModelInfo"
+    parallel: ParallelState
     transformer: nn.Module  # this rank's part of the denoiser (its MoE layers, its parameter bytes)
     checkpoint_bytes_read: int = 0
     can_decode: bool = False  # the VAE is loaded here
@@ -202,6 +204,13 @@ class ImagePipeline(ABC):
     def moe_layer_ids(self) -> list[int]:
         """The model's layer index of each MoE layer of `transformer`, in module order."""
         return []
+
+    def replays_graphs(self) -> bool:
+        """Whether static-shaped work on this rank may be replayed as CUDA graphs: one GPU (no
+        collectives), not --enforce-eager, and experts that keep their row counts on the device."""
+        device = self.parallel.device
+        return (self.use_cuda_graphs and device.type == "cuda" and self.parallel.config.world_size == 1
+                and experts_stay_on_device(self.transformer, device))
 
 
 class ModelInfo(ABC):

@@ -174,6 +174,13 @@ def moe_layers(module: nn.Module) -> list[MoELayer]:
     return [m for m in module.modules() if isinstance(m, MoELayer)]
 
 
+def experts_stay_on_device(module: nn.Module, device: torch.device) -> bool:
+    """Whether every MoE layer of module, given rows on device, keeps its row counts there (the
+    grouped path; the per-expert loop reads them on the host): what a CUDA graph can hold."""
+    return all(layer.experts.uses_grouped_mm(torch.empty(0, layer.experts.hidden_size, dtype=layer.experts.dtype,
+                                                         device=device)) for layer in moe_layers(module))
+
+
 def reset_token_counts(module: nn.Module) -> None:
     """Starts the MoE layers in module over on their token counts (dispatch.TokenCounts): call on
     every rank wherever the token layout may change (a new batch, a prefill and the steps after it)."""

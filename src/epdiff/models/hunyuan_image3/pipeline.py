@@ -18,7 +18,6 @@ from ...distributed.parallel_state import ParallelState
 from ...loader.safetensors_loader import SafetensorsCheckpoint
 from ...sampling.scheduler import FlowMatchScheduler
 from ...kernels.graphs import CudaGraphStep, CudaGraphsByShape
-from ...moe.layer import moe_layers
 from ..base import DenoisingBatch, ImagePipeline, TextBatch
 from .attention import KVCache, TextCache
 from .conditioning import ImageConditioner
@@ -147,7 +146,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
         # One GPU: the one-token step as a CUDA graph (launches were most of its time: BENCHMARKS
         # §19); eager under collectives, on a CPU, with --enforce-eager, or where the experts
         # take their per-expert loop (it reads their row counts on the host).
-        graphed = self._graphs_replay()
+        graphed = self.replays_graphs()
         rows.step = CudaGraphStep(step, graphed)
 
         def join(joining, steps: int) -> torch.Tensor | None:
@@ -183,15 +182,6 @@ class HunyuanImage3Pipeline(ImagePipeline):
                                                      cond, rows[0].bidirectional_blocks)
         return logits, caches, lengths
 
-    def _graphs_replay(self) -> bool:
-        """Whether static-shaped work here may be replayed as CUDA graphs: one GPU (no collectives),
-        not --enforce-eager, and experts that keep their row counts on the device (the per-expert
-        loop reads them on the host)."""
-        if self.device.type != "cuda" or not self.use_cuda_graphs or self.parallel.config.world_size != 1:
-            return False
-        probe = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        return all(layer.experts.uses_grouped_mm(probe) for layer in moe_layers(self.transformer))
-
     def _prefill(self, rows, cond=None):
         """Caches the prefix of every row; returns the caches and the positions of each step's
         step tokens and image tokens (shared when every row's prompt has one length)."""
@@ -201,7 +191,7 @@ class HunyuanImage3Pipeline(ImagePipeline):
             gen = first.positions[longest: first.image_start + first.image_len]
         else:
             gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
-        if cond is None and not first.bidirectional_blocks and self._graphs_replay():
+        if cond is None and not first.bidirectional_blocks and self.replays_graphs():
             caches = self._bucketed_prefill(rows, lengths)
         elif longest == min(lengths):
             prefix = torch.stack([seq.input_ids[:longest] for seq in rows])

@@ -19,6 +19,7 @@ import torch
 
 from ...distributed.collectives import broadcast_from_first
 from ...distributed.parallel_state import ParallelState
+from ...kernels.graphs import CudaGraphStep
 from ...loader import LOAD_FORMATS
 from ...loader.dummy import init_dummy_weights
 from ...loader.safetensors_loader import SafetensorsCheckpoint
@@ -149,10 +150,16 @@ class NucleusImagePipeline(ImagePipeline):
         scheduler = FlowMatchSteps(FlowMatchEulerDiscreteScheduler.from_config(self.info.scheduler_config),
                                    first.num_inference_steps, grid[0] * grid[1], self.device)
 
+        def model_step(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return self.transformer(latents, sigma, grid, cache, block_cache)
+
+        # One GPU without a step cache (its decisions are the host's): the step replayed as a CUDA
+        # graph, captured at the batch's second step (BENCHMARKS §24).
+        step = CudaGraphStep(model_step, block_cache is None and self.replays_graphs())
+
         def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
             sigma = scheduler.sigma(i).expand(len(rows))
-            out = self.transformer(latents.flatten(1, 2).repeat(len(branches), 1, 1), sigma, grid, cache,
-                                   block_cache)
+            out = step(latents.flatten(1, 2).repeat(len(branches), 1, 1), sigma)
             return -out.float().view(len(rows), *latents.shape[1:])  # diffusers steps on the negated output
 
         return DenoisingBatch(latents, scheduler, predict)
