@@ -114,10 +114,12 @@ def graphed_step(name, model, cache, latents, sigma, grid, iters, device, report
             print(json.dumps(dict(case=name + " graph", error=str(e).splitlines()[0])), flush=True)
             return
         err = float((out.float() - eager).norm() / eager.norm())
+        again = model(latents, sigma, grid, cache).float()  # eager twice: what the hardware alone varies
+        noise = float((again - eager).norm() / eager.norm())
     step = torch.inference_mode()(lambda: graph(latents, sigma))
     times = timed(step, iters, device)
     profile(name + " graph", step)
-    report(name + " graph", times, {"rel_err_vs_eager": err})
+    report(name + " graph", times, {"rel_err_vs_eager": err, "rel_err_eager_vs_eager": noise})
 
 
 def main():
@@ -130,6 +132,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a smoke run on CPU)")
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--graphs", action="store_true", help="also each epdiff step captured as a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="also epdiff's blocks under torch.compile (inductor's fusions; a data point, not the engine's path)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true",
                         help="print each case's top kernels (one step, torch.profiler, after its timing): compare "
@@ -219,6 +223,24 @@ def main():
         report(name, times, {"rel_err_vs_" + ("diffusers" if quantization is None else "epdiff_bf16"): err})
         if args.graphs and device.type == "cuda":
             graphed_step(name, model, cache, latents, sigma, grid, args.iters, device, report, profile)
+        if args.compile and device.type == "cuda":
+            import time
+
+            for block in model.transformer_blocks.values():
+                block.forward = torch.compile(block.forward, dynamic=False)
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    model(latents, sigma, grid, cache)
+                    torch.cuda.synchronize()
+                compile_s = time.perf_counter() - start
+                report(name + " compiled", timed(step, args.iters, device), {"compile_s": compile_s})
+                if args.graphs:
+                    graphed_step(name + " compiled", model, cache, latents, sigma, grid, args.iters, device, report,
+                                 profile)
+            except Exception as e:  # a data point: say what stopped it
+                print(json.dumps(dict(case=name + " compiled", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")),
+                      flush=True)
         del model, cache
         gc.collect()
         if device.type == "cuda":

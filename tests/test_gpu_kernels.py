@@ -150,3 +150,52 @@ def test_the_vae_decodes_with_the_group_norm_kernel_as_without(monkeypatch):
         monkeypatch.setattr(kernels, "ENABLED", False)
         eager = to_uint8(vae.decode_latents(latents).float())
     assert (fused.int() - eager.int()).abs().max() <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_nucleus_norm_rope_and_modulated_norm_match_eager(dtype):
+    from epdiff.kernels import norm as norm_kernels
+    from epdiff.layers.norm import RMSNorm
+    from epdiff.models.nucleus_image.model import apply_rope, image_positions, layer_norm, rope_frequencies
+
+    B, S, H, D, W = 2, 64, 16, 128, 2048
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    x = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+    norm = RMSNorm(D, 1e-6, dtype=dtype, device="cuda")
+    norm.weight.normal_()
+    freqs = rope_frequencies((16, 56, 56), image_positions(8, 8)).cuda()
+    got = norm_kernels.rms_norm_rope_pairs(x, norm.weight, torch.view_as_real(freqs), 1e-6)
+    torch.testing.assert_close(got.float(), apply_rope(norm._eager(x), freqs).float(), **tol)
+
+    x, update = (torch.randn(B, S, W, device="cuda", dtype=dtype) for _ in range(2))
+    scale = (1 + torch.randn(B, 1, W, device="cuda")).to(dtype)
+    gate = torch.randn(B, 1, W, device="cuda").clamp(-2, 2).tanh().to(dtype)
+    out, total, normed = norm_kernels.modulated_layer_norm(x, scale[:, 0], 1e-6, update, gate[:, 0], True)
+    summed = x + gate * update
+    torch.testing.assert_close(total.float(), summed.float(), **tol)
+    torch.testing.assert_close(normed.float(), layer_norm(summed).float(), **tol)
+    torch.testing.assert_close(out.float(), (layer_norm(summed) * scale).float(), **tol)
+    plain, none, also_none = norm_kernels.modulated_layer_norm(x, scale[:, 0], 1e-6)
+    torch.testing.assert_close(plain.float(), (layer_norm(x) * scale).float(), **tol)
+    assert none is None and also_none is None
+
+
+@torch.inference_mode()
+def test_the_expert_choice_combine_matches_index_add():
+    from epdiff.moe.router import ExpertChoiceRouter
+    from epdiff.distributed.parallel_state import ParallelState
+
+    torch.manual_seed(0)
+    B, S, E, D = 2, 256, 16, 512
+    router = ExpertChoiceRouter(D, E, 2.0, ParallelState.single(torch.device("cuda")).sp, dtype=torch.bfloat16)
+    router.to("cuda").weight.normal_()
+    tokens, _ = router.expert_major(torch.randn(B, S, D, device="cuda", dtype=torch.bfloat16))
+    rows = tokens.flatten()
+    y = torch.randn(rows.numel(), D, device="cuda", dtype=torch.bfloat16)
+    slot_to_row = torch.full((B * S * E,), -1, dtype=torch.int32, device="cuda")
+    slot_to_row[rows * E + torch.arange(E, device="cuda").repeat_interleave(tokens.shape[1])] = torch.arange(
+        rows.numel(), dtype=torch.int32, device="cuda")
+    got = moe_kernels.combine(y, slot_to_row, B * S, E)
+    expect = torch.zeros(B * S, D, device="cuda").index_add_(0, rows, y.float())
+    torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=2e-2)

@@ -26,7 +26,7 @@ def images(folder, prompts, guidance, bucketed: bool, monkeypatch, steps=3):
         def spy(rows, lengths):
             padded.append(lengths)
             return real(rows, lengths)
-        monkeypatch.setattr(pipe, "_graphs_replay", lambda: True)
+        monkeypatch.setattr(pipe, "replays_graphs", lambda: True)
         monkeypatch.setattr(pipe, "_bucketed_prefill", spy)
     tasks = []
     for i, prompt in enumerate(prompts):

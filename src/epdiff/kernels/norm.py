@@ -1,5 +1,6 @@
-"""Fused RMSNorm (after an optional residual add), RoPE + per-head RMSNorm of q and k, and the
-VAE's GroupNorm (+ swish).
+"""Fused RMSNorm (after an optional residual add), RoPE + per-head RMSNorm of q and k (and, for
+Nucleus-Image, per-head RMSNorm + RoPE on adjacent pairs), LayerNorm modulated per image (after
+an optional gated residual add), and the VAE's GroupNorm (+ swish).
 
 Profiled on an H200 (benchmarks/profile_step.py, release width, 8 layers, 1024²): eager fp32
 upcasts, rotate-half temporaries and norm statistics took ~27 ms of a 133 ms step. Each kernel
@@ -61,6 +62,48 @@ if triton is not None:
             w1, w2 = tl.load(kw_ptr + cols).to(tl.float32), tl.load(kw_ptr + HALF + cols).to(tl.float32)
         tl.store(dst + cols, (w1 * n1).to(dtype))
         tl.store(dst + HALF + cols, (w2 * n2).to(dtype))
+
+
+    @triton.jit
+    def _rms_norm_rope_pairs_kernel(x_ptr, w_ptr, rot_ptr, out_ptr, seq_len, heads, eps, HALF: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (token, head) row of D = 2·HALF
+        s = (row // heads) % seq_len
+        pairs = tl.arange(0, HALF)
+        even = tl.load(x_ptr + row * (2 * HALF) + 2 * pairs).to(tl.float32)
+        odd = tl.load(x_ptr + row * (2 * HALF) + 2 * pairs + 1).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        inv = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / (2 * HALF) + eps)
+        w_even = tl.load(w_ptr + 2 * pairs).to(tl.float32)
+        w_odd = tl.load(w_ptr + 2 * pairs + 1).to(tl.float32)
+        n_even = (w_even * (even * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)  # RMSNorm's rounding
+        n_odd = (w_odd * (odd * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        c = tl.load(rot_ptr + s * (2 * HALF) + 2 * pairs)  # (cos, sin) of each pair's angle, fp32
+        sn = tl.load(rot_ptr + s * (2 * HALF) + 2 * pairs + 1)
+        tl.store(out_ptr + row * (2 * HALF) + 2 * pairs, (n_even * c - n_odd * sn).to(dtype))
+        tl.store(out_ptr + row * (2 * HALF) + 2 * pairs + 1, (n_even * sn + n_odd * c).to(dtype))
+
+    @triton.jit
+    def _modulated_layer_norm_kernel(x_ptr, update_ptr, gate_ptr, scale_ptr, sum_ptr, normed_ptr, out_ptr, seq_len,
+                                     width, eps, GATED: tl.constexpr, WRITE_NORMED: tl.constexpr,
+                                     BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one token
+        image = row // seq_len
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATED:  # x + gate·update, rounded as the eager product and sum are
+            update = tl.load(update_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + image * width + cols, mask=mask, other=0.0).to(tl.float32)
+            x = (x + (gate * update).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            tl.store(sum_ptr + row * width + cols, x.to(dtype), mask=mask)
+        mean = tl.sum(x, axis=0) / width
+        centred = tl.where(mask, x - mean, 0.0)
+        normed = (centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / width + eps)).to(dtype)
+        if WRITE_NORMED:
+            tl.store(normed_ptr + row * width + cols, normed, mask=mask)
+        scale = tl.load(scale_ptr + image * width + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * width + cols, (normed.to(tl.float32) * scale).to(dtype), mask=mask)
 
 
 if triton is not None:
@@ -168,3 +211,40 @@ def rope_qk_norm(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weig
             qkv, cos, sin, q_weight, k_weight, q, k, S, kv_heads, group, qkv.stride(1),
             cos.stride(0) if cos.shape[0] > 1 else 0, eps, HALF=D // 2, num_warps=1)
     return q, k
+
+
+def rms_norm_rope_pairs(x: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [B, S, H, D] -> weight · RMSNorm(x) per head, then each adjacent pair (x[2i], x[2i+1])
+    rotated by rotations [S, D/2, 2] (cos, sin; fp32): Nucleus-Image's q/k norm and RoPE."""
+    B, S, H, D = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _rms_norm_rope_pairs_kernel[(B * S * H,)](x, weight, rotations.contiguous(), out, S, H, eps, HALF=D // 2,
+                                                  num_warps=1)
+    return out
+
+
+def rms_norm_rope_pairs_supported(x: torch.Tensor) -> bool:
+    half = x.shape[-1] // 2
+    return half >= 16 and half & (half - 1) == 0
+
+
+def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, update: torch.Tensor | None = None,
+                         gate: torch.Tensor | None = None, with_normed: bool = False):
+    """LayerNorm(x) (no affine) · scale, x [B, S, D], scale [B, D] (one row per image). With update
+    and gate ([B, D]), x is first replaced by x + gate · update. Returns (the modulated norm, the
+    new x or None, the unmodulated norm or None)."""
+    B, S, D = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    gated = update is not None
+    total = torch.empty_like(x) if gated else None
+    normed = torch.empty_like(x) if with_normed else None
+    block = triton.next_power_of_2(D)
+    if x.numel():
+        _modulated_layer_norm_kernel[(B * S,)](
+            x, update.contiguous() if gated else x, gate.contiguous() if gated else scale, scale.contiguous(),
+            total if gated else out, normed if with_normed else out, out, S, D, eps, GATED=gated,
+            WRITE_NORMED=with_normed, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out, total, normed

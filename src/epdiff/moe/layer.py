@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..distributed.collectives import all_reduce
 from ..distributed.parallel_state import ParallelState
 from ..layers.mlp import SwiGLUMLP
+from ..kernels import moe as moe_kernels
 from ..loader.slicing import read_col_shard, read_row_shard
 from .dispatch import LocalDispatch, Placement, TokenCounts, make_dispatcher
 from .expert_map import expert_owners
@@ -109,7 +111,15 @@ class MoELayer(nn.Module):
         pending = self.dispatch.start_dispatch(prepared[rows], ids, gates[mine].flatten()[:, None], self.placement)
         routed, local_ids, row_weights, _ = pending.wait()
         y, load = self.experts(routed, local_ids, row_weights)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
+        if kernels.available(y):
+            # Each token's rows summed by the token in fp32 (one pass, no atomics): its slot j is the
+            # row of the j-th local expert, where that expert picked it (each picks a token once).
+            slot_to_row = torch.full((x.shape[0] * len(mine),), -1, dtype=torch.int32, device=x.device)
+            expert = torch.arange(len(mine), device=x.device).repeat_interleave(tokens.shape[1])
+            slot_to_row[rows * len(mine) + expert] = torch.arange(rows.numel(), dtype=torch.int32, device=x.device)
+            out = moe_kernels.combine(y, slot_to_row, x.shape[0], len(mine))
+        else:
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
         return self._finish(out, shared, load, shape)
 
     def _shared(self, x: torch.Tensor, prepared) -> torch.Tensor | None:

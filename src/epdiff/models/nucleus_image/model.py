@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import kernels
 from ...distributed.parallel_state import ParallelState
 from ...distributed.pipeline_parallel import StageLink, stage_layers
 from ...distributed.sequence_parallel import gather_heads, gather_sequence, local_chunk, scatter_heads
 from ...layers.linear import ColumnParallelLinear, RowParallelLinear
 from ...layers.mlp import SwiGLUMLP
+from ...kernels import norm as norm_kernels
 from ...layers.norm import RMSNorm
 from ...moe.layer import MoELayer
 from ...moe.router import ExpertChoiceRouter
@@ -43,6 +45,20 @@ ROPE_THETA = 10000.0
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm without weight or bias (the blocks' pre-norms and the output norm)."""
     return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS)
+
+
+def modulated_norm(x: torch.Tensor, scale: torch.Tensor, update: torch.Tensor | None = None,
+                   gate: torch.Tensor | None = None, with_normed: bool = False):
+    """layer_norm(x) · scale, scale [B, 1, D] per image; with update and gate, x + gate · update
+    first. Returns (the modulated norm, the new x or None, the unmodulated norm or None): one pass
+    on a GPU (kernels/norm.py), the eager formula elsewhere."""
+    if kernels.available(x):
+        return norm_kernels.modulated_layer_norm(x, scale[:, 0], NORM_EPS, update,
+                                                 None if gate is None else gate[:, 0], with_normed)
+    if update is not None:
+        x = x + gate * update
+    normed = layer_norm(x)
+    return normed * scale, x if update is not None else None, normed if with_normed else None
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
@@ -150,14 +166,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, text: TextKV, key_mask: torch.Tensor | None):
         """x [B, S/SP, hidden]: this SP rank's image tokens; freqs [S/SP, D/2] their rotations."""
         B, s, _ = x.shape
-        q = apply_rope(self.norm_q(self.to_q(x).view(B, s, self.heads, self.head_dim)), freqs)
-        k = apply_rope(self.norm_k(self.to_k(x).view(B, s, self.kv_heads, self.head_dim)), freqs)
+        q = self._norm_rope(self.norm_q, self.to_q(x).view(B, s, self.heads, self.head_dim), freqs)
+        k = self._norm_rope(self.norm_k, self.to_k(x).view(B, s, self.kv_heads, self.head_dim), freqs)
         v = self.to_v(x).view(B, s, self.kv_heads, self.head_dim)
         q, k, v = (scatter_heads(t, self.sp) for t in (q, k, v))  # whole image, 1/SP of the heads
         if key_mask is not None:
             key_mask = F.pad(key_mask, (k.shape[1], 0), value=True)
         out = sdpa(q, torch.cat([k, text.k], dim=1), torch.cat([v, text.v], dim=1), key_mask=key_mask)
         return self.to_out[0](gather_heads(out, self.sp).flatten(2))
+
+
+    @staticmethod
+    def _norm_rope(norm: RMSNorm, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        if kernels.available(x) and norm_kernels.rms_norm_rope_pairs_supported(x):  # one pass, not five
+            return norm_kernels.rms_norm_rope_pairs(x, norm.weight, torch.view_as_real(freqs), norm.eps)
+        return apply_rope(norm(x), freqs)
 
 
 class TransformerBlock(nn.Module):
@@ -183,10 +206,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, temb, freqs, text: TextKV, key_mask):
         scale1, gate1, scale2, gate2 = self.img_mod(temb)[:, None].chunk(4, dim=-1)
-        attn = self.attn(layer_norm(x) * (1 + scale1), freqs, text, key_mask)
-        x = x + gate1.clamp(-2.0, 2.0).tanh() * attn
-        normed = layer_norm(x)
-        modulated = normed * (1 + scale2)
+        attn = self.attn(modulated_norm(x, 1 + scale1)[0], freqs, text, key_mask)
+        modulated, x, normed = modulated_norm(x, 1 + scale2, attn, gate1.clamp(-2.0, 2.0).tanh(), self.is_moe)
         if self.is_moe:
             router_input = torch.cat([temb[:, None].expand_as(normed), normed], dim=-1)
             mlp = self.img_mlp(modulated, router_input=router_input)
