@@ -24,7 +24,8 @@ for section in "$@"; do
   case $section in
   tests)    # the one-GPU tests: kernels, FP8, the step, the text pass's graph, the replayed prefill
     timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_text.py tests/test_gpu_fp8.py \
-      tests/test_gpu_step.py tests/test_gpu_kernels.py tests/test_gpu_engine.py > $OUT/gpu_tests.log 2>&1
+      tests/test_gpu_step.py tests/test_gpu_kernels.py tests/test_gpu_engine.py tests/test_gpu_nucleus.py \
+      > $OUT/gpu_tests.log 2>&1
     tail -15 $OUT/gpu_tests.log ;;
   profile)  # issue 25: Instruct-Distil's single-branch FP8 step, kernel by kernel
     timeout 200 python3 benchmarks/profile_step.py --layers $L --variant instruct-distil --quantization fp8 \
