@@ -128,8 +128,9 @@ class EngineConfig:
     cache_order: int = option(StepCacheConfig.order, "taylor: the order of the extrapolation")
     cache_threshold: float = option(StepCacheConfig.threshold, "fbcache: skip the other blocks when the first "
                                                                "block's output changed by less than this (relative)")
-    enforce_eager: bool = option(False, "no CUDA graphs: on one GPU a text pass's one-token step is otherwise "
-                                        "captured once per batch and replayed")
+    enforce_eager: bool = option(False, "no CUDA graphs: on one GPU a text pass's one-token step, a text "
+                                        "prefix's prefill (per 64-token length) and Nucleus-Image's denoising "
+                                        "step are otherwise captured once and replayed")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
