@@ -186,3 +186,12 @@ def test_openai_clients_streams_of_both_endpoints(instruct):
                                stream=True, partial_images=1, extra_body={"num_inference_steps": 1, "seed": 1}))
     assert [e.type for e in got] == ["image_edit.completed"]
     assert got[0].size == "128x128" and image(got[0].b64_json).size == (128, 128) and got[0].cot_text is None
+
+
+def test_answer_json_writes_encoded_images_whole_and_escapes_any_other_text():
+    from epdiff.serve.api import Base64Text, json_text
+
+    answer = {"created": 1, "b64_json": 'a "quoted"\nline\\', "data": [
+        {"b64_json": Base64Text("QUJD+/=="), "seed": 3}, {"b64_json": "\ud7ff \"x\"", "seed": 4}]}
+    text = json_text(answer)
+    assert json.loads(text) == answer and '"b64_json":"QUJD+/=="' in text

@@ -209,12 +209,16 @@ def request_error(error: RequestError, size) -> ApiError:
     return bad_request(error.field, message)
 
 
-def encode_image(pixels, output_format: str, metadata: dict | None = None) -> str:
+class Base64Text(str):
+    """Text known to be base64 (no character JSON escapes): json_text writes it as it is."""
+
+
+def encode_image(pixels, output_format: str, metadata: dict | None = None) -> Base64Text:
     """An image's file in output_format, as base64 text. Tens of milliseconds at 1024²: run it on a
     thread, never on the event loop."""
     buffer = io.BytesIO()
     write_image(buffer, output_format, pixels, metadata or {})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return Base64Text(base64.b64encode(buffer.getvalue()), "ascii")
 
 
 def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
@@ -226,15 +230,16 @@ def encode_images(output: RequestOutput, output_format: str) -> list[dict]:
 
 
 def json_text(obj: dict) -> str:
-    """obj as compact JSON (as JSONResponse writes it, keys reordered), its `b64_json` base64 text
-    and that of each `data` item put in whole: base64 needs no escaping, and json.dumps would scan
-    a 1024² PNG's ~4 MB of it on the event loop (47 ms on the GPU machine's CPU: BENCHMARKS §23)."""
+    """obj as compact JSON (as JSONResponse writes it, keys reordered), its `b64_json` and that of
+    each `data` item put in whole where it is Base64Text (encode_image's): base64 needs no
+    escaping, and json.dumps would scan a 1024² PNG's ~4 MB of it on the event loop (47 ms on the
+    GPU machine's CPU: BENCHMARKS §23). Any other text is escaped as usual."""
     def dumps(value) -> str:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
     items = obj.get("data")
     nested = isinstance(items, list) and all(isinstance(item, dict) for item in items)
-    parts = ['"b64_json":"' + obj["b64_json"] + '"'] if isinstance(obj.get("b64_json"), str) else []
+    parts = ['"b64_json":"' + obj["b64_json"] + '"'] if isinstance(obj.get("b64_json"), Base64Text) else []
     rest = {key: value for key, value in obj.items() if not (key == "b64_json" and parts or key == "data" and nested)}
     if rest:
         parts.append(dumps(rest)[1:-1])
