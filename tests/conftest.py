@@ -30,6 +30,22 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def graph_replays(monkeypatch):
+    """A list that gets, for every CudaGraphStep call from now on, whether it replayed a graph."""
+    from epdiff.kernels import graphs
+
+    replays, real = [], graphs.CudaGraphStep.__call__
+
+    def counting(self, *inputs):
+        out = real(self, *inputs)
+        replays.append(self.graph is not None)
+        return out
+
+    monkeypatch.setattr(graphs.CudaGraphStep, "__call__", counting)
+    return replays
+
+
 @pytest.fixture(scope="module")
 def client(server):
     """An HTTP client of the module's `server` fixture (a module may define its own client)."""

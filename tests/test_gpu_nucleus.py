@@ -6,7 +6,6 @@ import torch
 
 from epdiff.distributed.parallel_state import ParallelState
 from epdiff.engine.denoise import RankMetrics, denoise
-from epdiff.kernels import graphs
 from epdiff.models.base import ImageTask
 from epdiff.models.registry import model_info
 
@@ -14,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_a_replayed_step_gives_the_eager_steps_latents(tmp_path, monkeypatch, quantization):
+def test_a_replayed_step_gives_the_eager_steps_latents(tmp_path, quantization, graph_replays):
     from epdiff.models.nucleus_image.make_tiny import make_tiny
 
     # Widths the grouped GEMMs take (16-byte aligned rows); 8 steps of a 256² image, guidance on.
@@ -24,17 +23,8 @@ def test_a_replayed_step_gives_the_eager_steps_latents(tmp_path, monkeypatch, qu
     pipe = model_info(folder).load_pipeline(state, torch.bfloat16, "safetensors", quantization, False)
     tasks = [ImageTask(prompt, seed=3 + k, height=256, width=256, num_inference_steps=8, guidance_scale=4.0)
              for k, prompt in enumerate(["a small red circle on the left", "a blue square"])]
-    replays = []
-    real = graphs.CudaGraphStep.__call__
-
-    def counting(self, *inputs):
-        out = real(self, *inputs)
-        replays.append(self.graph is not None)
-        return out
-
-    monkeypatch.setattr(graphs.CudaGraphStep, "__call__", counting)
     graphed = denoise(pipe, tasks, state, RankMetrics(0, ""))
-    assert replays == [False] + [True] * 7  # the first step eager, the second captured, then replays
+    assert graph_replays == [False] + [True] * 7  # the first step eager, the second captured, then replays
     pipe.use_cuda_graphs = False
     eager = denoise(pipe, tasks, state, RankMetrics(0, ""))
     for a, b in zip(graphed, eager):

@@ -25,7 +25,7 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 @torch.inference_mode()
-def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, quantization):
+def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, request, quantization):
     info = model_info(folder)
     state = ParallelState.single(torch.device("cuda"))
     pipe = info.load_pipeline(state, torch.bfloat16, "safetensors", quantization, False)
@@ -38,15 +38,7 @@ def test_a_captured_step_writes_what_the_eager_step_writes(folder, monkeypatch, 
         return TextCheck(join=[[joining]]) if step == 16 else TextCheck()
 
     captured = write(pipe, info, rows, state, check=join_at_16)
-    replays = []
-    real = graphs.CudaGraphStep.__call__
-
-    def counting(self, *inputs):
-        out = real(self, *inputs)
-        replays.append(self.graph is not None)
-        return out
-
-    monkeypatch.setattr(graphs.CudaGraphStep, "__call__", counting)
+    replays = request.getfixturevalue("graph_replays")  # counted from here on
     write(pipe, info, rows, state)
     assert sum(replays) >= 20  # the steps after the first two replayed the graph
     monkeypatch.setattr(graphs.CudaGraphStep, "__call__", lambda self, *inputs: self.fn(*inputs))

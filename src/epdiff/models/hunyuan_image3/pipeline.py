@@ -187,13 +187,14 @@ class HunyuanImage3Pipeline(ImagePipeline):
         step tokens and image tokens (shared when every row's prompt has one length)."""
         lengths = [seq.timestep_index for seq in rows]
         longest, first = max(lengths), rows[0]
-        if longest == min(lengths):
+        one_length = longest == min(lengths)
+        if one_length:
             gen = first.positions[longest: first.image_start + first.image_len]
         else:
             gen = torch.stack([seq.positions[seq.timestep_index: seq.image_start + seq.image_len] for seq in rows])
         if cond is None and not first.bidirectional_blocks and self.replays_graphs():
             caches = self._bucketed_prefill(rows, lengths)
-        elif longest == min(lengths):
+        elif one_length:
             prefix = torch.stack([seq.input_ids[:longest] for seq in rows])
             caches = self.transformer.prefill(prefix, first.positions[:longest], cond=cond,
                                               blocks=first.bidirectional_blocks)

@@ -175,7 +175,6 @@ class Attention(nn.Module):
         out = sdpa(q, torch.cat([k, text.k], dim=1), torch.cat([v, text.v], dim=1), key_mask=key_mask)
         return self.to_out[0](gather_heads(out, self.sp).flatten(2))
 
-
     @staticmethod
     def _norm_rope(norm: RMSNorm, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         if kernels.available(x) and norm_kernels.rms_norm_rope_pairs_supported(x):  # one pass, not five
