@@ -185,7 +185,7 @@ def test_nucleus_norm_rope_and_modulated_norm_match_eager(dtype):
 
 
 @torch.inference_mode()
-def test_the_expert_choice_combine_matches_index_add():
+def test_the_expert_choice_combine_by_token_matches_index_add_and_slots():
     from epdiff.moe.router import ExpertChoiceRouter
     from epdiff.distributed.parallel_state import ParallelState
 
@@ -199,6 +199,7 @@ def test_the_expert_choice_combine_matches_index_add():
     slot_to_row = torch.full((B * S * E,), -1, dtype=torch.int32, device="cuda")
     slot_to_row[rows * E + torch.arange(E, device="cuda").repeat_interleave(tokens.shape[1])] = torch.arange(
         rows.numel(), dtype=torch.int32, device="cuda")
-    got = moe_kernels.combine(y, slot_to_row, B * S, E)
+    got = moe_kernels.combine_by_token(y, rows, B * S)
     expect = torch.zeros(B * S, D, device="cuda").index_add_(0, rows, y.float())
     torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=2e-2)
+    assert torch.equal(got, moe_kernels.combine(y, slot_to_row, B * S, E))  # the same rows, the same order

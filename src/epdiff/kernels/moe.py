@@ -145,6 +145,18 @@ if triton is not None:
                     acc += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
                     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _combine_sorted_kernel(rows_ptr, order_ptr, offsets_ptr, out_ptr, width, rows_stride, out_stride,
+                               BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < width
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(tl.load(offsets_ptr + token), tl.load(offsets_ptr + token + 1)):
+            src = tl.load(order_ptr + j).to(tl.int64)
+            acc += tl.load(rows_ptr + src * rows_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 def _programs(device: torch.device) -> int:
     return sm_count(device) * PROGRAMS_PER_SM
@@ -272,4 +284,20 @@ def combine_add(out: torch.Tensor, rows: torch.Tensor, row_lo: int, pair_token: 
         grid = _grid(C, rows.device)
         _combine_add_kernel[grid](rows, pair_token, slot_to_row, out, count, D, rows.stride(0), out.stride(0),
                                      row_lo, row_lo + C, K=k, BLOCK=BLOCK)
+    return out
+
+
+def combine_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """rows [N, D], row r belonging to token row_token[r] (a token may have any number of rows, none
+    included). Returns [num_tokens, D]: per token the sum of its rows in row order (fp32
+    accumulation, no atomics), for routings whose tokens have a varying number of rows (expert
+    choice), where `combine`'s fixed slots would mostly be empty. No host sync."""
+    D = rows.shape[1]
+    out = rows.new_empty(num_tokens, D)
+    if num_tokens:
+        token, order = torch.sort(row_token, stable=True)
+        offsets = torch.searchsorted(token, torch.arange(num_tokens + 1, device=rows.device, dtype=token.dtype))
+        rows = rows.contiguous()
+        _combine_sorted_kernel[(num_tokens, triton.cdiv(D, BLOCK))](rows, order, offsets, out, D, rows.stride(0),
+                                                                    out.stride(0), BLOCK=BLOCK)
     return out

@@ -111,13 +111,8 @@ class MoELayer(nn.Module):
         pending = self.dispatch.start_dispatch(prepared[rows], ids, gates[mine].flatten()[:, None], self.placement)
         routed, local_ids, row_weights, _ = pending.wait()
         y, load = self.experts(routed, local_ids, row_weights)
-        if kernels.available(y):
-            # Each token's rows summed by the token in fp32 (one pass, no atomics): its slot j is the
-            # row of the j-th local expert, where that expert picked it (each picks a token once).
-            slot_to_row = torch.full((x.shape[0] * len(mine),), -1, dtype=torch.int32, device=x.device)
-            expert = torch.arange(len(mine), device=x.device).repeat_interleave(tokens.shape[1])
-            slot_to_row[rows * len(mine) + expert] = torch.arange(rows.numel(), dtype=torch.int32, device=x.device)
-            out = moe_kernels.combine(y, slot_to_row, x.shape[0], len(mine))
+        if kernels.available(y):  # each token's rows summed by the token in fp32: one pass, no atomics
+            out = moe_kernels.combine_by_token(y, rows, x.shape[0])
         else:
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
         return self._finish(out, shared, load, shape)
