@@ -188,7 +188,7 @@ def main():
             fn()
             torch.cuda.synchronize()
         print(f"--- {case}: top kernels of one step")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=32, max_name_column_width=70))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -203,3 +203,6 @@ def test_the_expert_choice_combine_by_token_matches_index_add_and_slots():
     expect = torch.zeros(B * S, D, device="cuda").index_add_(0, rows, y.float())
     torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=2e-2)
     assert torch.equal(got, moe_kernels.combine(y, slot_to_row, B * S, E))  # the same rows, the same order
+    shared = torch.randn(B * S, D, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(moe_kernels.combine_by_token(y, rows, B * S, add=shared).float(),
+                               expect + shared.float(), rtol=1e-2, atol=2e-2)

@@ -146,8 +146,8 @@ if triton is not None:
                     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_sorted_kernel(rows_ptr, order_ptr, offsets_ptr, out_ptr, width, rows_stride, out_stride,
-                               BLOCK: tl.constexpr):
+    def _combine_sorted_kernel(rows_ptr, order_ptr, offsets_ptr, add_ptr, out_ptr, width, rows_stride, add_stride,
+                               out_stride, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
@@ -155,6 +155,8 @@ if triton is not None:
         for j in range(tl.load(offsets_ptr + token), tl.load(offsets_ptr + token + 1)):
             src = tl.load(order_ptr + j).to(tl.int64)
             acc += tl.load(rows_ptr + src * rows_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            acc += tl.load(add_ptr + token * add_stride + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -287,17 +289,21 @@ def combine_add(out: torch.Tensor, rows: torch.Tensor, row_lo: int, pair_token: 
     return out
 
 
-def combine_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def combine_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: int,
+                     add: torch.Tensor | None = None) -> torch.Tensor:
     """rows [N, D], row r belonging to token row_token[r] (a token may have any number of rows, none
-    included). Returns [num_tokens, D]: per token the sum of its rows in row order (fp32
-    accumulation, no atomics), for routings whose tokens have a varying number of rows (expert
-    choice), where `combine`'s fixed slots would mostly be empty. No host sync."""
+    included). Returns [num_tokens, D]: per token the sum of its rows in row order, plus its row
+    of `add` [num_tokens, D] if given (a shared expert's output), accumulated in fp32 without
+    atomics: for routings whose tokens have a varying number of rows (expert choice), where
+    `combine`'s fixed slots would mostly be empty. No host sync."""
     D = rows.shape[1]
     out = rows.new_empty(num_tokens, D)
     if num_tokens:
         token, order = torch.sort(row_token, stable=True)
         offsets = torch.searchsorted(token, torch.arange(num_tokens + 1, device=rows.device, dtype=token.dtype))
         rows = rows.contiguous()
-        _combine_sorted_kernel[(num_tokens, triton.cdiv(D, BLOCK))](rows, order, offsets, out, D, rows.stride(0),
-                                                                    out.stride(0), BLOCK=BLOCK)
+        extra = out if add is None else add.reshape(num_tokens, D)
+        _combine_sorted_kernel[(num_tokens, triton.cdiv(D, BLOCK))](
+            rows, order, offsets, extra, out, D, rows.stride(0), extra.stride(0), out.stride(0),
+            HAS_ADD=add is not None, BLOCK=BLOCK)
     return out

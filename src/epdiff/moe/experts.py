@@ -107,6 +107,21 @@ class GroupedExperts(nn.Module):
             return self._forward_grouped(x, order, w, counts, k), counts
         return self._forward_loop(x, order, w, counts, k), counts
 
+    def forward_by_expert(self, x, token: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows already grouped by local expert, N each (expert choice): token [E_local, N] indexes x's
+        rows, weight [E_local, N]. Returns (y [E_local·N, D], expert after expert, each row weighted;
+        tokens per local expert [E_local]): no sort, no combine (the caller sums the rows per token)."""
+        E, N = token.shape
+        counts = torch.full((E,), N, dtype=torch.int64, device=token.device)
+        token, weight = token.flatten(), weight.flatten()
+        if token.numel() and self.uses_grouped_mm(x):
+            offs = torch.arange(1, E + 1, dtype=torch.int32, device=token.device) * N
+            return self.quant_method.grouped(self, x, token, weight, offs), counts
+        rows = [self.quant_method.expert(self, e, x, token[e * N:(e + 1) * N], weight[e * N:(e + 1) * N])
+                for e in range(E)]
+        return (torch.cat(rows) if rows else torch.zeros(0, self.hidden_size, dtype=self.dtype, device=token.device),
+                counts)
+
     def _forward_grouped(self, x, order, w, counts, k):
         """No host sync: chunk sizes come from R (host), the local pair count stays on the device."""
         P = order.numel()

@@ -106,15 +106,12 @@ class MoELayer(nn.Module):
         prepared = self.experts.quant_method.prepare_tokens(x)
         shared = self._shared(x, prepared)
         mine = self.placement.global_ids
-        rows = tokens[mine].flatten()  # this rank's experts' rows, expert after expert
-        ids = mine.repeat_interleave(tokens.shape[1])[:, None]
-        pending = self.dispatch.start_dispatch(prepared[rows], ids, gates[mine].flatten()[:, None], self.placement)
-        routed, local_ids, row_weights, _ = pending.wait()
-        y, load = self.experts(routed, local_ids, row_weights)
-        if kernels.available(y):  # each token's rows summed by the token in fp32: one pass, no atomics
-            out = moe_kernels.combine_by_token(y, rows, x.shape[0])
-        else:
-            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
+        rows = tokens[mine]  # this rank's experts' rows, expert after expert: the grouped GEMMs' order
+        y, load = self.experts.forward_by_expert(prepared, rows, gates[mine])
+        rows = rows.flatten()
+        if kernels.available(y):  # each token's rows and its shared expert's summed in fp32: one pass, no atomics
+            return self._finish(moe_kernels.combine_by_token(y, rows, x.shape[0], add=shared), None, load, shape)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
         return self._finish(out, shared, load, shape)
 
     def _shared(self, x: torch.Tensor, prepared) -> torch.Tensor | None:

@@ -94,19 +94,29 @@ class ExpertChoiceRouter(nn.Module):
     def capacity(self, tokens_per_image: int) -> int:
         return min(tokens_per_image, max(1, math.ceil(self.capacity_factor * tokens_per_image / self.num_experts)))
 
-    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S_local, R] -> each expert's C tokens of each image [B, E, C] (positions in the
+    def _logits(self, x) -> torch.Tensor:
+        """x [B, S_local, R], or (the features every token of an image shares [B, P], each token's own
+        [B, S_local, R - P]): the shared part is scored once per image, not concatenated to every token."""
+        shared, own = x if isinstance(x, tuple) else (None, x)
+        if own.dim() != 3:
+            raise ValueError(f"expert choice routes whole images: give [images, tokens, features], got {tuple(own.shape)}")
+        w = self.weight
+        if shared is None:
+            return own.to(w.dtype) @ w.t()
+        P = shared.shape[-1]
+        return own.to(w.dtype) @ w[:, P:].t() + (shared.to(w.dtype) @ w[:, :P].t())[:, None]
+
+    def _select(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: as `_logits` takes it -> each expert's C tokens of each image [B, E, C] (positions in the
         whole image) and their gates [B, E, C] (in the scores' dtype)."""
-        if x.dim() != 3:
-            raise ValueError(f"expert choice routes whole images: give [images, tokens, features], got {tuple(x.shape)}")
-        B = x.shape[0]
-        logits = x.to(self.weight.dtype) @ self.weight.t()
+        logits = self._logits(x)
+        B = logits.shape[0]
         scores = (logits.float().softmax(-1) if self.scoring == "softmax" else logits.float().sigmoid()).to(logits.dtype)
         affinity = gather_sequence(scores.transpose(1, 2).contiguous(), self.sp, dim=-1)  # [B, E, S]
         S = affinity.shape[-1]
         top = torch.topk(affinity, self.capacity(S), dim=-1)  # per image and expert: its C tokens
         picks = top.indices.flatten(1)  # [B, E·C]
-        sums = torch.zeros(B, S, dtype=affinity.dtype, device=x.device).scatter_add_(1, picks, top.values.flatten(1))
+        sums = torch.zeros(B, S, dtype=affinity.dtype, device=logits.device).scatter_add_(1, picks, top.values.flatten(1))
         gates = top.values / (sums.gather(1, picks).view_as(top.values) + 1e-12) * self.route_scale
         return top.indices, gates
 
@@ -114,20 +124,20 @@ class ExpertChoiceRouter(nn.Module):
         """The routing as the experts see it, for a rank that holds whole images (no SP): x [B, S, R]
         -> (tokens [E, B·C]: each expert's rows as indices into the B·S tokens, gates [E, B·C] fp32)."""
         index, gates = self._select(x)
-        B, S = x.shape[:2]
-        tokens = index + S * torch.arange(B, device=x.device)[:, None, None]
+        B, S = index.shape[0], (x[1] if isinstance(x, tuple) else x).shape[1]
+        tokens = index + S * torch.arange(B, device=index.device)[:, None, None]
         return tokens.transpose(0, 1).reshape(self.num_experts, -1), gates.transpose(0, 1).reshape(
             self.num_experts, -1).float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
         index, gates = self._select(x)
-        B, s, _ = x.shape
+        B, s = index.shape[0], (x[1] if isinstance(x, tuple) else x).shape[1]
         S = s * self.sp.size
-        picked = torch.zeros(B, self.num_experts, S, dtype=gates.dtype, device=x.device).scatter_(-1, index, gates)
+        picked = torch.zeros(B, self.num_experts, S, dtype=gates.dtype, device=index.device).scatter_(-1, index, gates)
         chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, index, True)  # [B, E, S]
         lo = self.sp.rank * s  # this rank's chunk of each image
         picked, chosen = picked[..., lo:lo + s].transpose(1, 2), chosen[..., lo:lo + s].transpose(1, 2)  # [B, s, E]
-        experts = torch.arange(self.num_experts, device=x.device).expand_as(chosen)
+        experts = torch.arange(self.num_experts, device=index.device).expand_as(chosen)
         ids = torch.where(chosen, experts, -1).reshape(B * s, self.num_experts)
         return ids, torch.where(chosen, picked, 0.0).float().reshape(B * s, self.num_experts)

@@ -208,11 +208,10 @@ class TransformerBlock(nn.Module):
         attn = self.attn(modulated_norm(x, 1 + scale1)[0], freqs, text, key_mask)
         modulated, x, normed = modulated_norm(x, 1 + scale2, attn, gate1.clamp(-2.0, 2.0).tanh(), self.is_moe)
         if self.is_moe:
-            router_input = torch.cat([temb[:, None].expand_as(normed), normed], dim=-1)
-            mlp = self.img_mlp(modulated, router_input=router_input)
+            mlp = self.img_mlp(modulated, router_input=(temb, normed))  # the router scores [temb, normed]
         else:
             mlp = self.img_mlp(modulated)
-        return x + gate2.clamp(-2.0, 2.0).tanh() * mlp
+        return torch.addcmul(x, gate2.clamp(-2.0, 2.0).tanh(), mlp)  # x + gate · mlp in one pass
 
 
 class OutputNorm(nn.Module):
