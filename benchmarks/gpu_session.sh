@@ -3,7 +3,7 @@
 # Release width; 32 FP8 layers (the release) where the GPU has over 100 GiB (an H200), else 20
 # (an H100: 32 do not fit beside the activations). The server's packages travel as wheels in .whl
 # (the device README says how).
-#   bash benchmarks/gpu_session.sh tests profile experts text image graphs edit prefill serve vae base nucleus
+#   bash benchmarks/gpu_session.sh tests profile experts text image graphs edit prefill serve vae base nucleus nucleus-ab
 #   BASELINE=.baseline bash benchmarks/gpu_session.sh ab    # src/ of another commit: git archive C src | tar -x -C .baseline
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -67,6 +67,14 @@ for section in "$@"; do
     timeout 200 python3 benchmarks/vae_decode.py --size 1024 --profile --runs 3 --out $OUT 2>&1 | grep -v '^{' | tail -30 ;;
   nucleus)  # issue 25: Nucleus-Image's step against diffusers', eager and as a CUDA graph (24 layers: both fit)
     timeout 300 python3 benchmarks/nucleus_step.py --layers 24 --iters 5 --graphs --out $OUT 2>&1 | grep '^{' ;;
+  nucleus-ab)  # issue 25: Nucleus's equal expert groups by batched against grouped GEMMs, then a profile
+    timeout 100 python3 benchmarks/expert_choice_gemms.py --out $OUT 2>&1 | grep '^{'
+    for flag in --grouped-gemms ""; do
+      timeout 200 python3 benchmarks/nucleus_step.py --layers 24 --iters 5 --graphs --skip-fp8 $flag 2>&1 | grep '^{' \
+        | sed "s|^|$flag |"
+    done
+    timeout 200 python3 benchmarks/nucleus_step.py --layers 24 --iters 5 --graphs --profile --out $OUT \
+      > $OUT/nucleus_profile.log 2>&1; grep '^{' $OUT/nucleus_profile.log ;;
   base)     # issue 25: the base model's FP8 step, guidance on (both branches)
     timeout 200 python3 benchmarks/step_scaling.py --layers $L --steps 6 --layouts "1 GPU" --quantization fp8 \
       --out $OUT 2>&1 | tail -6 ;;

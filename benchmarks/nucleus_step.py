@@ -30,6 +30,7 @@ from epdiff.models.nucleus_image.config import NucleusImageConfig
 from epdiff.models.nucleus_image.model import NucleusImageTransformer
 from epdiff.models.nucleus_image.weights import load_checkpoint
 from epdiff.quantization import get_quantization_config
+from epdiff.quantization.base import ExpertsMethod, UnquantizedExpertsMethod
 
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -134,12 +135,17 @@ def main():
     parser.add_argument("--graphs", action="store_true", help="also each epdiff step captured as a CUDA graph")
     parser.add_argument("--compile", action="store_true",
                         help="also epdiff's blocks under torch.compile (inductor's fusions; a data point, not the engine's path)")
+    parser.add_argument("--grouped-gemms", action="store_true",
+                        help="the routed experts' equal groups through the grouped GEMM, not the batched one (an A/B)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true",
                         help="print each case's top kernels (one step, torch.profiler, after its timing): compare "
                              "timings from runs without it")
     args = parser.parse_args()
     from diffusers import NucleusMoEImageTransformer2DModel
+
+    if args.grouped_gemms:
+        UnquantizedExpertsMethod.equal_groups = ExpertsMethod.equal_groups
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -206,3 +206,22 @@ def test_the_expert_choice_combine_by_token_matches_index_add_and_slots():
     shared = torch.randn(B * S, D, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(moe_kernels.combine_by_token(y, rows, B * S, add=shared).float(),
                                expect + shared.float(), rtol=1e-2, atol=2e-2)
+
+
+@torch.inference_mode()
+def test_equal_expert_groups_by_batched_gemm_match_the_grouped_gemm():
+    from epdiff.moe.experts import GroupedExperts
+    from epdiff.quantization.base import ExpertsMethod
+
+    torch.manual_seed(0)
+    E, N, D, inter = 8, 96, 256, 192
+    experts = GroupedExperts(E, D, inter, torch.bfloat16, "cuda")
+    experts.up_gate_proj.normal_(0, D ** -0.5)
+    experts.down_proj.normal_(0, inter ** -0.5)
+    x = torch.randn(500, D, device="cuda", dtype=torch.bfloat16)
+    token = torch.randint(0, 500, (E, N), device="cuda")
+    weight = torch.rand(E, N, device="cuda")
+    got, counts = experts.forward_by_expert(x, token, weight)
+    expect = ExpertsMethod.equal_groups(experts.quant_method, experts, x, token.flatten(), weight.flatten(), N)
+    assert counts.tolist() == [N] * E and got.shape == (E * N, D)
+    torch.testing.assert_close(got.float(), expect.float(), rtol=2e-2, atol=2e-2)

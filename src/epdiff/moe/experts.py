@@ -115,8 +115,7 @@ class GroupedExperts(nn.Module):
         counts = torch.full((E,), N, dtype=torch.int64, device=token.device)
         token, weight = token.flatten(), weight.flatten()
         if token.numel() and self.uses_grouped_mm(x):
-            offs = torch.arange(1, E + 1, dtype=torch.int32, device=token.device) * N
-            return self.quant_method.grouped(self, x, token, weight, offs), counts
+            return self.quant_method.equal_groups(self, x, token, weight, N), counts
         rows = [self.quant_method.expert(self, e, x, token[e * N:(e + 1) * N], weight[e * N:(e + 1) * N])
                 for e in range(E)]
         return (torch.cat(rows) if rows else torch.zeros(0, self.hidden_size, dtype=self.dtype, device=token.device),

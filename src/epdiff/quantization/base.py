@@ -117,6 +117,13 @@ class ExpertsMethod(ABC):
         token[r] of x with routing weight weight[r]; offs [E] (int32, cumulative) ends each
         expert's rows; rows past offs[-1] may be left unwritten. No host sync."""
 
+    def equal_groups(self, experts: nn.Module, x, token: torch.Tensor, weight: torch.Tensor, rows_per_expert: int
+                     ) -> torch.Tensor:
+        """`grouped` where every local expert has rows_per_expert rows (expert choice), known on
+        the host: a method may take a batched GEMM for it."""
+        offs = torch.arange(1, experts.num_local_experts + 1, dtype=torch.int32, device=token.device) * rows_per_expert
+        return self.grouped(experts, x, token, weight, offs)
+
     @abstractmethod
     def expert(self, experts: nn.Module, e: int, x, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Local expert e on tokens x[rows], weighted: [len(rows), D] (the loop path)."""
@@ -165,6 +172,15 @@ class UnquantizedExpertsMethod(ExpertsMethod):
             h = moe_kernels.gather_rows(x, token, count)
             return grouped_mm(moe_kernels.swiglu(grouped_mm(h, up_gate, offs), weight, count), down, offs)
         return grouped_mm(weighted_activation(grouped_mm(x[token], up_gate, offs), weight), down, offs)
+
+    def equal_groups(self, experts, x, token, weight, rows_per_expert):
+        if not kernels.available(weight):
+            return super().equal_groups(experts, x, token, weight, rows_per_expert)
+        # Equal groups are a batch of GEMMs: cuBLAS's batched kernel (BENCHMARKS.md §25).
+        E, count = experts.num_local_experts, token.new_full((1,), token.numel())
+        h = moe_kernels.gather_rows(x, token, count).view(E, rows_per_expert, -1)
+        a = moe_kernels.swiglu(torch.bmm(h, experts.up_gate_proj.transpose(-2, -1)).flatten(0, 1), weight, count)
+        return torch.bmm(a.view(E, rows_per_expert, -1), experts.down_proj.transpose(-2, -1)).flatten(0, 1)
 
     def expert(self, experts, e, x, rows, weight):
         part = x[rows]
