@@ -299,7 +299,7 @@ def combine_by_token(rows: torch.Tensor, row_token: torch.Tensor, num_tokens: in
     D = rows.shape[1]
     out = rows.new_empty(num_tokens, D)
     if num_tokens:
-        token, order = torch.sort(row_token, stable=True)
+        token, order = torch.sort(row_token.to(torch.int32), stable=True)  # 32-bit keys: half the radix passes
         offsets = torch.searchsorted(token, torch.arange(num_tokens + 1, device=rows.device, dtype=token.dtype))
         rows = rows.contiguous()
         extra = out if add is None else add.reshape(num_tokens, D)

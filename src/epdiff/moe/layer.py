@@ -82,10 +82,11 @@ class MoELayer(nn.Module):
     def local_expert_ids(self) -> list[int]:
         return self.placement.global_ids.tolist()
 
-    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_input=None) -> torch.Tensor:
         """x [..., D] -> [..., D] ([images, tokens, D] for a router that routes whole images).
         router_input [..., R]: what the router scores, one row per row of x, where the model routes
-        on something else than x itself."""
+        on something else than x itself (or that in a form the router takes: ExpertChoiceRouter's
+        per-image and per-token parts)."""
         if self.expert_major:
             return self._forward_expert_major(x, x if router_input is None else router_input)
         shape = x.shape
@@ -99,16 +100,16 @@ class MoELayer(nn.Module):
         y, load = self.experts(rows, local_ids, row_weights)
         return self._finish(self.dispatch.combine(y, handle), shared, load, shape)
 
-    def _forward_expert_major(self, x: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+    def _forward_expert_major(self, x: torch.Tensor, router_input) -> torch.Tensor:
         shape = x.shape
         tokens, gates = self.gate.expert_major(router_input)  # [E, N] each
         x = x.reshape(-1, shape[-1])
         prepared = self.experts.quant_method.prepare_tokens(x)
         shared = self._shared(x, prepared)
-        mine = self.placement.global_ids
-        rows = tokens[mine]  # this rank's experts' rows, expert after expert: the grouped GEMMs' order
-        y, load = self.experts.forward_by_expert(prepared, rows, gates[mine])
-        rows = rows.flatten()
+        if len(self.placement.global_ids) < self.num_experts:  # this rank's experts' rows
+            tokens, gates = tokens[self.placement.global_ids], gates[self.placement.global_ids]
+        y, load = self.experts.forward_by_expert(prepared, tokens, gates)  # expert after expert
+        rows = tokens.flatten()
         if kernels.available(y):  # each token's rows and its shared expert's summed in fp32: one pass, no atomics
             return self._finish(moe_kernels.combine_by_token(y, rows, x.shape[0], add=shared), None, load, shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float()).to(x.dtype)
