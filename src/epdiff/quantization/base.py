@@ -177,9 +177,9 @@ class UnquantizedExpertsMethod(ExpertsMethod):
         if not kernels.available(weight):
             return super().equal_groups(experts, x, token, weight, rows_per_expert)
         # Equal groups are a batch of GEMMs: cuBLAS's batched kernel (BENCHMARKS.md §25).
-        E, count = experts.num_local_experts, token.new_full((1,), token.numel())
-        h = moe_kernels.gather_rows(x, token, count).view(E, rows_per_expert, -1)
-        a = moe_kernels.swiglu(torch.bmm(h, experts.up_gate_proj.transpose(-2, -1)).flatten(0, 1), weight, count)
+        E = experts.num_local_experts
+        h = x.index_select(0, token).view(E, rows_per_expert, -1)  # every row is a pair: no count to stop at
+        a = moe_kernels.swiglu(torch.bmm(h, experts.up_gate_proj.transpose(-2, -1)).flatten(0, 1), weight)
         return torch.bmm(a.view(E, rows_per_expert, -1), experts.down_proj.transpose(-2, -1)).flatten(0, 1)
 
     def expert(self, experts, e, x, rows, weight):
