@@ -1,6 +1,6 @@
 """Fused RMSNorm (after an optional residual add), RoPE + per-head RMSNorm of q and k (and, for
 Nucleus-Image, per-head RMSNorm + RoPE on adjacent pairs), LayerNorm modulated per image (after
-an optional gated residual add), the gated residual add alone, and the VAE's GroupNorm (+ swish).
+an optional gated residual add), and the VAE's GroupNorm (+ swish).
 
 Profiled on an H200 (benchmarks/profile_step.py, release width, 8 layers, 1024²): eager fp32
 upcasts, rotate-half temporaries and norm statistics took ~27 ms of a 133 ms step. Each kernel
@@ -65,35 +65,22 @@ if triton is not None:
 
 
     @triton.jit
-    def _rms_norm_rope_pairs_kernel(x_ptr, w_ptr, rot_ptr, out_ptr, seq_len, heads, eps, HEADS: tl.constexpr,
-                                    HALF: tl.constexpr):
-        # One token's heads as one [HEADS, HALF, 2] tile: contiguous loads, split into the pairs'
-        # even and odd halves in registers (a program per head row with stride-2 loads ran at a third
-        # of the memory rate).
-        token = tl.program_id(0).to(tl.int64)
-        s = token % seq_len
-        head = tl.arange(0, HEADS)[:, None, None]
-        pair = tl.arange(0, HALF)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-        mask = (head < heads) & (pair >= 0)
-        offsets = token * heads * (2 * HALF) + head * (2 * HALF) + pair
-        even, odd = tl.split(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+    def _rms_norm_rope_pairs_kernel(x_ptr, w_ptr, rot_ptr, out_ptr, seq_len, heads, eps, HALF: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (token, head) row of D = 2·HALF
+        s = (row // heads) % seq_len
+        pairs = tl.arange(0, HALF)
+        even = tl.load(x_ptr + row * (2 * HALF) + 2 * pairs).to(tl.float32)
+        odd = tl.load(x_ptr + row * (2 * HALF) + 2 * pairs + 1).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        inv = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)[:, None]
-        w_even, w_odd = tl.split(tl.load(w_ptr + pair).to(tl.float32))
+        inv = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / (2 * HALF) + eps)
+        w_even = tl.load(w_ptr + 2 * pairs).to(tl.float32)
+        w_odd = tl.load(w_ptr + 2 * pairs + 1).to(tl.float32)
         n_even = (w_even * (even * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)  # RMSNorm's rounding
         n_odd = (w_odd * (odd * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        c, sn = tl.split(tl.load(rot_ptr + s * (2 * HALF) + pair))  # (cos, sin) of each pair's angle, fp32
-        tl.store(out_ptr + offsets, tl.join(n_even * c - n_odd * sn, n_even * sn + n_odd * c).to(dtype), mask=mask)
-
-    @triton.jit
-    def _gated_residual_kernel(x_ptr, update_ptr, gate_ptr, out_ptr, seq_len, width, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one token
-        cols = tl.arange(0, BLOCK)
-        mask = cols < width
-        x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-        update = tl.load(update_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + (row // seq_len) * width + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * width + cols, (x + gate * update).to(out_ptr.dtype.element_ty), mask=mask)
+        c = tl.load(rot_ptr + s * (2 * HALF) + 2 * pairs)  # (cos, sin) of each pair's angle, fp32
+        sn = tl.load(rot_ptr + s * (2 * HALF) + 2 * pairs + 1)
+        tl.store(out_ptr + row * (2 * HALF) + 2 * pairs, (n_even * c - n_odd * sn).to(dtype))
+        tl.store(out_ptr + row * (2 * HALF) + 2 * pairs + 1, (n_even * sn + n_odd * c).to(dtype))
 
     @triton.jit
     def _modulated_layer_norm_kernel(x_ptr, update_ptr, gate_ptr, scale_ptr, sum_ptr, normed_ptr, out_ptr, seq_len,
@@ -233,9 +220,8 @@ def rms_norm_rope_pairs(x: torch.Tensor, weight: torch.Tensor, rotations: torch.
     x = x.contiguous()
     out = torch.empty_like(x)
     if x.numel():
-        heads = triton.next_power_of_2(H)
-        _rms_norm_rope_pairs_kernel[(B * S,)](x, weight, rotations.contiguous(), out, S, H, eps, HEADS=heads,
-                                              HALF=D // 2, num_warps=min(8, max(1, heads * D // 512)))
+        _rms_norm_rope_pairs_kernel[(B * S * H,)](x, weight, rotations.contiguous(), out, S, H, eps, HALF=D // 2,
+                                                  num_warps=1)
     return out
 
 
@@ -262,16 +248,3 @@ def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, updat
             total if gated else out, normed if with_normed else out, out, S, D, eps, GATED=gated,
             WRITE_NORMED=with_normed, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return out, total, normed
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate · update in one pass (fp32 math, one rounding, as torch.addcmul), x and update
-    [B, S, D], gate [B, D] (one row per image)."""
-    B, S, D = x.shape
-    x, update = x.contiguous(), update.contiguous()
-    out = torch.empty_like(x)
-    block = triton.next_power_of_2(D)
-    if x.numel():
-        _gated_residual_kernel[(B * S,)](x, update, gate.contiguous(), out, S, D, BLOCK=block,
-                                         num_warps=min(16, max(1, block // 256)))
-    return out

@@ -61,13 +61,6 @@ def modulated_norm(x: torch.Tensor, scale: torch.Tensor, update: torch.Tensor | 
     return normed * scale, x if update is not None else None, normed if with_normed else None
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate · update, gate [B, 1, D] per image, in one pass."""
-    if kernels.available(x):
-        return norm_kernels.gated_residual(x, gate[:, 0], update)
-    return torch.addcmul(x, gate, update)
-
-
 def timestep_sinusoid(t: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
     """[cos, sin] of scale·t at dim/2 frequencies (diffusers' Timesteps with flip_sin_to_cos,
     no frequency shift); t is sigma, in [0, 1]."""
@@ -218,7 +211,7 @@ class TransformerBlock(nn.Module):
             mlp = self.img_mlp(modulated, router_input=(temb, normed))  # the router scores [temb, normed]
         else:
             mlp = self.img_mlp(modulated)
-        return gated_residual(x, gate2.clamp(-2.0, 2.0).tanh(), mlp)
+        return torch.addcmul(x, gate2.clamp(-2.0, 2.0).tanh(), mlp)  # x + gate · mlp in one pass
 
 
 class OutputNorm(nn.Module):
