@@ -59,17 +59,17 @@ def fill(driver, **fields):
 
 
 def test_a_prompt_typed_and_generate_clicked_shows_the_image(page, server):
-    fill(page, prompt="a large red circle on the left", steps="200", seed="3", guidance="")  # seconds: the page polls
+    fill(page, prompt="a large red circle on the left", steps="100", seed="3", guidance="")  # seconds: the page polls
     page.find_element(By.ID, "generate").click()
     # The page reads the engine's step progress while the image is being made.
     WebDriverWait(page, TIMEOUT_S, poll_frequency=0.05).until(
-        lambda d: "of 200" in d.find_element(By.ID, "status").text)
+        lambda d: "of 100" in d.find_element(By.ID, "status").text)
     # Previews fill the image first (the page asks for 2); the status tells the final image has come.
     WebDriverWait(page, TIMEOUT_S).until(
         lambda d: d.execute_script("return document.getElementById('image').naturalWidth") > 0)
     WebDriverWait(page, TIMEOUT_S).until(lambda d: "steps:" in d.find_element(By.ID, "status").text)
     status = page.find_element(By.ID, "status").text
-    assert "128x128, seed 3, 200 steps" in status and "denoise and decode" in status, status
+    assert "128x128, seed 3, 100 steps" in status and "denoise and decode" in status, status
     assert page.find_element(By.ID, "error").text == ""
     assert page.find_element(By.ID, "generate").is_enabled()
     screenshot = os.environ.get("EPDIFF_SCREENSHOT")
