@@ -106,9 +106,9 @@ class ExpertChoiceRouter(nn.Module):
         P = shared.shape[-1]
         return own.to(w.dtype) @ w[:, P:].t() + (shared.to(w.dtype) @ w[:, :P].t())[:, None]
 
-    def _select(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, x) -> tuple[torch.Tensor, torch.Tensor, int]:
         """x: as `_logits` takes it -> each expert's C tokens of each image [B, E, C] (positions in the
-        whole image) and their gates [B, E, C] (in the scores' dtype)."""
+        whole image), their gates [B, E, C] (in the scores' dtype) and this rank's tokens per image."""
         logits = self._logits(x)
         B = logits.shape[0]
         scores = (logits.float().softmax(-1) if self.scoring == "softmax" else logits.float().sigmoid()).to(logits.dtype)
@@ -118,21 +118,22 @@ class ExpertChoiceRouter(nn.Module):
         picks = top.indices.flatten(1)  # [B, E·C]
         sums = torch.zeros(B, S, dtype=affinity.dtype, device=logits.device).scatter_add_(1, picks, top.values.flatten(1))
         gates = top.values / (sums.gather(1, picks).view_as(top.values) + 1e-12) * self.route_scale
-        return top.indices, gates
+        return top.indices, gates, logits.shape[1]
 
     def expert_major(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing as the experts see it, for a rank that holds whole images (no SP): x [B, S, R]
         -> (tokens [E, B·C]: each expert's rows as indices into the B·S tokens, gates [E, B·C] fp32)."""
-        index, gates = self._select(x)
-        B, S = index.shape[0], (x[1] if isinstance(x, tuple) else x).shape[1]
+        index, gates, S = self._select(x)
+        B = index.shape[0]
         tokens = index + S * torch.arange(B, device=index.device)[:, None, None]
         return tokens.transpose(0, 1).reshape(self.num_experts, -1), gates.transpose(0, 1).reshape(
             self.num_experts, -1).float()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S_local, R]: this rank's tokens of B images (an SP rank's chunk of each)."""
-        index, gates = self._select(x)
-        B, s = index.shape[0], (x[1] if isinstance(x, tuple) else x).shape[1]
+    def forward(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S_local, R] (or as `_logits` takes it): this rank's tokens of B images (an SP rank's
+        chunk of each)."""
+        index, gates, s = self._select(x)
+        B = index.shape[0]
         S = s * self.sp.size
         picked = torch.zeros(B, self.num_experts, S, dtype=gates.dtype, device=index.device).scatter_(-1, index, gates)
         chosen = torch.zeros_like(picked, dtype=torch.bool).scatter_(-1, index, True)  # [B, E, S]
